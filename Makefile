@@ -1,0 +1,21 @@
+# The two commands of the README. Both install into .venv first (idempotent).
+PY      ?= python3
+VENV    ?= .venv
+# A CPU build of torch on this project's machines; on a GPU machine set TORCH_SPEC to your CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN     := $(VENV)/bin
+
+.PHONY: install quickstart test
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e ".[test]"
+	touch $@
+
+quickstart: install
+	$(BIN)/nexus-megatron quickstart
+
+test: install
+	$(BIN)/python -m pytest -q

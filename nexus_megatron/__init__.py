@@ -1,0 +1,10 @@
+"""nexus_megatron: the Nexus optimizer for multi-source pretraining, for plain PyTorch, DeepSpeed and
+Megatron-core. The algorithm is in :mod:`nexus_megatron.nexus`, the source layouts and their
+collectives in :mod:`nexus_megatron.layout`."""
+from .errors import DataError, NexusConfigError, NexusNonFiniteError
+from .layout import LayoutConfig, SourceLayout, build_layout
+from .nexus import Nexus, NexusConfig
+
+__all__ = ["Nexus", "NexusConfig", "LayoutConfig", "SourceLayout", "build_layout",
+           "NexusConfigError", "NexusNonFiniteError", "DataError"]
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""``nexus-megatron``: prepare-data, train, compare, quickstart."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .errors import DataError, NexusConfigError, NexusNonFiniteError
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def launch_torchrun(nproc: int, argv: list) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", os.environ.get("MASTER_PORT", "29531"), "-m", "nexus_megatron.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)   # bad settings fail here, before any process is spawned
+    if args.nproc > 1 and not _under_launcher():
+        argv = ["train", "--config", args.config] if args.config else ["train"]
+        for s in args.set:
+            argv += ["--set", s]
+        return launch_torchrun(args.nproc, argv)
+    from .train import train
+
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        f = summary["final"]
+        print(f"done: {summary['optimizer']} {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"{summary['wall_s']:.0f}s; eval/loss {f.get('eval/loss', float('nan')):.4f}"
+              + (f", eval/ood_loss {f['eval/ood_loss']:.4f}" if "eval/ood_loss" in f else "")
+              + f" -> {cfg.train.run_dir}")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from .data.prepare import run_prepare_data
+
+    run_prepare_data(args)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .report import compare_runs
+
+    compare_runs(args.runs, plot=args.plot)
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    return quickstart(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nexus-megatron", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train with Nexus or AdamW (plain PyTorch, torchrun)")
+    t.add_argument("--config", help="YAML run config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set optim.name=adamw (repeatable)")
+    t.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("prepare-data", help="tokenize real multi-source text into shards")
+    from .data.prepare import add_prepare_data_arguments
+    add_prepare_data_arguments(d)
+    d.set_defaults(fn=cmd_prepare_data)
+
+    c = sub.add_parser("compare", help="side-by-side table (and plot) of finished runs")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--plot", help="write a PNG plot here")
+    c.set_defaults(fn=cmd_compare)
+
+    q = sub.add_parser("quickstart", help="prepare a small real mixture, train AdamW and Nexus on 2 CPU "
+                                          "processes, print the comparison and write a plot")
+    q.add_argument("--out", default="runs/quickstart", help="where the runs and the plot go")
+    q.add_argument("--data", default="data/quickstart", help="prepared data directory")
+    q.add_argument("--config", default=None, help="run config (default: configs/quickstart.yaml)")
+    q.add_argument("--nproc", type=int, default=2)
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    q.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (NexusConfigError, DataError, NexusNonFiniteError) as e:
+        print(f"nexus-megatron: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

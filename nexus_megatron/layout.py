@@ -1,0 +1,339 @@
+"""Source layouts (ALGORITHMS.md §1.2): which data-parallel rank computes which source's gradient,
+the process groups that follow from it, and the collectives of one micro-step.
+
+Every function takes its process groups explicitly (``dp_group``: the data-parallel ranks that hold
+replicas of the same parameters; ``norm_group``: the model-parallel ranks whose shards together make
+up one logical parameter vector, e.g. Megatron's tensor/pipeline-parallel group). ``None`` means
+"no such group" (a single rank).
+
+Two layouts:
+
+* ``sequential`` (the paper): micro-step ``m`` of outer step ``t`` draws one source ``s_m`` from a
+  generator seeded by ``(seed, t, m)``, identical on every rank; all data-parallel ranks read ``s_m``
+  and all-reduce one gradient.
+* ``source-parallel``: the ``D`` data-parallel ranks are split into ``K`` contiguous source groups
+  of ``S = D / K`` ranks; group ``i`` reads only source ``i``. Per micro-step: reduce-scatter inside
+  the source group, square-norm of the shard, one all-reduce of a ``K``-vector of squared norms,
+  scale the shard by ``w_i / n_i``, all-reduce the shard across groups ("cross" group: the ranks at
+  the same position of every source group), all-gather inside the source group. That moves about
+  the bytes of one plain all-reduce of the gradient.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import NexusConfigError
+
+LAYOUTS = ("sequential", "source-parallel")
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """Which layout, which sources, with which weights."""
+
+    mode: str = "sequential"
+    """``sequential`` (one source per micro-step, all ranks) or ``source-parallel`` (one source per group)."""
+    sources: tuple = ()
+    """Source names, in order. Source ``i`` is read by source group ``i`` in the source-parallel layout."""
+    weights: Optional[tuple] = None
+    """Source weights (normalized to sum 1; default uniform). Sequential: sampling probabilities.
+    Source-parallel: the weights ``w_i`` of ``d = sum_i w_i g_i / n_i``."""
+    seed: int = 0
+    """Seed of the sequential layout's source draws (every rank draws the same sequence)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        validate_layout_config(self)
+
+    def normalized_weights(self) -> list:
+        if self.weights is None:
+            return [1.0 / len(self.sources)] * len(self.sources)
+        s = sum(self.weights)
+        return [w / s for w in self.weights]
+
+
+def validate_layout_config(cfg: LayoutConfig) -> None:
+    if cfg.mode not in LAYOUTS:
+        raise NexusConfigError(
+            f"nexus.layout={cfg.mode!r} is not a layout: use one of {', '.join(LAYOUTS)}")
+    if not cfg.sources:
+        raise NexusConfigError("data.sources is empty: list at least one training source")
+    if len(set(cfg.sources)) != len(cfg.sources):
+        dup = sorted({s for s in cfg.sources if cfg.sources.count(s) > 1})
+        raise NexusConfigError(f"data.sources names {dup} more than once: list each source once")
+    if cfg.weights is not None:
+        if len(cfg.weights) != len(cfg.sources):
+            raise NexusConfigError(
+                f"data.weights has {len(cfg.weights)} entries but data.sources has {len(cfg.sources)}: "
+                "give one weight per source")
+        for name, w in zip(cfg.sources, cfg.weights):
+            if not math.isfinite(w) or w <= 0:
+                raise NexusConfigError(
+                    f"data.weights: source {name!r} has weight {w}; weights must be finite and > 0 "
+                    "(remove the source from data.sources instead of giving it weight 0)")
+
+
+@dataclass
+class Reduced:
+    """What one micro-step's reduction produced (identical on every rank)."""
+
+    norms: torch.Tensor
+    """fp64 [K]: the L2 norm of each source's full logical gradient (0 for sources not in this micro-step)."""
+    present: torch.Tensor
+    """bool [K]: the sources that had a gradient in this micro-step."""
+    active: torch.Tensor
+    """bool [K]: present and with norm >= min_grad_norm (the sources that moved the parameters)."""
+    nonfinite: bool
+    """NaN/Inf somewhere in the micro-step's gradients: the outer step must be skipped."""
+
+
+def _segments_sq(x: torch.Tensor, segments, lo: int = 0) -> torch.Tensor:
+    """Sum of squares (fp64) of x (which holds elements [lo, lo+len(x)) of the flat vector),
+    counting only the elements inside ``segments`` (list of [start, end) of the flat vector)."""
+    n = x.numel()
+    if segments is None:
+        return torch.linalg.vector_norm(x, 2, dtype=torch.float64).square() if n else x.new_zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for s, e in segments:
+        s, e = max(s - lo, 0), min(e - lo, n)
+        if e > s:
+            total += torch.linalg.vector_norm(x[s:e], 2, dtype=torch.float64).square()
+    return total
+
+
+def _group_size(group) -> int:
+    if group is None:
+        return 1
+    return dist.get_world_size(group)
+
+
+class SourceLayout:
+    """Base class: holds the groups, the weights and the mapping rank -> source."""
+
+    mode = ""
+
+    def __init__(self, cfg: LayoutConfig, dp_group=None, norm_group=None):
+        self.cfg = cfg
+        self.sources = cfg.sources
+        self.num_sources = len(cfg.sources)
+        self.weights = torch.tensor(cfg.normalized_weights(), dtype=torch.float64)
+        self.dp_group = dp_group
+        self.norm_group = norm_group
+        if dist.is_available() and dist.is_initialized():
+            self.dp_group = dp_group = dp_group or dist.group.WORLD
+            self.dp_ranks = dist.get_process_group_ranks(dp_group)
+            self.dp_rank = self.dp_ranks.index(dist.get_rank())
+        else:
+            self.dp_ranks, self.dp_rank = [0], 0
+        self.dp_size = len(self.dp_ranks)
+        self.norm_size = _group_size(norm_group)
+
+    # -- data assignment ---------------------------------------------------------------------
+    def source_for(self, step: int, micro: int) -> int:
+        """Index of the source this rank reads in micro-step ``micro`` of outer step ``step``."""
+        raise NotImplementedError
+
+    def present(self, step: int, micro: int) -> list:
+        """[(source, number of ranks reading it)] for every source of micro-step ``micro`` of step ``step``."""
+        raise NotImplementedError
+
+    def readers(self, source: int, step: int, micro: int) -> tuple:
+        """(position of this rank among the readers of ``source`` in that micro-step, number of readers)."""
+        raise NotImplementedError
+
+    def padded_numel(self, numel: int) -> int:
+        return numel
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "sources": list(self.sources), "weights": self.weights.tolist(),
+                "dp_size": self.dp_size, "norm_size": self.norm_size, "seed": self.cfg.seed}
+
+    # -- collectives -----------------------------------------------------------------------------
+    def reduce_normalized(self, flat: torch.Tensor, source: int, *, min_grad_norm: float,
+                          segments=None) -> Reduced:
+        """In place: turn this rank's local gradient ``flat`` (of source ``source``) into
+        d = sum_i w_i g_i / n_i over the active sources (weights renormalized over them)."""
+        raise NotImplementedError
+
+    def reduce_mean(self, flat: torch.Tensor, source: Optional[int] = None) -> None:
+        """In place: the plain (unnormalized) gradient of the weighted mixture, as a data-parallel
+        optimizer would see it. Used for the AdamW baseline on the same data."""
+        raise NotImplementedError
+
+    def _sum_norm_vector(self, vec: torch.Tensor, group) -> torch.Tensor:
+        if group is not None and _group_size(group) > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+        if self.norm_group is not None and self.norm_size > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.norm_group)
+        return vec
+
+    def _finish(self, sq: torch.Tensor, present: torch.Tensor, min_grad_norm: float):
+        from .nexus import source_coefficients
+        norms = sq.sqrt()
+        coef, active, nonfinite = source_coefficients(norms, present, self.weights, min_grad_norm)
+        return norms, active, nonfinite, coef
+
+
+class SequentialLayout(SourceLayout):
+    mode = "sequential"
+
+    def __init__(self, cfg, dp_group=None, norm_group=None):
+        super().__init__(cfg, dp_group, norm_group)
+        self._cum = list(itertools.accumulate(self.weights.tolist()))
+
+    def source_for(self, step: int, micro: int) -> int:
+        if self.num_sources == 1:
+            return 0
+        u = hash_seed(self.cfg.seed, step, micro) / float(1 << 63)   # uniform in [0, 1), same on every rank
+        return min(bisect.bisect_right(self._cum, u), self.num_sources - 1)
+
+    def present(self, step, micro):
+        return [(self.source_for(step, micro), self.dp_size)]
+
+    def readers(self, source, step, micro):
+        return self.dp_rank, self.dp_size
+
+    def reduce_normalized(self, flat, source, *, min_grad_norm, segments=None) -> Reduced:
+        if self.dp_size > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+        sq = torch.zeros(self.num_sources, dtype=torch.float64)
+        sq[source] = _segments_sq(flat, segments)
+        sq = self._sum_norm_vector(sq, None)  # flat is replicated over dp: sum over the model-parallel shards only
+        present = torch.zeros(self.num_sources, dtype=torch.bool)
+        present[source] = True
+        norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
+        flat.mul_(float(coef[source]))
+        return Reduced(norms, present, active, nonfinite)
+
+    def reduce_mean(self, flat, source=None):
+        if self.dp_size > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+
+
+class SourceParallelLayout(SourceLayout):
+    mode = "source-parallel"
+
+    def __init__(self, cfg, dp_group=None, norm_group=None):
+        super().__init__(cfg, dp_group, norm_group)
+        K, D = self.num_sources, self.dp_size
+        if K > D:
+            raise NexusConfigError(
+                f"nexus.layout=source-parallel: {K} sources ({', '.join(self.sources)}) but only {D} "
+                f"data-parallel rank(s); each source needs its own group of ranks. Use at least {K} "
+                "data-parallel ranks, fewer data.sources, or nexus.layout=sequential")
+        if D % K:
+            lo, hi = (D // K) * K, (D // K + 1) * K
+            raise NexusConfigError(
+                f"nexus.layout=source-parallel: the data-parallel size {D} is not a multiple of the number "
+                f"of sources {K}, so the ranks cannot be split into equal source groups. Use {lo} or {hi} "
+                "data-parallel ranks, change data.sources, or use nexus.layout=sequential")
+        self.group_size = D // K
+        self.my_source = self.dp_rank // self.group_size
+        self.pos_in_group = self.dp_rank % self.group_size
+        self.source_group, self.cross_group = _build_source_groups(self.dp_ranks, K, self.group_size)
+
+    def source_for(self, step, micro):
+        return self.my_source
+
+    def readers(self, source, step, micro):
+        return self.pos_in_group, self.group_size
+
+    def present(self, step, micro):
+        return [(i, self.group_size) for i in range(self.num_sources)]
+
+    def padded_numel(self, numel):
+        S = self.group_size
+        return -(-numel // S) * S
+
+    def describe(self):
+        d = super().describe()
+        d["group_size"] = self.group_size
+        return d
+
+    def reduce_normalized(self, flat, source, *, min_grad_norm, segments=None) -> Reduced:
+        assert source == self.my_source, "source-parallel: a rank only computes its own source"
+        S, K = self.group_size, self.num_sources
+        n = flat.numel()
+        assert n % S == 0, "flat buffers must be allocated with padded_numel()"
+        shard_len = n // S
+        lo = self.pos_in_group * shard_len
+        if S > 1:
+            shard = torch.empty(shard_len, dtype=flat.dtype)
+            dist.reduce_scatter_tensor(shard, flat, op=dist.ReduceOp.SUM, group=self.source_group)
+            shard.div_(S)
+        else:
+            shard = flat
+        sq = torch.zeros(K, dtype=torch.float64)
+        sq[self.my_source] = _segments_sq(shard, segments, lo)
+        sq = self._sum_norm_vector(sq, self.dp_group if self.dp_size > 1 else None)
+        present = torch.ones(K, dtype=torch.bool)
+        norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
+        shard.mul_(float(coef[self.my_source]))
+        if K > 1:
+            dist.all_reduce(shard, op=dist.ReduceOp.SUM, group=self.cross_group)
+        if S > 1:
+            dist.all_gather_into_tensor(flat, shard, group=self.source_group)
+        return Reduced(norms, present, active, nonfinite)
+
+    def reduce_mean(self, flat, source=None):
+        if self.dp_size > 1:
+            flat.mul_(float(self.weights[self.my_source]) / self.group_size)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.dp_group)
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() of ints is not mixed enough)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+_GROUP_CACHE: dict = {}
+
+
+def _build_source_groups(dp_ranks: Sequence[int], K: int, S: int):
+    """Create the source groups and cross groups of every data-parallel group in the job (new_group
+    is collective over the world, so every rank creates all of them in the same order) and return
+    this rank's two."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, None
+    key = (tuple(dp_ranks), K, S)
+    if key in _GROUP_CACHE:
+        return _GROUP_CACHE[key]
+    all_dp = [None] * dist.get_world_size()
+    dist.all_gather_object(all_dp, list(dp_ranks))
+    unique = sorted({tuple(r) for r in all_dp})
+    me = dist.get_rank()
+    mine_src = mine_cross = None
+    for ranks in unique:
+        for i in range(K):
+            members = list(ranks[i * S:(i + 1) * S])
+            g = dist.new_group(members) if len(members) > 1 else None
+            if me in members:
+                mine_src = g
+        for j in range(S):
+            members = [ranks[i * S + j] for i in range(K)]
+            g = dist.new_group(members) if len(members) > 1 else None
+            if me in members:
+                mine_cross = g
+    _GROUP_CACHE[key] = (mine_src, mine_cross)
+    return mine_src, mine_cross
+
+
+_LAYOUT_REGISTRY = {"sequential": SequentialLayout, "source-parallel": SourceParallelLayout}
+
+
+def build_layout(cfg: LayoutConfig, dp_group=None, norm_group=None) -> SourceLayout:
+    """The layout object for ``cfg`` on this rank (collective: every rank must call it)."""
+    return _LAYOUT_REGISTRY[cfg.mode](cfg, dp_group=dp_group, norm_group=norm_group)

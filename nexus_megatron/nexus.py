@@ -1,0 +1,384 @@
+"""Nexus (ALGORITHMS.md §1.1): the whole algorithm, in one file.
+
+One outer step ``t`` with anchor ``theta_t`` (fp32), sources with weights ``w_i``, inner step ``gamma``
+and ``k`` micro-steps::
+
+    delta <- 0
+    for m in 1..k:
+        params <- theta_t + delta                      # what the forward pass sees
+        g_i    <- source i's gradient on micro-batch m  (the layout decides who computes which)
+        n_i    <- ||g_i||_2 over the whole logical parameter vector
+        d      <- sum_i w_i g_i / n_i                   (weights renormalized over the active sources)
+        delta  <- delta - gamma * d
+    G <- -delta / (k * gamma)                           # pseudo-gradient, ||G|| <= 1
+    theta_{t+1} <- outer_optimizer.step(theta_t, grad=G)
+
+The math lives in the small pure functions below (flat fp32 tensors in, flat tensors out); the
+collectives live in :mod:`nexus_megatron.layout`; :class:`Nexus` is the thin plain-PyTorch adapter
+(engines have their own adapters that call the same functions).
+
+Degenerate cases (§1.4):
+
+* a source whose gradient norm is below ``min_grad_norm`` is dropped from that micro-step, the
+  remaining weights are renormalized (no division by ~0) and ``skipped_sources`` is incremented;
+  if every source of a micro-step vanished, that micro-step moves nothing;
+* NaN or Inf anywhere in a micro-step's gradients poisons the outer step: the parameters go back to
+  the anchor, the displacement is dropped and the outer optimizer is not stepped (its state, the lr
+  schedule's position and theta stay exactly as they were); ``skipped_steps`` is incremented, and
+  after ``max_consecutive_skips`` poisoned steps in a row :class:`NexusNonFiniteError` is raised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+import torch
+
+from .errors import NexusConfigError, NexusNonFiniteError
+
+if TYPE_CHECKING:
+    from .layout import Reduced, SourceLayout
+
+GAMMA_MODES = ("update", "absolute")
+
+
+@dataclass(frozen=True)
+class NexusConfig:
+    """Settings of the inner loop. The outer optimizer (lr, schedule, betas, weight decay) is configured
+    on the outer optimizer itself."""
+
+    gamma: float = 1.0
+    """Inner step size. With ``gamma_mode='update'`` a dimensionless factor ``alpha``:
+    ``gamma_t = alpha * lr_t * sqrt(P) / k`` (the whole inner path ``k * gamma_t`` is ``alpha`` times the
+    length of a sign-like AdamW step of ``P`` parameters at the current lr, so it follows the lr schedule
+    and scales with the model). With ``gamma_mode='absolute'`` the length of one inner step in
+    parameter space, fixed for the whole run."""
+    gamma_mode: str = "update"
+    """``update`` (default; see ``gamma``) or ``absolute``."""
+    min_grad_norm: float = 1e-8
+    """A source whose gradient norm is below this is dropped from the micro-step (§1.4)."""
+    max_consecutive_skips: int = 10
+    """Abort after this many outer steps in a row with NaN/Inf gradients (0 = never abort)."""
+
+    def __post_init__(self):
+        validate_nexus_config(self)
+
+
+def validate_nexus_config(cfg: NexusConfig) -> None:
+    if cfg.gamma_mode not in GAMMA_MODES:
+        raise NexusConfigError(f"nexus.gamma_mode={cfg.gamma_mode!r}: use one of {', '.join(GAMMA_MODES)}")
+    if not (isinstance(cfg.gamma, (int, float)) and math.isfinite(cfg.gamma) and cfg.gamma > 0):
+        raise NexusConfigError(
+            f"nexus.gamma={cfg.gamma!r}: the inner step size must be a finite number > 0 "
+            "(gamma -> 0 is the 'normalized AdamW' control: use a small positive value such as 1e-6)")
+    if not (math.isfinite(cfg.min_grad_norm) and cfg.min_grad_norm >= 0):
+        raise NexusConfigError(f"nexus.min_grad_norm={cfg.min_grad_norm!r}: must be a finite number >= 0")
+    if not (isinstance(cfg.max_consecutive_skips, int) and cfg.max_consecutive_skips >= 0):
+        raise NexusConfigError(
+            f"nexus.max_consecutive_skips={cfg.max_consecutive_skips!r}: must be an integer >= 0 (0 = never abort)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions over flat tensors
+# ---------------------------------------------------------------------------------------------------
+
+def inner_gamma(cfg: NexusConfig, lr: float, num_params: int, k: int) -> float:
+    """The inner step size gamma_t for an outer step at learning rate ``lr``."""
+    if cfg.gamma_mode == "absolute":
+        return float(cfg.gamma)
+    return float(cfg.gamma) * float(lr) * math.sqrt(num_params) / max(int(k), 1)
+
+
+def inner_update(delta: torch.Tensor, d: torch.Tensor, gamma: float) -> None:
+    """delta <- delta - gamma * d (in place, fp32)."""
+    delta.add_(d, alpha=-gamma)
+
+
+def pseudo_gradient(delta: torch.Tensor, k: int, gamma: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """G = -delta / (k * gamma): the outer optimizer's gradient. ||G|| <= 1 because ||d|| <= 1."""
+    scale = -1.0 / (k * gamma)
+    if out is None:
+        return delta * scale
+    return torch.mul(delta, scale, out=out)
+
+
+def source_coefficients(norms: torch.Tensor, present: torch.Tensor, weights: torch.Tensor, min_grad_norm: float):
+    """The scale of each source's gradient in d = sum_i w_i g_i / n_i (§1.1, §1.4).
+
+    ``norms`` fp64 [K] (the full logical norms), ``present`` bool [K] (sources with a gradient in this
+    micro-step), ``weights`` [K]. Returns (coef fp64 [K], active bool [K], nonfinite bool): sources below
+    ``min_grad_norm`` are dropped and the weights renormalized over the rest; any NaN/Inf norm makes the
+    micro-step non-finite (coef all zero)."""
+    norms = norms.double()
+    nonfinite = not bool(torch.isfinite(norms[present]).all())
+    active = present & (norms >= min_grad_norm) & torch.isfinite(norms)
+    coef = torch.zeros_like(norms)
+    if bool(active.any()) and not nonfinite:
+        w = torch.where(active, weights.double(), torch.zeros_like(norms))
+        w = w / w.sum()
+        coef = torch.where(active, w / norms.clamp_min(1e-300), coef)
+    return coef, active, nonfinite
+
+
+def combine_normalized(grads: torch.Tensor, weights: torch.Tensor, min_grad_norm: float):
+    """Single-process form of one micro-step: ``grads`` is [K, P] (one row per source present),
+    returns (d, norms, active). Used by references and tests; the layouts compute the same thing
+    with collectives and never materialize [K, P]."""
+    norms = torch.linalg.vector_norm(grads.double(), 2, dim=1)
+    coef, active, _ = source_coefficients(norms, torch.ones_like(norms, dtype=torch.bool), weights, min_grad_norm)
+    d = torch.zeros(grads.shape[1], dtype=grads.dtype)
+    for i in torch.nonzero(active).flatten().tolist():
+        d += coef[i].to(grads.dtype) * grads[i]
+    return d, norms, active
+
+
+def norm_segments(params, counts_in_norm: Optional[Callable] = None):
+    """[start, end) ranges of the flat vector that count in the source norms (None = all of it).
+    ``counts_in_norm(param) -> bool`` excludes tensor-parallel duplicates and shared parameters
+    (Megatron: ``param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)``)."""
+    if counts_in_norm is None:
+        return None
+    segs, off = [], 0
+    for p in params:
+        n = p.numel()
+        if counts_in_norm(p):
+            if segs and segs[-1][1] == off:
+                segs[-1][1] = off + n
+            else:
+                segs.append([off, off + n])
+        off += n
+    return [tuple(s) for s in segs]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain-PyTorch adapter
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class NexusStats:
+    """Counters of the run (all ranks hold the same values)."""
+
+    outer_steps: int = 0
+    skipped_steps: int = 0
+    skipped_sources: int = 0
+    consecutive_skips: int = 0
+    # per outer step (reset at every step()):
+    step_norm_sum: list = field(default_factory=list)
+    step_norm_count: list = field(default_factory=list)
+    step_skipped_sources: int = 0
+
+
+class Nexus:
+    """Nexus around any torch optimizer (the outer optimizer; AdamW by default in the trainer).
+
+    Usage in a bare training loop (each rank reads the source the layout assigns it)::
+
+        outer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        opt = Nexus(model.parameters(), outer, build_layout(LayoutConfig(sources=...)), NexusConfig(),
+                    micro_steps=k)
+        for step in range(steps):
+            for m in range(k):
+                src = opt.layout.source_for(step, m)
+                model(batch_from(src)).loss.backward()
+                opt.inner_step(src)              # reduce, normalize, move to theta + delta
+            opt.step()                           # outer step on the pseudo-gradient
+            scheduler.step()                     # schedules act on `outer` as usual
+
+    Parameters must be fp32 (use ``torch.autocast`` for bf16 compute). Extra memory: an fp32 anchor,
+    an fp32 displacement and an fp32 gradient buffer (12 bytes per parameter).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], outer: torch.optim.Optimizer,
+                 layout: SourceLayout, config: NexusConfig = NexusConfig(), *, micro_steps: int,
+                 counts_in_norm: Optional[Callable] = None):
+        if not (isinstance(micro_steps, int) and micro_steps >= 1):
+            raise NexusConfigError(f"Nexus micro_steps={micro_steps!r}: the number of inner steps per outer step "
+                                   "(gradient-accumulation micro-batches) must be an integer >= 1")
+        self.micro_steps = micro_steps
+        seen, ps = set(), []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                ps.append(p)
+        if not ps:
+            raise NexusConfigError("Nexus got no trainable parameters")
+        for p in ps:
+            if p.dtype != torch.float32:
+                raise NexusConfigError(
+                    f"Nexus (plain PyTorch) needs fp32 parameters, got {p.dtype}: keep the model in fp32 and "
+                    "use torch.autocast(dtype=torch.bfloat16) for bf16 compute, or use the DeepSpeed/Megatron adapters")
+        outer_ids = {id(p) for g in outer.param_groups for p in g["params"]}
+        if outer_ids != seen:
+            raise NexusConfigError(
+                "the outer optimizer must own exactly the parameters given to Nexus "
+                f"({len(outer_ids)} vs {len(seen)} tensors): build it from the same model.parameters()")
+        self.params = ps
+        self.outer = outer
+        self.layout = layout
+        self.config = config
+        self.numel = sum(p.numel() for p in ps)
+        self.segments = norm_segments(ps, counts_in_norm)
+        self.num_norm_params = self.numel if self.segments is None else sum(e - s for s, e in self.segments)
+        if layout.norm_size > 1:  # the logical vector spans the model-parallel shards
+            t = torch.tensor([self.num_norm_params], dtype=torch.float64)
+            torch.distributed.all_reduce(t, group=layout.norm_group)
+            self.num_norm_params = int(t.item())
+        padded = layout.padded_numel(self.numel)
+        self.anchor = torch.zeros(padded, dtype=torch.float32)
+        self.delta = torch.zeros(padded, dtype=torch.float32)
+        self.flat_grad = torch.zeros(padded, dtype=torch.float32)
+        self._views = lambda buf: [t.view_as(p) for t, p in zip(buf[: self.numel].split([p.numel() for p in ps]), ps)]
+        self._anchor_views = self._views(self.anchor)
+        self._grad_views = self._views(self.flat_grad)
+        self._load_anchor_from_params()
+        self.inner_steps = 0
+        self.poisoned = False
+        self.gamma_t: Optional[float] = None
+        self.stats = NexusStats()
+        self._reset_step_stats()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _reset_step_stats(self):
+        K = self.layout.num_sources
+        self.stats.step_norm_sum = [0.0] * K
+        self.stats.step_norm_count = [0] * K
+        self.stats.step_skipped_sources = 0
+
+    @torch.no_grad()
+    def _load_anchor_from_params(self):
+        torch._foreach_copy_(self._anchor_views, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def _write_params(self, flat: torch.Tensor):
+        torch._foreach_copy_([p.data for p in self.params], self._views(flat))
+
+    @torch.no_grad()
+    def _gather_grads(self):
+        for p, v in zip(self.params, self._grad_views):
+            if p.grad is None:
+                v.zero_()
+            else:
+                v.copy_(p.grad)
+                p.grad = None
+
+    def current_lr(self) -> float:
+        return float(self.outer.param_groups[0]["lr"])
+
+    # -- the algorithm -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def inner_step(self, source: int) -> Reduced:
+        """One micro-step: reduce this rank's gradient (in ``p.grad``, of source ``source``) with the
+        layout, normalize, move the parameters to theta + delta. Clears ``p.grad``."""
+        if self.inner_steps >= self.micro_steps:
+            raise RuntimeError(f"Nexus.inner_step() called {self.inner_steps + 1} times in one outer step but "
+                               f"micro_steps={self.micro_steps}: call step() after every {self.micro_steps} inner steps")
+        if self.inner_steps == 0:
+            self.gamma_t = inner_gamma(self.config, self.current_lr(), self.num_norm_params, self.micro_steps)
+        self._gather_grads()
+        red = self.layout.reduce_normalized(self.flat_grad, source,
+                                            min_grad_norm=self.config.min_grad_norm, segments=self.segments)
+        self.inner_steps += 1
+        if red.nonfinite:
+            self.poisoned = True
+        if self.poisoned:
+            return red
+        skipped = int((red.present & ~red.active).sum())
+        self.stats.skipped_sources += skipped
+        self.stats.step_skipped_sources += skipped
+        for i in torch.nonzero(red.present).flatten().tolist():
+            self.stats.step_norm_sum[i] += float(red.norms[i])
+            self.stats.step_norm_count[i] += 1
+        if bool(red.active.any()):
+            inner_update(self.delta, self.flat_grad, self.gamma_t)
+            torch.add(self.anchor, self.delta, out=self.flat_grad)  # reuse the buffer: params = theta + delta
+            self._write_params(self.flat_grad)
+        return red
+
+    @torch.no_grad()
+    def step(self, closure=None) -> dict:
+        """The outer step. Returns a dict of what happened (``skipped``, ``gamma``, ``pseudo_grad_norm``)."""
+        if closure is not None:
+            raise NexusConfigError("Nexus.step() takes no closure: call inner_step() after each backward")
+        if self.inner_steps != self.micro_steps:
+            raise RuntimeError(f"Nexus.step() after {self.inner_steps} inner steps but micro_steps={self.micro_steps}: "
+                               "call inner_step() after each micro-step's backward")
+        info = {"gamma": self.gamma_t, "inner_steps": self.inner_steps, "skipped": False}
+        self._write_params(self.anchor)
+        if self.poisoned:
+            self.stats.skipped_steps += 1
+            self.stats.consecutive_skips += 1
+            info["skipped"] = True
+            limit = self.config.max_consecutive_skips
+            self._end_step()
+            if limit and self.stats.consecutive_skips >= limit:
+                raise NexusNonFiniteError(
+                    f"{self.stats.consecutive_skips} outer steps in a row had NaN/Inf gradients "
+                    f"(nexus.max_consecutive_skips={limit}); the last good parameters are intact. Lower the "
+                    "learning rate, check the data for corrupt tokens, or resume from the last checkpoint")
+            return info
+        G = pseudo_gradient(self.delta, self.inner_steps, self.gamma_t, out=self.flat_grad)
+        info["pseudo_grad_norm"] = float(torch.linalg.vector_norm(G[: self.numel]))
+        for p, g in zip(self.params, self._grad_views):
+            p.grad = g
+        self.outer.step()
+        for p in self.params:
+            p.grad = None
+        self._load_anchor_from_params()
+        self.stats.consecutive_skips = 0
+        self.stats.outer_steps += 1
+        self._end_step()
+        return info
+
+    def _end_step(self):
+        self.delta.zero_()
+        self.inner_steps = 0
+        self.poisoned = False
+
+    def step_stats(self) -> dict:
+        """Per-source mean inner gradient norm and skipped-source count of the last outer step."""
+        out = {}
+        for i, name in enumerate(self.layout.sources):
+            c = self.stats.step_norm_count[i]
+            if c:
+                out[f"nexus/gnorm/{name}"] = self.stats.step_norm_sum[i] / c
+        out["nexus/step_skipped_sources"] = self.stats.step_skipped_sources
+        self._reset_step_stats()
+        return out
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "outer": self.outer.state_dict(),
+            "anchor": self.anchor.clone(),
+            "delta": self.delta.clone(),
+            "inner_steps": self.inner_steps,
+            "poisoned": self.poisoned,
+            "gamma_t": self.gamma_t,
+            "stats": {k: v for k, v in asdict(self.stats).items() if not k.startswith("step_")},
+            "layout": self.layout.describe(),
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        mine = self.layout.describe()
+        if sd["layout"] != mine:
+            raise NexusConfigError(
+                f"checkpoint was written with layout {sd['layout']} but this run has {mine}: resume with the "
+                "same nexus.layout, data.sources, data.weights and number of ranks")
+        if sd["anchor"].numel() != self.anchor.numel():
+            raise NexusConfigError("checkpoint's Nexus state does not match this model's size")
+        self.outer.load_state_dict(sd["outer"])
+        self.anchor.copy_(sd["anchor"])
+        self.delta.copy_(sd["delta"])
+        self.inner_steps = sd["inner_steps"]
+        self.poisoned = sd["poisoned"]
+        self.gamma_t = sd["gamma_t"]
+        for k, v in sd["stats"].items():
+            setattr(self.stats, k, v)
+        torch.add(self.anchor, self.delta, out=self.flat_grad)
+        self._write_params(self.flat_grad)

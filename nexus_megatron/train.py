@@ -1,0 +1,367 @@
+"""The plain-PyTorch trainer: ``nexus-megatron train --config <yaml>`` under torchrun (gloo on CPU,
+NCCL on GPU). Nexus or AdamW on the same data order; periodic per-source and OOD evaluation; a
+per-source gradient probe (norms and pairwise cosines); metrics.jsonl, summary.json, W&B; atomic
+checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .baseline import MixtureAdamW
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, to_dict
+from .data.shards import open_sources
+from .errors import DataError, NexusConfigError
+from .layout import LayoutConfig, build_layout
+from .models import build_model, count_params, lm_loss
+from .nexus import Nexus, NexusConfig
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed setup
+
+def init_distributed(timeout_s: float = 600.0):
+    """Initialise torch.distributed from torchrun's environment (no-op for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, op=None):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedule
+
+def lr_lambda(cfg: RunConfig):
+    o, steps = cfg.optim, cfg.train.steps
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "cosine":
+            p = (step - o.warmup_steps) / max(steps - o.warmup_steps, 1)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        decay_start = int(steps * (1 - o.decay_frac))
+        if step < decay_start:
+            return 1.0
+        p = (step - decay_start) / max(steps - decay_start, 1)
+        return 1.0 - (1 - floor) * min(p, 1.0)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------
+# data budget (checked before any compute)
+
+def sample_counts(layout, steps: int, k: int, B: int) -> list:
+    """Sequences each source will have consumed after ``steps`` outer steps."""
+    counts = [0] * layout.num_sources
+    for t in range(steps):
+        for m in range(k):
+            for src, readers in layout.present(t, m):
+                counts[src] += readers * B
+    return counts
+
+
+def check_data_budget(cfg: RunConfig, layout, sources) -> None:
+    need = sample_counts(layout, cfg.train.steps, cfg.train.micro_steps, cfg.data.micro_batch_size)
+    for i, name in enumerate(cfg.data.sources):
+        have = sources[name].train.windows
+        if need[i] > have * cfg.data.max_epochs:
+            raise DataError(
+                f"source {name!r} has {have} training sequences of {cfg.data.seq_len + 1} tokens but this run needs "
+                f"{need[i]} ({need[i] / have:.2f} epochs > data.max_epochs={cfg.data.max_epochs}). Prepare more data "
+                f"(prepare-data --size), lower train.steps / data.micro_batch_size, or raise data.max_epochs")
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation and the gradient probe
+
+@torch.no_grad()
+def evaluate(model, sources, names, cfg: RunConfig, rank: int, world: int) -> dict:
+    """Mean per-token loss of each source's validation split (first eval_batches*B sequences)."""
+    model.eval()
+    B, L = cfg.data.micro_batch_size, cfg.data.seq_len
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+    for i, name in enumerate(names):
+        sampler = sources[name].val
+        n = min(cfg.train.eval_batches * B, sampler.windows)
+        mine = list(range(rank, n, world))
+        for s in range(0, len(mine), B):
+            idx = mine[s:s + B]
+            batch = torch.stack([sampler.batch(j, 1)[0] for j in idx])
+            sums[i, 0] += float(lm_loss(model, batch, reduction="sum"))
+            sums[i, 1] += batch[:, 1:].numel()
+    _all_reduce(sums)
+    model.train()
+    return {name: float(sums[i, 0] / sums[i, 1]) for i, name in enumerate(names)}
+
+
+def probe_gradients(model, params, sources, names, cfg: RunConfig, rank: int, world: int) -> dict:
+    """Each source's full gradient at the current parameters on fixed validation batches; returns
+    ``gnorm/<source>``, ``cos/<a>|<b>`` and ``cos/mean``. Leaves no gradient behind."""
+    B = cfg.data.micro_batch_size
+    flats = []
+    for name in names:
+        sampler = sources[name].val
+        n = min(cfg.train.probe_batches * B, sampler.windows)
+        tokens = n * cfg.data.seq_len
+        for p in params:
+            p.grad = None
+        mine = list(range(rank, n, world))
+        for s in range(0, len(mine), B):
+            batch = torch.stack([sampler.batch(j, 1)[0] for j in mine[s:s + B]])
+            (lm_loss(model, batch, reduction="sum") / tokens).backward()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flats.append(_all_reduce(flat))
+    for p in params:
+        p.grad = None
+    out, cos = {}, []
+    norms = [float(torch.linalg.vector_norm(f, dtype=torch.float64)) for f in flats]
+    for i, a in enumerate(names):
+        out[f"gnorm/{a}"] = norms[i]
+        for j in range(i + 1, len(names)):
+            c = float(torch.dot(flats[i].double(), flats[j].double()) / max(norms[i] * norms[j], 1e-300))
+            out[f"cos/{a}|{names[j]}"] = c
+            cos.append(c)
+    if cos:
+        out["cos/mean"] = sum(cos) / len(cos)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# logging
+
+class Logger:
+    """metrics.jsonl (one object per outer step), W&B (rank 0) and a progress bar."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str, rank: int, resume_step: int):
+        self.rank, self.path = rank, os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        self.bar = None
+        if rank != 0:
+            return
+        if os.path.exists(self.path):  # drop lines past the checkpoint we resume from
+            keep = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            keep.append(line)
+                    except (ValueError, KeyError):
+                        break
+            atomic_write_text(self.path, "".join(keep))
+        if cfg.train.wandb.mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(mode=cfg.train.wandb.mode, project=cfg.train.wandb.project,
+                                    name=cfg.train.wandb.name or os.path.basename(os.path.abspath(run_dir)),
+                                    dir=run_dir, config=to_dict(cfg), resume="allow")
+        if cfg.train.progress:
+            import sys
+            from tqdm import tqdm
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=cfg.train.steps, initial=resume_step, desc=cfg.optim.name, unit="step",
+                            dynamic_ncols=True, mininterval=0.5 if tty else 30.0)
+
+    def log(self, rec: dict):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(rec, step=rec["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            post = {"loss": f"{rec['loss']:.3f}"}
+            if "eval/ood_loss" in rec:
+                post["ood"] = f"{rec['eval/ood_loss']:.3f}"
+            self.bar.set_postfix(post)
+
+    def close(self, summary: dict):
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            for k, v in summary.get("final", {}).items():
+                self.wandb.summary[k] = v
+            self.wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def build_optimizer(cfg: RunConfig, model, layout):
+    o = cfg.optim
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    outer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    if o.name == "adamw":
+        opt = MixtureAdamW(params, outer, layout, micro_steps=cfg.train.micro_steps, clip_grad=o.clip_grad)
+    else:
+        n = cfg.nexus
+        opt = Nexus(params, outer, layout,
+                    NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
+                                max_consecutive_skips=n.max_consecutive_skips),
+                    micro_steps=cfg.train.micro_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(outer, lr_lambda(cfg))
+    return params, outer, opt, sched
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) one training run; returns the summary (rank 0 also writes it to summary.json)."""
+    t_start = time.time()
+    rank, world = init_distributed()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = cfg.train.run_dir
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    tr, d = cfg.train, cfg.data
+    names, ood = list(d.sources), list(d.ood)
+
+    # -- everything that can be wrong is checked before compute -----------------------------------
+    layout = build_layout(LayoutConfig(mode=cfg.nexus.layout, sources=tuple(names),
+                                       weights=tuple(d.weights) if d.weights else None, seed=cfg.nexus.seed))
+    manifest, sources = open_sources(d.path, names, ood, d.seq_len, tr.seed)
+    vocab = cfg.model.vocab_size or int(manifest["vocab_size"])
+    if vocab < int(manifest["vocab_size"]):
+        raise NexusConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
+                               f"({manifest['vocab_size']}): remove model.vocab_size or raise it")
+    check_data_budget(cfg, layout, sources)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+
+    model = build_model(cfg.model, vocab, d.seq_len, tr.seed, eot_id=int(manifest.get("eot_id", 0)))
+    model.train()
+    params, outer, opt, sched = build_optimizer(cfg, model, layout)
+    consumed = [0] * len(names)
+    start_step, tokens = 0, 0
+
+    ckpt = latest_checkpoint(ckpt_root) if tr.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        if state["config"]["optim"]["name"] != cfg.optim.name:
+            raise NexusConfigError(f"{ckpt} was written by optim.name={state['config']['optim']['name']!r}, this run "
+                                   f"has {cfg.optim.name!r}: use another train.run_dir or set train.resume=false")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if isinstance(opt, Nexus):
+            opt._load_anchor_from_params()
+        sched.load_state_dict(state["scheduler"])
+        start_step, tokens, consumed = state["step"], state["tokens"], list(state["consumed"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+    logger = Logger(cfg, run_dir, rank, start_step)
+
+    B, L, k = d.micro_batch_size, d.seq_len, tr.micro_steps
+    num_params = count_params(model)
+    last_eval: dict = {}
+    last_probe: dict = {}
+
+    def do_eval(step: int) -> dict:
+        losses = evaluate(model, sources, names + ood, cfg, rank, world)
+        rec = {f"eval/loss/{n}": losses[n] for n in names}
+        rec["eval/loss"] = sum(losses[n] for n in names) / len(names)
+        for n in ood:
+            rec[f"eval/loss/{n}"] = losses[n]
+        if ood:
+            rec["eval/ood_loss"] = sum(losses[n] for n in ood) / len(ood)
+        return rec
+
+    def save(step: int):
+        if rank == 0:
+            save_checkpoint(ckpt_root, step, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "tokens": tokens, "consumed": consumed, "config": to_dict(cfg),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            })
+        if world > 1:
+            dist.barrier()
+
+    for step in range(start_step, tr.steps):
+        t0 = time.time()
+        lr = float(outer.param_groups[0]["lr"])
+        loss_acc = torch.zeros(len(names), 2, dtype=torch.float64)
+        for m in range(k):
+            present = layout.present(step, m)
+            src = layout.source_for(step, m)
+            reader, readers = layout.readers(src, step, m)
+            batch = sources[names[src]].train.batch(consumed[src] + reader * B, B)
+            for s, r in present:
+                consumed[s] += r * B
+            if getattr(opt, "poisoned", False):   # the step will be skipped: keep the data order, spare the compute
+                opt.inner_step(src)
+                continue
+            loss = lm_loss(model, batch)
+            loss.backward()
+            loss_acc[src, 0] += float(loss.detach())
+            loss_acc[src, 1] += 1
+            opt.inner_step(src)
+        info = opt.step()
+        sched.step()
+        tokens += world * k * B * L
+        _all_reduce(loss_acc)
+        rec = {"step": step + 1, "tokens": tokens, "lr": lr}
+        total = loss_acc.sum(0)
+        rec["loss"] = float(total[0] / total[1]) if total[1] else float("nan")
+        for i, n in enumerate(names):
+            if loss_acc[i, 1]:
+                rec[f"loss/{n}"] = float(loss_acc[i, 0] / loss_acc[i, 1])
+        rec.update(opt.step_stats())
+        rec["skipped_sources"] = opt.stats.skipped_sources
+        rec["skipped_steps"] = opt.stats.skipped_steps
+        if "gamma" in info:
+            rec["nexus/gamma"] = info["gamma"]
+            if "pseudo_grad_norm" in info:
+                rec["nexus/pseudo_grad_norm"] = info["pseudo_grad_norm"]
+        if "grad_norm" in info:
+            rec["grad_norm"] = info["grad_norm"]
+        done = step + 1
+        if tr.probe_every and (done % tr.probe_every == 0 or done == tr.steps):
+            last_probe = probe_gradients(model, params, sources, names, cfg, rank, world)
+            rec.update(last_probe)
+        if tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
+            last_eval = do_eval(done)
+            rec.update(last_eval)
+        rec["time/step_s"] = time.time() - t0
+        logger.log(rec)
+        if (tr.checkpoint_every and done % tr.checkpoint_every == 0) or done == tr.steps:
+            save(done)
+
+    if not last_eval:
+        last_eval = do_eval(tr.steps)
+    summary = {
+        "optimizer": cfg.optim.name, "layout": layout.describe(), "steps": tr.steps, "tokens": tokens,
+        "params": num_params, "world_size": world, "wall_s": time.time() - t_start,
+        "skipped_steps": opt.stats.skipped_steps, "skipped_sources": opt.stats.skipped_sources,
+        "final": {**last_eval, **last_probe},
+    }
+    if rank == 0:
+        atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+    logger.close(summary)
+    return summary

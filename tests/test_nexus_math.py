@@ -1,0 +1,256 @@
+"""Nexus's update rule on problems with known derivatives, the gamma -> 0 / k = 1 limits, and the
+degenerate cases of ALGORITHMS.md §1.4 (single process)."""
+import math
+
+import pytest
+import torch
+
+from nexus_megatron.errors import NexusConfigError, NexusNonFiniteError
+from nexus_megatron.layout import LayoutConfig, build_layout
+from nexus_megatron.nexus import Nexus, NexusConfig, combine_normalized, pseudo_gradient
+
+
+class Quadratics(torch.nn.Module):
+    """K quadratic losses L_i(theta) = 1/2 (theta - a_i)^T H_i (theta - a_i) over one parameter vector."""
+
+    def __init__(self, K=3, dim=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.theta = torch.nn.Parameter(0.3 * torch.randn(dim, generator=g))
+        Ms = torch.randn(K, dim, dim, generator=g)
+        self.H = (Ms @ Ms.transpose(1, 2) / dim + 0.2 * torch.eye(dim)).double()
+        self.a = torch.randn(K, dim, generator=g).double()
+
+    def loss(self, i):
+        d = self.theta.double() - self.a[i]
+        return 0.5 * d @ self.H[i] @ d
+
+    def grad(self, i, theta):
+        return self.H[i] @ (theta - self.a[i])
+
+
+def nexus_for(model, sources, gamma, k, outer=None, mode="absolute", **cfg):
+    layout = build_layout(LayoutConfig(mode="sequential", sources=tuple(sources)))
+    outer = outer or torch.optim.SGD(model.parameters(), lr=0.1)
+    return Nexus(model.parameters(), outer, layout, NexusConfig(gamma=gamma, gamma_mode=mode, **cfg), micro_steps=k)
+
+
+def run_inner(model, opt, k, step=0):
+    seq = []
+    for m in range(k):
+        s = opt.layout.source_for(step, m)
+        seq.append(s)
+        model.loss(s).backward()
+        opt.inner_step(s)
+    return seq
+
+
+def test_displacement_matches_second_order_prediction():
+    """Delta = -gamma sum_m n_m + gamma^2 sum_m J_{s_m} sum_{l<m} n_l + O(gamma^3), with n_i the
+    normalized gradient at theta_0 and J_i = (I - n_i n_i^T) H_i / ||g_i|| (§1.1)."""
+    names = ("a", "b", "c")
+    for gamma in (2e-2, 1e-2):
+        model = Quadratics()
+        theta0 = model.theta.detach().double().clone()
+        opt = nexus_for(model, names, gamma, k=6)
+        seq = run_inner(model, opt, 6)
+        assert len(set(seq)) > 1, "the draw should mix sources"
+        delta = opt.delta.double()
+        n = {}
+        J = {}
+        for i in set(seq):
+            g = model.grad(i, theta0)
+            n[i] = g / g.norm()
+            J[i] = (torch.eye(6, dtype=torch.float64) - torch.outer(n[i], n[i])) @ model.H[i] / g.norm()
+        first = -gamma * sum(n[s] for s in seq)
+        second = gamma ** 2 * sum(J[seq[m]] @ sum((n[seq[l]] for l in range(m)), torch.zeros(6, dtype=torch.float64))
+                                  for m in range(len(seq)))
+        resid = (delta - first - second).norm()
+        assert (delta - first).norm() > 0.5 * second.norm()      # the second-order term is really there
+        assert resid < 0.1 * second.norm(), (gamma, float(resid), float(second.norm()))
+
+
+def test_gamma_to_zero_and_k1_give_adamw_on_normalized_gradients():
+    """k = 1: G = g/||g|| exactly, so Nexus+AdamW == AdamW fed the normalized gradient."""
+    a, b = Quadratics(), Quadratics()
+    opt = nexus_for(a, ["x"], 0.5, k=1, outer=torch.optim.AdamW(a.parameters(), lr=0.05))
+    ref = torch.optim.AdamW(b.parameters(), lr=0.05)
+    for t in range(5):
+        run_inner(a, opt, 1, step=t)
+        opt.step()
+        ref.zero_grad()
+        b.loss(0).backward()
+        b.theta.grad /= b.theta.grad.norm()
+        ref.step()
+        assert torch.allclose(a.theta, b.theta, rtol=1e-6, atol=1e-7)
+    # gamma -> 0 with k micro-steps: G -> the mean of the normalized gradients at theta_0
+    m = Quadratics()
+    opt = nexus_for(m, ("a", "b", "c"), 1e-7, k=4)
+    seq = run_inner(m, opt, 4)
+    G = pseudo_gradient(opt.delta.double(), 4, 1e-7)
+    th = m.theta.detach().double()
+    want = sum(m.grad(s, th) / m.grad(s, th).norm() for s in seq) / 4
+    assert torch.allclose(G, want, atol=1e-4)
+
+
+class TwoTaskNet(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        g = torch.Generator().manual_seed(100 + seed)
+        self.x = torch.randn(2, 32, 4, generator=g)
+        w = torch.randn(2, 4, 1, generator=g)
+        self.y = torch.tanh(self.x @ w)
+
+    def loss(self, i):
+        return ((self.net(self.x[i]) - self.y[i]) ** 2).mean()
+
+    def cosine(self):
+        gs = []
+        for i in range(2):
+            g = torch.autograd.grad(self.loss(i), list(self.parameters()))
+            gs.append(torch.cat([t.reshape(-1) for t in g]))
+        return float(torch.nn.functional.cosine_similarity(gs[0], gs[1], dim=0))
+
+
+def _train_two_task(gamma, seed, steps=60):
+    model = TwoTaskNet(seed)
+    outer = torch.optim.SGD(model.parameters(), lr=0.05)
+    layout = build_layout(LayoutConfig(mode="sequential", sources=("p", "q"), seed=seed))
+    opt = Nexus(model.parameters(), outer, layout, NexusConfig(gamma=gamma, gamma_mode="absolute"), micro_steps=4)
+    for t in range(steps):
+        for m in range(4):
+            s = layout.source_for(t, m)
+            model.loss(s).backward()
+            opt.inner_step(s)
+        opt.step()
+    return model.cosine()
+
+
+def test_nexus_raises_gradient_cosine_over_gamma_to_zero_control():
+    seeds = range(6)
+    nexus = [_train_two_task(0.3, s) for s in seeds]
+    control = [_train_two_task(1e-6, s) for s in seeds]
+    gains = [a - b for a, b in zip(nexus, control)]
+    assert sum(gains) / len(gains) > 0.02, gains
+    assert sum(g > 0 for g in gains) >= 5, gains
+
+
+# ------------------------------------------------------------------------------------------- §1.4
+
+def test_vanishing_source_is_dropped_and_weights_renormalized():
+    grads = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-12, 0.0]])
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    d, norms, active = combine_normalized(grads, w, min_grad_norm=1e-8)
+    assert active.tolist() == [True, False, False]
+    assert torch.allclose(d, torch.tensor([0.6, 0.8]))            # only source 0, weight renormalized to 1
+    assert torch.isfinite(d).all()
+
+
+def test_vanishing_source_counted_in_nexus():
+    model = Quadratics()
+    opt = nexus_for(model, ("a",), 0.1, k=2)
+    model.loss(0).backward()
+    opt.inner_step(0)
+    model.theta.grad = torch.zeros_like(model.theta)               # a source whose gradient vanished
+    before = opt.delta.clone()
+    opt.inner_step(0)
+    assert opt.stats.skipped_sources == 1
+    assert torch.equal(opt.delta, before)                            # that micro-step moved nothing
+    info = opt.step()
+    assert not info["skipped"] and math.isfinite(info["pseudo_grad_norm"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_the_whole_outer_step(bad):
+    model = Quadratics()
+    outer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt = nexus_for(model, ("a", "b", "c"), 0.1, k=3, outer=outer)
+    run_inner(model, opt, 3, step=0)
+    opt.step()                                                      # one good step: AdamW has state
+    theta = model.theta.detach().clone()
+    state = {k: v.clone() for k, v in outer.state[model.theta].items()}
+    anchor = opt.anchor.clone()
+    s = opt.layout.source_for(1, 0)
+    model.loss(s).backward()
+    model.theta.grad[2] = bad
+    opt.inner_step(s)
+    assert opt.poisoned
+    for m in (1, 2):
+        s = opt.layout.source_for(1, m)
+        model.loss(s).backward()
+        opt.inner_step(s)
+    info = opt.step()
+    assert info["skipped"] and opt.stats.skipped_steps == 1
+    assert torch.equal(model.theta.detach(), theta) and torch.equal(opt.anchor, anchor)
+    for k, v in outer.state[model.theta].items():
+        assert torch.equal(v, state[k]), k                           # outer state untouched, step count too
+    assert torch.count_nonzero(opt.delta) == 0 and not opt.poisoned
+    run_inner(model, opt, 3, step=2)                                 # training continues
+    assert not opt.step()["skipped"] and opt.stats.consecutive_skips == 0
+
+
+def test_consecutive_nonfinite_steps_abort_with_message():
+    model = Quadratics()
+    opt = nexus_for(model, ("a",), 0.1, k=1, max_consecutive_skips=3)
+    for t in range(3):
+        model.theta.grad = torch.full_like(model.theta, float("nan"))
+        opt.inner_step(0)
+        if t < 2:
+            assert opt.step()["skipped"]
+        else:
+            with pytest.raises(NexusNonFiniteError, match="max_consecutive_skips=3"):
+                opt.step()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(gamma=-1.0), "nexus.gamma"), (dict(gamma=0.0), "nexus.gamma"), (dict(gamma=float("nan")), "nexus.gamma"),
+    (dict(gamma_mode="fixed"), "nexus.gamma_mode"), (dict(min_grad_norm=-1.0), "nexus.min_grad_norm"),
+    (dict(max_consecutive_skips=-2), "max_consecutive_skips"),
+])
+def test_bad_nexus_settings(kwargs, match):
+    with pytest.raises(NexusConfigError, match=match):
+        NexusConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="parallel", sources=("a",)), "nexus.layout"),
+    (dict(sources=()), "data.sources is empty"),
+    (dict(sources=("a", "a")), "more than once"),
+    (dict(sources=("a", "b"), weights=(1.0,)), "one weight per source"),
+    (dict(sources=("a", "b"), weights=(1.0, 0.0)), "weight 0"),
+    (dict(sources=("a", "b"), weights=(1.0, -2.0)), "finite and > 0"),
+])
+def test_bad_layout_settings(kwargs, match):
+    with pytest.raises(NexusConfigError, match=match):
+        LayoutConfig(**kwargs)
+
+
+def test_source_parallel_needs_a_group_per_source():
+    with pytest.raises(NexusConfigError, match="more than .*|only 1 data-parallel"):
+        build_layout(LayoutConfig(mode="source-parallel", sources=("a", "b")))
+
+
+def test_plain_adapter_rejects_misuse():
+    model = Quadratics()
+    with pytest.raises(NexusConfigError, match="fp32"):
+        m2 = torch.nn.Linear(2, 2).to(torch.bfloat16)
+        Nexus(m2.parameters(), torch.optim.AdamW(m2.parameters()), build_layout(LayoutConfig(sources=("a",))), micro_steps=1)
+    with pytest.raises(NexusConfigError, match="exactly the parameters"):
+        Nexus(model.parameters(), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()),
+              build_layout(LayoutConfig(sources=("a",))), micro_steps=1)
+    opt = nexus_for(model, ("a",), 0.1, k=2)
+    model.loss(0).backward()
+    opt.inner_step(0)
+    with pytest.raises(RuntimeError, match="micro_steps=2"):
+        opt.step()
+
+
+def test_sequential_draw_follows_weights_and_is_shared():
+    layout = build_layout(LayoutConfig(mode="sequential", sources=("a", "b", "c"), weights=(0.6, 0.3, 0.1), seed=3))
+    draws = [layout.source_for(t, m) for t in range(2000) for m in range(4)]
+    freq = [draws.count(i) / len(draws) for i in range(3)]
+    assert abs(freq[0] - 0.6) < 0.03 and abs(freq[1] - 0.3) < 0.03 and abs(freq[2] - 0.1) < 0.03
+    again = build_layout(LayoutConfig(mode="sequential", sources=("a", "b", "c"), weights=(0.6, 0.3, 0.1), seed=3))
+    assert draws[:100] == [again.source_for(t, m) for t in range(25) for m in range(4)]
