@@ -17,6 +17,7 @@ from .nexus import GAMMA_MODES
 OPTIMIZERS = ("nexus", "adamw")
 SCHEDULES = ("cosine", "constant", "wsd")
 WANDB_MODES = ("disabled", "offline", "online")
+ENGINES = ("plain", "deepspeed")
 
 
 @dataclass
@@ -108,6 +109,8 @@ class TrainConfig:
     """0 = only at the end."""
     resume: bool = True
     """Continue from run_dir/checkpoints/latest if it exists."""
+    engine: str = "plain"
+    """``plain`` (plain PyTorch, Nexus owns the collectives) or ``deepspeed`` (see docs/deepspeed.md)."""
     threads: int = 0
     """torch threads per process (0 = leave torch's default)."""
     progress: bool = True
@@ -265,6 +268,8 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise NexusConfigError(f"train.{name}={v!r}: must be an integer >= 0")
     _positive_int(t.eval_batches, "train.eval_batches")
     _positive_int(t.probe_batches, "train.probe_batches")
+    if t.engine not in ENGINES:
+        raise NexusConfigError(f"train.engine={t.engine!r}: use one of {', '.join(ENGINES)}")
     if t.wandb.mode not in WANDB_MODES:
         raise NexusConfigError(f"train.wandb.mode={t.wandb.mode!r}: use one of {', '.join(WANDB_MODES)}")
     if o.warmup_steps >= t.steps and o.schedule != "constant":

@@ -16,14 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .baseline import MixtureAdamW
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text
 from .config import RunConfig, to_dict
 from .data.shards import open_sources
 from .errors import DataError, NexusConfigError
 from .layout import LayoutConfig, build_layout
 from .models import build_model, count_params, lm_loss
-from .nexus import Nexus, NexusConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,24 +208,16 @@ class Logger:
 
 # ---------------------------------------------------------------------------------------------------
 
-def build_optimizer(cfg: RunConfig, model, layout):
-    o = cfg.optim
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    outer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
-    if o.name == "adamw":
-        opt = MixtureAdamW(params, outer, layout, micro_steps=cfg.train.micro_steps, clip_grad=o.clip_grad)
-    else:
-        n = cfg.nexus
-        opt = Nexus(params, outer, layout,
-                    NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
-                                max_consecutive_skips=n.max_consecutive_skips),
-                    micro_steps=cfg.train.micro_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(outer, lr_lambda(cfg))
-    return params, outer, opt, sched
+def build_engine(cfg: RunConfig, model, layout):
+    """The engine adapter named by train.engine (see nexus_megatron/engines/)."""
+    name = cfg.train.engine
+    if name == "plain":
+        from .engines.plain import PlainEngine
+        return PlainEngine(cfg, model, layout, lr_lambda(cfg))
+    if name == "deepspeed":
+        from .engines.deepspeed import build_deepspeed_engine
+        return build_deepspeed_engine(cfg, model, layout, lr_lambda(cfg))
+    raise NexusConfigError(f"train.engine={name!r}: use plain or deepspeed")
 
 
 def train(cfg: RunConfig) -> dict:
@@ -257,34 +247,29 @@ def train(cfg: RunConfig) -> dict:
 
     model = build_model(cfg.model, vocab, d.seq_len, tr.seed, eot_id=int(manifest.get("eot_id", 0)))
     model.train()
-    params, outer, opt, sched = build_optimizer(cfg, model, layout)
+    engine = build_engine(cfg, model, layout)
     consumed = [0] * len(names)
     start_step, tokens = 0, 0
 
-    ckpt = latest_checkpoint(ckpt_root) if tr.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        if state["config"]["optim"]["name"] != cfg.optim.name:
-            raise NexusConfigError(f"{ckpt} was written by optim.name={state['config']['optim']['name']!r}, this run "
+    client = engine.load(ckpt_root) if tr.resume else None
+    if client is not None:
+        if client["optimizer"] != cfg.optim.name:
+            raise NexusConfigError(f"{ckpt_root} holds a run of optim.name={client['optimizer']!r}, this run "
                                    f"has {cfg.optim.name!r}: use another train.run_dir or set train.resume=false")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if isinstance(opt, Nexus):
-            opt._load_anchor_from_params()
-        sched.load_state_dict(state["scheduler"])
-        start_step, tokens, consumed = state["step"], state["tokens"], list(state["consumed"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        start_step, tokens, consumed = client["step"], client["tokens"], list(client["consumed"])
+        torch.set_rng_state(client["rng"]["torch"])
+        np.random.set_state(client["rng"]["numpy"])
+        random.setstate(client["rng"]["python"])
     logger = Logger(cfg, run_dir, rank, start_step)
 
     B, L, k = d.micro_batch_size, d.seq_len, tr.micro_steps
     num_params = count_params(model)
+    module = engine.module
     last_eval: dict = {}
     last_probe: dict = {}
 
     def do_eval(step: int) -> dict:
-        losses = evaluate(model, sources, names + ood, cfg, rank, world)
+        losses = evaluate(module, sources, names + ood, cfg, rank, world)
         rec = {f"eval/loss/{n}": losses[n] for n in names}
         rec["eval/loss"] = sum(losses[n] for n in names) / len(names)
         for n in ood:
@@ -294,18 +279,15 @@ def train(cfg: RunConfig) -> dict:
         return rec
 
     def save(step: int):
-        if rank == 0:
-            save_checkpoint(ckpt_root, step, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "tokens": tokens, "consumed": consumed, "config": to_dict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            })
-        if world > 1:
-            dist.barrier()
+        engine.save(ckpt_root, step, {
+            "step": step, "tokens": tokens, "consumed": list(consumed), "optimizer": cfg.optim.name,
+            "config": to_dict(cfg),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        })
 
     for step in range(start_step, tr.steps):
         t0 = time.time()
-        lr = float(outer.param_groups[0]["lr"])
+        lr = engine.lr()
         loss_acc = torch.zeros(len(names), 2, dtype=torch.float64)
         for m in range(k):
             present = layout.present(step, m)
@@ -314,16 +296,13 @@ def train(cfg: RunConfig) -> dict:
             batch = sources[names[src]].train.batch(consumed[src] + reader * B, B)
             for s, r in present:
                 consumed[s] += r * B
-            if getattr(opt, "poisoned", False):   # the step will be skipped: keep the data order, spare the compute
-                opt.inner_step(src)
-                continue
-            loss = lm_loss(model, batch)
-            loss.backward()
-            loss_acc[src, 0] += float(loss.detach())
-            loss_acc[src, 1] += 1
-            opt.inner_step(src)
-        info = opt.step()
-        sched.step()
+            if not engine.poisoned:   # a poisoned step is skipped anyway: keep the data order, spare the compute
+                loss = lm_loss(module, batch)
+                engine.backward(loss)
+                loss_acc[src, 0] += float(loss.detach())
+                loss_acc[src, 1] += 1
+            engine.micro_step(src)
+        info = engine.outer_step()
         tokens += world * k * B * L
         _all_reduce(loss_acc)
         rec = {"step": step + 1, "tokens": tokens, "lr": lr}
@@ -332,18 +311,17 @@ def train(cfg: RunConfig) -> dict:
         for i, n in enumerate(names):
             if loss_acc[i, 1]:
                 rec[f"loss/{n}"] = float(loss_acc[i, 0] / loss_acc[i, 1])
-        rec.update(opt.step_stats())
-        rec["skipped_sources"] = opt.stats.skipped_sources
-        rec["skipped_steps"] = opt.stats.skipped_steps
-        if "gamma" in info:
+        rec.update(engine.step_stats())
+        rec.update(engine.counters())
+        if info.get("gamma") is not None:
             rec["nexus/gamma"] = info["gamma"]
-            if "pseudo_grad_norm" in info:
-                rec["nexus/pseudo_grad_norm"] = info["pseudo_grad_norm"]
+        if "pseudo_grad_norm" in info:
+            rec["nexus/pseudo_grad_norm"] = info["pseudo_grad_norm"]
         if "grad_norm" in info:
             rec["grad_norm"] = info["grad_norm"]
         done = step + 1
-        if tr.probe_every and (done % tr.probe_every == 0 or done == tr.steps):
-            last_probe = probe_gradients(model, params, sources, names, cfg, rank, world)
+        if tr.probe_every and engine.supports_probe and (done % tr.probe_every == 0 or done == tr.steps):
+            last_probe = probe_gradients(module, engine.params, sources, names, cfg, rank, world)
             rec.update(last_probe)
         if tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
             last_eval = do_eval(done)
@@ -358,7 +336,7 @@ def train(cfg: RunConfig) -> dict:
     summary = {
         "optimizer": cfg.optim.name, "layout": layout.describe(), "steps": tr.steps, "tokens": tokens,
         "params": num_params, "world_size": world, "wall_s": time.time() - t_start,
-        "skipped_steps": opt.stats.skipped_steps, "skipped_sources": opt.stats.skipped_sources,
+        "engine": engine.name, **engine.counters(),
         "final": {**last_eval, **last_probe},
     }
     if rank == 0:

@@ -79,7 +79,7 @@ def test_resume_continues_bitwise(synthetic_data, tmp_path):
     part = tiny_config(synthetic_data, tmp_path / "b", **{"train.steps": 6, "train.eval_every": 3,
                                                           "train.checkpoint_every": 3})
     # run 3 steps by stopping after the step-3 checkpoint: simulate the crash by truncating the run
-    import nexus_megatron.train as T
+    import nexus_megatron.engines.plain as T
     orig = T.save_checkpoint
     def crash_after_3(root, step, state, keep=2):
         out = orig(root, step, state, keep)
@@ -97,7 +97,7 @@ def test_resume_continues_bitwise(synthetic_data, tmp_path):
     b = load_checkpoint(latest_checkpoint(str(tmp_path / "b" / "checkpoints")))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["consumed"] == b["consumed"]
+    assert a["client_state"]["consumed"] == b["client_state"]["consumed"]
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
     assert [strip(r) for r in ma] == [strip(r) for r in mb]
@@ -114,7 +114,7 @@ def test_adamw_and_nexus_see_the_same_data(synthetic_data, tmp_path):
             run = tmp_path / f"{name}{k}"
             train(tiny_config(synthetic_data, run, **{"optim.name": name, "train.steps": 3, "train.micro_steps": k}))
             out[name, k] = read_metrics(run)
-            consumed[name, k] = load_checkpoint(latest_checkpoint(str(run / "checkpoints")))["consumed"]
+            consumed[name, k] = load_checkpoint(latest_checkpoint(str(run / "checkpoints")))["client_state"]["consumed"]
         assert consumed["adamw", k] == consumed["nexus", k]
         keys = lambda m: [sorted(x for x in r if x.startswith("loss/")) for r in m]
         assert keys(out["adamw", k]) == keys(out["nexus", k])
