@@ -35,6 +35,8 @@ class MixtureAdamW:
         self._views = [t.view_as(p) for t, p in zip(self.acc.split([p.numel() for p in ps]), ps)]
         self.inner_steps = 0
         self.stats = BaselineStats()
+        self.pre_outer_step = None
+        """Called as ``fn(self)`` with the reduced, clipped gradient in ``p.grad``, before AdamW steps."""
 
     @torch.no_grad()
     def inner_step(self, source: int):
@@ -60,6 +62,8 @@ class MixtureAdamW:
                 self.acc.mul_(self.clip_grad / (norm + 1e-6))
             for p, v in zip(self.params, self._views):
                 p.grad = v
+            if self.pre_outer_step is not None:
+                self.pre_outer_step(self)
             self.outer.step()
             for p in self.params:
                 p.grad = None

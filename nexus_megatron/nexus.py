@@ -237,6 +237,9 @@ class Nexus:
         self.gamma_t: Optional[float] = None
         self.stats = NexusStats()
         self._reset_step_stats()
+        self.pre_outer_step: Optional[Callable] = None
+        """Called as ``fn(self)`` after the pseudo-gradient is in ``p.grad`` (params at theta_t) and before
+        the outer optimizer steps; it must leave parameters, gradients and optimizer state as it found them."""
 
     # -- helpers -----------------------------------------------------------------------------------
     def _reset_step_stats(self):
@@ -321,6 +324,8 @@ class Nexus:
         info["pseudo_grad_norm"] = float(torch.linalg.vector_norm(G[: self.numel]))
         for p, g in zip(self.params, self._grad_views):
             p.grad = g
+        if self.pre_outer_step is not None:   # e.g. the critical-sharpness probe: sees theta_t and G, changes nothing
+            self.pre_outer_step(self)
         self.outer.step()
         for p in self.params:
             p.grad = None

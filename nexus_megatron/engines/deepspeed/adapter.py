@@ -1,0 +1,1053 @@
+"""Nexus inside DeepSpeed: every Nexus micro-step is one DeepSpeed optimizer step.
+
+How it fits into DeepSpeed (ZeRO stages 0-3, fp32 and bf16):
+
+* DeepSpeed is built with ``gradient_accumulation_steps: 1``, so ``engine.backward(loss); engine.step()``
+  after every micro-batch reduces that micro-batch's gradient over DeepSpeed's data-parallel group and
+  hands it, on DeepSpeed's fp32 master partitions, to the client optimizer :class:`NexusAdamW`
+  (ZeRO-1/2: ``single_partition_of_fp32_groups``; ZeRO-3: ``fp32_partitioned_groups_flat``; ZeRO-1 with
+  fp32 gradient accumulation in bf16: ``BF16_Optimizer``'s flat partitions; stage 0: the fp32 parameters,
+  or the fp32 copies of DeepSpeed's bf16 wrapper).
+* :class:`NexusAdamW` keeps one extra fp32 tensor per master partition, the anchor ``A`` (theta_t).
+  The master partition ``M`` holds ``A + delta``. An inner step on a partition is::
+
+      delta = M - A                   # exact (Sterbenz) because |delta| << |A|, see below
+      d     = coef * g                # coef = w_i / n_i from nexus.source_coefficients
+      M     = A + (delta - gamma * d) # nexus.inner_update
+
+  DeepSpeed then copies ``M`` to the bf16/fp32 model partition and all-gathers as usual, so the next
+  forward pass sees theta_t + delta. At the k-th micro-step: ``G = -delta / (k gamma)``
+  (nexus.pseudo_gradient), clipped to ``gradient_clipping``, ``M <- A``, AdamW step on ``M`` with grad
+  ``G``, ``A <- M``.
+* Precision of ``delta = M - A``: ``M`` is stored as fl(A + delta); when ``M`` and ``A`` are within a
+  factor 2 (always the case when |delta| << |A|, and for A = 0 trivially) the subtraction is exact
+  (Sterbenz lemma), so what is lost is only the rounding of the stored ``M``: delta is kept to the
+  precision of the fp32 master weight (|error| <= ulp(A)/2 per element per micro-step), which is the
+  precision at which the forward pass sees it anyway. Keeping delta exactly would cost a second
+  partition-sized buffer; the equivalence test against the exact single-process reference stays below
+  1e-5 relative error.
+* Norms: ``n_i`` is the L2 norm of the whole logical gradient. DeepSpeed steps ZeRO-1/2/3 client
+  optimizers one parameter group (sub-group) at a time and sets the gradients of the other groups only
+  when it reaches them, so the norm cannot be summed inside the first group's step. There, DeepSpeed's
+  own global gradient norm is used (``_global_grad_norm``: computed in ``step()`` before the group loop
+  from all groups' reduced partitions, all-reduced over the data-parallel group, unscaled, unclipped).
+  Where DeepSpeed hands every group in one call (stage 0, ``BF16_Optimizer``) the sum of squares is
+  computed here in fp64. Every rank then takes part in one all-reduce of a (K+1)-vector (squared norm
+  per source, non-finite flag) over all ranks, so all ranks agree on the norms and on NaN/Inf.
+* Layouts: sequential = DeepSpeed's data-parallel group is all ranks. Source-parallel = DeepSpeed gets an
+  ``mpu`` whose data-parallel group is the source group, so DeepSpeed reduces (and ZeRO-partitions) inside
+  the source group; each partition is scaled by its source's coefficient and all-reduced across the
+  cross group (ranks at the same partition position in every source group): every group then holds
+  the same ``d`` partition and takes the same steps.
+* NaN/Inf: a non-finite norm on any rank, or DeepSpeed skipping the client optimizer (overflow), poisons
+  the outer step: no inner updates, ``M <- A`` at the k-th micro-step, no AdamW step, no scheduler step.
+* The learning-rate scheduler DeepSpeed holds is wrapped so that DeepSpeed's per-step call does nothing;
+  the engine steps it once per applied outer step.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import os
+import shutil
+import socket
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ...checkpoint import atomic_write_text
+from ...errors import NexusConfigError, NexusNonFiniteError
+from ...layout import LayoutConfig, SourceLayout, build_layout
+from ...nexus import NexusConfig, NexusStats, inner_gamma, inner_update, pseudo_gradient, source_coefficients
+from ..base import Engine
+from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
+
+log = logging.getLogger("nexus_megatron.deepspeed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed runtime (CPU: gloo, no JIT builds)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_deepspeed_runtime():
+    """Import DeepSpeed and initialise its communication layer. On a machine without CUDA the CPU
+    accelerator is selected (``DS_ACCELERATOR=cpu``) and the JIT build of DeepSpeed's shared-memory
+    all-reduce op is skipped (it only serves inference; training uses gloo). A single process without a
+    launcher gets a one-rank rendezvous. Returns the ``deepspeed`` module."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not (dist.is_available() and dist.is_initialized()) and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # `import deepspeed.comm.torch as m` would bind the real torch (attribute shadowing in deepspeed.comm)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    return deepspeed
+
+
+# ---------------------------------------------------------------------------------------------------
+# process groups and the mpu handed to DeepSpeed
+
+_GROUPS: dict = {}
+
+
+class NexusGroups:
+    """The groups of one layout: DeepSpeed's data-parallel group (all ranks, or this rank's source group),
+    a one-rank model-parallel group per rank, and a group of all ranks. Created collectively, cached."""
+
+    def __init__(self, mode: str, num_sources: int):
+        world, me = dist.get_world_size(), dist.get_rank()
+        ranks = list(range(world))
+        key = (mode, num_sources, world)
+        if key not in _GROUPS:
+            everyone = dist.new_group(ranks)
+            singles = [dist.new_group([r]) for r in ranks]
+            if mode == "source-parallel":
+                S = world // num_sources
+                blocks = [ranks[i * S:(i + 1) * S] for i in range(num_sources)]
+                made = [dist.new_group(b) for b in blocks]
+                mine = next(i for i, b in enumerate(blocks) if me in b)
+                dp_group, dp_ranks = made[mine], blocks[mine]
+            else:
+                dp_group, dp_ranks = everyone, ranks
+            _GROUPS[key] = (everyone, singles[me], dp_group, dp_ranks)
+        self.everyone, self.mp_group, self.dp_group, self.dp_ranks = _GROUPS[key]
+        self.dp_size = len(self.dp_ranks)
+
+
+class NexusMPU:
+    """The ``mpu`` handed to ``deepspeed.initialize``: data parallel = :class:`NexusGroups`' DP group,
+    no model parallelism (a one-rank group per rank, so DeepSpeed's norm all-reduces over the
+    model-parallel group are no-ops)."""
+
+    def __init__(self, groups: NexusGroups):
+        self._g = groups
+
+    def get_data_parallel_group(self):
+        return self._g.dp_group
+
+    def get_data_parallel_world_size(self):
+        return self._g.dp_size
+
+    def get_data_parallel_rank(self):
+        return self._g.dp_ranks.index(dist.get_rank())
+
+    def get_data_parallel_group_ranks(self):
+        return list(self._g.dp_ranks)
+
+    def get_model_parallel_group(self):
+        return self._g.mp_group
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_rank(self):
+        return 0
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return dist.get_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+    def get_pipeline_model_parallel_group(self):
+        return self._g.mp_group
+
+
+# ---------------------------------------------------------------------------------------------------
+# the client optimizer
+
+class NexusAdamW(torch.optim.AdamW):
+    """DeepSpeed's client optimizer under Nexus: a ``torch.optim.AdamW`` (the outer optimizer, stepped once
+    per outer step on the pseudo-gradient) whose ``step()``, called by DeepSpeed after every micro-step,
+    runs the Nexus inner step on the master partitions it is handed. Its ``state_dict()`` carries the
+    Nexus state (anchor shards, counters, layout) next to AdamW's, so DeepSpeed's per-rank optimizer
+    checkpoint files hold everything. Build it through :func:`initialize`, not directly."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, **kw):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **kw)
+        self._nexus_core: Optional[_NexusCore] = None
+        self._pending_nexus_state = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise NexusConfigError("NexusAdamW.step() takes no closure")
+        core = self._nexus_core
+        if core is None:
+            raise RuntimeError("NexusAdamW is DeepSpeed's client optimizer for Nexus; build the engine with "
+                               "nexus_megatron.engines.deepspeed.initialize()")
+        core.client_step(self)
+
+    def _adamw_step(self, p, group):
+        """One plain AdamW step on the single tensor ``p`` (its grad set) with ``group``'s hyperparameters."""
+        one = dict(group)
+        one["params"] = [p]
+        saved = self.param_groups
+        self.param_groups = [one]
+        try:
+            torch.optim.AdamW.step(self)
+        finally:
+            self.param_groups = saved
+
+    def init_state(self, p, group):
+        """AdamW's state for ``p``, created now instead of at the first step (same values as torch's lazy
+        initialisation), so the state exists, and is linked by DeepSpeed, before the first outer step."""
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        st = self.state[p]
+        if st:
+            return
+        fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
+        st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
+                      if capturable or fused else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group.get("amsgrad"):
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        if self._nexus_core is not None:
+            sd["nexus"] = self._nexus_core.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        nx = state_dict.pop("nexus", None)
+        super().load_state_dict(state_dict)
+        if nx is not None:
+            if self._nexus_core is None:
+                self._pending_nexus_state = nx
+            else:
+                self._nexus_core.load_state_dict(nx)
+
+
+def client_optimizer_from(optimizer, model, model_parameters=None) -> NexusAdamW:
+    """NexusAdamW from what a DeepSpeed user has: a fresh ``torch.optim.AdamW`` (its param groups and
+    settings are reused), a dict of AdamW settings, or None (torch's AdamW defaults)."""
+    if isinstance(optimizer, NexusAdamW):
+        return optimizer
+    if optimizer is None:
+        optimizer = {}
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if type(optimizer) is not torch.optim.AdamW:
+            raise NexusConfigError(
+                f"optimizer={type(optimizer).__name__}: the Nexus outer optimizer is AdamW; pass "
+                "torch.optim.AdamW(...) (its param groups and settings are reused) or a dict of AdamW settings")
+        if optimizer.state:
+            raise NexusConfigError("optimizer: pass a fresh torch.optim.AdamW (it already has state, which would "
+                                   "be dropped); to continue a run use engine.load_checkpoint()")
+        d = optimizer.defaults
+        groups = [dict(g) for g in optimizer.param_groups]
+        return NexusAdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                          amsgrad=d["amsgrad"], maximize=d.get("maximize", False))
+    if isinstance(optimizer, dict):
+        params = model_parameters if model_parameters is not None else \
+            [p for p in model.parameters() if p.requires_grad]
+        try:
+            return NexusAdamW(params, **optimizer)
+        except TypeError as e:
+            raise NexusConfigError(f"optimizer settings {sorted(optimizer)}: {e} (use torch.optim.AdamW's "
+                                   "arguments: lr, betas, eps, weight_decay, amsgrad)") from None
+    raise NexusConfigError(f"optimizer must be torch.optim.AdamW, a dict of its settings or None, "
+                           f"got {type(optimizer).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the algorithm on DeepSpeed's master partitions
+
+class _NexusCore:
+    """Nexus state and logic for one DeepSpeed engine (one per rank)."""
+
+    def __init__(self, layout: SourceLayout, cfg: NexusConfig, groups: NexusGroups, *, k: int, clip: float,
+                 num_params: int):
+        self.layout, self.cfg, self.groups = layout, cfg, groups
+        self.k, self.clip, self.num_params = int(k), float(clip), int(num_params)
+        self.K = layout.num_sources
+        self.sp = layout.mode == "source-parallel"
+        self.rank = dist.get_rank()
+        if self.sp:
+            S = layout.group_size
+            self.my_source = self.rank // S
+            self.designated = self.rank % S == 0
+            self.cross_group = layout.cross_group
+        else:
+            self.my_source = None
+            self.designated = self.rank == 0
+            self.cross_group = None
+        # bound to DeepSpeed's optimizer by bind()
+        self.parts: list = []
+        self.anchors: list = []
+        self.index: dict = {}
+        # per outer / micro step
+        self.step_index = 0          # outer steps done (applied or skipped): the layout's step counter
+        self.micro = 0
+        self.gamma: Optional[float] = None
+        self.poisoned = False
+        self.in_step = False
+        self.exchanged = False
+        self.seen: set = set()
+        self.coef = 0.0
+        self.last_info: Optional[dict] = None
+        self.last = False
+        self.loaded = False
+        self.stats = NexusStats()
+        self._reset_step_stats()
+
+    # -- binding ---------------------------------------------------------------------------------
+    def bind(self, ds_engine, client: NexusAdamW):
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        opt = ds_engine.optimizer
+        groups = list(client.param_groups)
+        self.ds_opt = opt
+        if opt is client:                                   # stage 0, fp32: the parameters themselves
+            self.kind, self.split, self.partitioned = "stage0", False, False
+            parts = [(p, g) for g in groups for p in g["params"]]
+        elif isinstance(opt, FP16_UnfusedOptimizer):       # stage 0, bf16: fp32 copies of the parameters
+            self.kind, self.split, self.partitioned = "stage0-bf16", False, False
+            parts = [(p, g) for g in groups for p in g["params"]]
+        elif isinstance(opt, BF16_Optimizer):              # ZeRO-1 + bf16 + fp32 grad accumulation
+            self.kind, self.split, self.partitioned = "bf16-zero1", False, True
+            parts = [(p, g) for g in groups for p in g["params"]]
+        elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+            self.kind, self.split, self.partitioned = "zero3", True, True
+            parts = [(t, groups[opt.sub_group_to_group_id[j]]) for j, t in enumerate(opt.fp32_partitioned_groups_flat)]
+        elif isinstance(opt, DeepSpeedZeroOptimizer):
+            self.kind, self.split, self.partitioned = "zero12", True, True
+            parts = [(t, groups[i]) for i, t in enumerate(opt.single_partition_of_fp32_groups)]
+        else:
+            raise NexusConfigError(f"DeepSpeed wrapped the Nexus client optimizer in {type(opt).__name__}, which the "
+                                   "Nexus adapter does not support (supported: ZeRO stages 0-3, fp32 or bf16)")
+        for p, _ in parts:
+            if p.dtype != torch.float32:
+                raise NexusConfigError(f"DeepSpeed master partition of dtype {p.dtype}: Nexus needs fp32 master weights")
+        self.parts = parts
+        self.index = {id(p): i for i, (p, _) in enumerate(parts)}
+        self.anchors = [p.detach().clone() for p, _ in parts]
+        for p, g in parts:
+            client.init_state(p, g)
+        self.client = client
+        self.device = parts[0][0].device
+        client._nexus_core = self
+        if client._pending_nexus_state is not None:
+            self.load_state_dict(client._pending_nexus_state)
+            client._pending_nexus_state = None
+
+    # -- low-precision copies of the master partitions --------------------------------------------
+    def _lp_sync(self, i: int):
+        """Copy master partition ``i`` into DeepSpeed's model partition (no communication); used for the
+        groups DeepSpeed already copied earlier in the same step()."""
+        opt = self.ds_opt
+        if self.kind == "zero12":
+            pid = dist.get_rank(group=opt.real_dp_process_group[i])
+            opt.parallel_partitioned_bit16_groups[i][pid].data.copy_(opt.single_partition_of_fp32_groups[i].data)
+        elif self.kind == "zero3":
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+
+    def _sync_all(self):
+        """Make the model (low-precision copies, all-gathered) match the master partitions (collective over
+        DeepSpeed's data-parallel group). Used outside DeepSpeed's step: after a skipped step and a load."""
+        opt = self.ds_opt
+        if self.kind == "stage0-bf16":
+            for f32, lp in zip(opt.fp32_groups, opt.fp16_groups):
+                for a, b in zip(f32, lp):
+                    b.data.copy_(a.data)
+        elif self.kind in ("zero12", "bf16-zero1"):
+            opt.update_lp_params()
+        elif self.kind == "zero3":
+            for j in range(len(self.parts)):
+                opt._reassign_or_swap_out_partitioned_parameters(j)
+            if len(opt.persistent_parameters) > 0:
+                opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+    # -- one micro-step --------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        return float(self.client.param_groups[0]["lr"])
+
+    def source_for(self, micro: Optional[int] = None) -> int:
+        return self.layout.source_for(self.step_index, self.micro if micro is None else micro)
+
+    def begin_micro(self):
+        if self.micro == 0:
+            self.gamma = inner_gamma(self.cfg, self.current_lr(), self.num_params, self.k)
+        self.last = self.micro == self.k - 1
+        self.in_step, self.exchanged, self.seen = True, False, set()
+
+    def end_micro(self) -> Optional[dict]:
+        """After DeepSpeed's step(): detect a skipped client step, finish an outer step."""
+        self.in_step = False
+        skipped_by_ds = not self.exchanged
+        if skipped_by_ds:        # DeepSpeed did not call the client optimizer (overflow): poison, stay in sync
+            self._exchange(None)
+        elif not self.poisoned and len(self.seen) != len(self.parts):
+            raise RuntimeError(f"DeepSpeed stepped {len(self.seen)} of {len(self.parts)} master partitions")
+        if not self.last:
+            self.micro += 1
+            return None
+        if self.poisoned:
+            if skipped_by_ds:    # the client restored nothing: put the anchor back here
+                for (p, _), a in zip(self.parts, self.anchors):
+                    p.data.copy_(a)
+                self._sync_all()
+            self.stats.skipped_steps += 1
+            self.stats.consecutive_skips += 1
+            info = {"skipped": True, "gamma": self.gamma, "inner_steps": self.k}
+        else:
+            info = self.last_info
+        self.micro, self.poisoned, self.last_info = 0, False, None
+        self.step_index += 1
+        return info
+
+    def _exchange(self, sq: Optional[torch.Tensor]):
+        """One all-reduce over all ranks of [squared norm per source..., non-finite flag]."""
+        K = self.K
+        src = self.my_source if self.sp else self.source_for()
+        vec = torch.zeros(K + 1, dtype=torch.float64, device=self.device)
+        if sq is None or not bool(torch.isfinite(sq)):
+            vec[K] = 1.0
+        elif self.designated or (self.partitioned and not self.split):
+            vec[src] = float(sq)  # partial sums (BF16_Optimizer partitions) are summed by the all-reduce
+        if dist.get_world_size() > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.groups.everyone)
+        self.exchanged = True
+        vec = vec.cpu()
+        if vec[K] > 0:
+            self.poisoned = True
+        if self.poisoned:
+            return
+        present = torch.ones(K, dtype=torch.bool) if self.sp else torch.nn.functional.one_hot(
+            torch.tensor(src), K).bool()
+        norms = vec[:K].clamp_min(0).sqrt()
+        coef, active, nonfinite = source_coefficients(norms, present, self.layout.weights, self.cfg.min_grad_norm)
+        if nonfinite:
+            self.poisoned = True
+            return
+        skipped = int((present & ~active).sum())
+        self.stats.skipped_sources += skipped
+        self.stats.step_skipped_sources += skipped
+        for i in torch.nonzero(present).flatten().tolist():
+            self.stats.step_norm_sum[i] += float(norms[i])
+            self.stats.step_norm_count[i] += 1
+        self.coef = float(coef[src])
+
+    def _local_sq(self, current) -> torch.Tensor:
+        if self.split:   # DeepSpeed's global norm, computed before its group loop (see the module docstring)
+            n = getattr(self.ds_opt, "_global_grad_norm", None)
+            if n is None:
+                raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm)")
+            n = float(n)
+            return torch.tensor(n * n if (math.isfinite(n) and n >= 0) else float("nan"), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in current:
+            if p.grad is not None:
+                sq += torch.linalg.vector_norm(p.grad, 2, dtype=torch.float64).square()
+        return sq.cpu()
+
+    @torch.no_grad()
+    def client_step(self, client: NexusAdamW):
+        if not self.in_step:
+            raise RuntimeError(
+                "DeepSpeed stepped the Nexus client optimizer outside the Nexus engine's step(): call step() on the "
+                "engine returned by nexus_megatron.engines.deepspeed.initialize(), not on DeepSpeed's own engine")
+        current = [p for g in client.param_groups for p in g["params"]]
+        try:
+            idx = [self.index[id(p)] for p in current]
+        except KeyError:
+            raise RuntimeError("DeepSpeed handed the Nexus client optimizer a tensor it did not bind") from None
+        if not self.exchanged:
+            self._exchange(self._local_sq(current))
+        for i in idx:
+            self._inner(i)
+        self.seen.update(idx)
+        if self.last and not self.poisoned and len(self.seen) == len(self.parts):
+            self._outer(set(idx))
+
+    def _inner(self, i: int):
+        p, _ = self.parts[i]
+        a = self.anchors[i]
+        if self.poisoned:
+            if self.last:
+                p.data.copy_(a)
+            return
+        g = p.grad
+        if g is None:
+            g = p.grad = torch.zeros_like(p)
+        g.mul_(self.coef)                                               # this source's w_i g_i / n_i
+        if self.sp and self.K > 1:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.cross_group)  # d = sum over the sources
+        p.data.sub_(a)                                                  # delta (exact, see the docstring)
+        inner_update(p.data, g, self.gamma)                             # delta - gamma * d
+        if not self.last:
+            p.data.add_(a)                                              # M = A + delta
+        # at the k-th micro-step M keeps delta until every partition has its final delta (_outer)
+
+    def _outer(self, current: set):
+        """The outer step, when the last partition of the k-th micro-step has its final delta."""
+        kg = self.k * self.gamma
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p, _ in self.parts:
+            sq += torch.linalg.vector_norm(p.data, 2, dtype=torch.float64).square()
+        if self.partitioned and self.groups.dp_size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.dp_group)
+        gnorm = math.sqrt(float(sq)) / kg
+        scale = 1.0
+        if self.clip > 0:                      # DeepSpeed's clipping rule, applied to the pseudo-gradient
+            c = (gnorm + 1e-6) / self.clip
+            if c > 1:
+                scale = 1.0 / c
+        buf = None
+        for i, ((p, group), a) in enumerate(zip(self.parts, self.anchors)):
+            if i in current:
+                G = p.grad
+            else:
+                if buf is None:
+                    buf = torch.empty(max(q.numel() for q, _ in self.parts), dtype=torch.float32, device=self.device)
+                G = buf[:p.numel()].view_as(p)
+            pseudo_gradient(p.data, self.k, self.gamma, out=G)
+            if scale != 1.0:
+                G.mul_(scale)
+            p.data.copy_(a)                    # M <- A
+            p.grad = G
+            self.client._adamw_step(p, group)  # theta_{t+1}
+            p.grad = None
+            a.copy_(p.data)                    # A <- M
+            if i not in current:
+                self._lp_sync(i)               # DeepSpeed copied this partition earlier in this step()
+        self.stats.outer_steps += 1
+        self.stats.consecutive_skips = 0
+        self.last_info = {"skipped": False, "gamma": self.gamma, "inner_steps": self.k,
+                          "pseudo_grad_norm": gnorm, "clip_scale": scale}
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _reset_step_stats(self):
+        self.stats.step_norm_sum = [0.0] * self.K
+        self.stats.step_norm_count = [0] * self.K
+        self.stats.step_skipped_sources = 0
+
+    def step_stats(self) -> dict:
+        out = {}
+        for i, name in enumerate(self.layout.sources):
+            c = self.stats.step_norm_count[i]
+            if c:
+                out[f"nexus/gnorm/{name}"] = self.stats.step_norm_sum[i] / c
+        out["nexus/step_skipped_sources"] = self.stats.step_skipped_sources
+        self._reset_step_stats()
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "anchors": list(self.anchors),
+            "part_numels": [p.numel() for p, _ in self.parts],
+            "kind": self.kind,
+            "step_index": self.step_index,
+            "micro": self.micro,
+            "poisoned": self.poisoned,
+            "gamma": self.gamma,
+            "k": self.k,
+            "stats": {k: v for k, v in asdict(self.stats).items() if not k.startswith("step_")},
+            "layout": self.layout.describe(),
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, sd: dict):
+        mine = self.layout.describe()
+        if sd["layout"] != mine:
+            raise NexusConfigError(
+                f"checkpoint was written with layout {sd['layout']} but this run has {mine}: resume with the same "
+                "nexus.layout, sources, weights and number of ranks")
+        if sd["k"] != self.k:
+            raise NexusConfigError(f"checkpoint was written with gradient_accumulation_steps={sd['k']} but this run "
+                                   f"has {self.k}: resume with the same value")
+        numels = [p.numel() for p, _ in self.parts]
+        if sd["part_numels"] != numels:
+            raise NexusConfigError(
+                f"checkpoint's Nexus anchor shards {sd['part_numels']} do not match this run's DeepSpeed partitions "
+                f"{numels}: resume with the same ZeRO stage, number of ranks and model")
+        for a, s in zip(self.anchors, sd["anchors"]):
+            a.copy_(s)
+        self.step_index, self.micro = sd["step_index"], sd["micro"]
+        self.poisoned, self.gamma = sd["poisoned"], sd["gamma"]
+        for k, v in sd["stats"].items():
+            setattr(self.stats, k, v)
+        self.loaded = True
+
+    def after_load(self, restored: bool):
+        """After DeepSpeed loaded a checkpoint: between outer steps the master weights are the anchor (this
+        also repairs masters restored from bf16 when load_from_fp32_weights=false); a load without optimizer
+        state starts a fresh outer step from the loaded weights."""
+        if not restored:
+            for (p, _), a in zip(self.parts, self.anchors):
+                a.copy_(p.data)
+            self.micro, self.poisoned = 0, False
+        elif self.micro == 0:
+            for (p, _), a in zip(self.parts, self.anchors):
+                p.data.copy_(a)
+        self._sync_all()
+
+    def shard_report(self) -> dict:
+        """Per-rank element counts of DeepSpeed's fp32 master partitions, the Nexus anchor and AdamW's state."""
+        st = self.client.state
+        return {
+            "kind": self.kind,
+            "dp_size": self.groups.dp_size,
+            "master_numel": sum(p.numel() for p, _ in self.parts),
+            "anchor_numel": sum(a.numel() for a in self.anchors),
+            "exp_avg_numel": sum(st[p]["exp_avg"].numel() for p, _ in self.parts if "exp_avg" in st[p]),
+            "exp_avg_sq_numel": sum(st[p]["exp_avg_sq"].numel() for p, _ in self.parts if "exp_avg_sq" in st[p]),
+            "num_params": self.num_params,
+        }
+
+
+class _OuterStepScheduler:
+    """Stands in for the lr scheduler inside DeepSpeed: DeepSpeed calls step() after every optimizer step
+    (= every Nexus micro-step) and that call does nothing; the Nexus engine calls ``outer_step()`` once per
+    applied outer step. Everything else (state_dict, load_state_dict, get_last_lr, ...) is the real one's."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def step(self, *args, **kwargs):
+        return None
+
+    def outer_step(self):
+        self.real.step()
+
+    def state_dict(self):
+        return self.real.state_dict()
+
+    def load_state_dict(self, sd):
+        return self.real.load_state_dict(sd)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["real"], name)
+
+
+def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, **kw):
+    """DeepSpeed's save_checkpoint, with ``latest`` written (atomically) only after every rank has written its
+    files: DeepSpeed itself writes ``latest`` from rank 0 before the other ranks' optimizer files are known to
+    be complete, so a job killed in between would point ``latest`` at a partial checkpoint."""
+    ok = ds_engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kw)
+    dist.barrier()
+    if save_latest and dist.get_rank() == 0:
+        atomic_write_text(os.path.join(save_dir, "latest"), str(tag))
+    dist.barrier()
+    return ok
+
+
+def _quiet_deepspeed_save_writers(ds_engine, core_or_layout_sp: bool, my_source: Optional[int]):
+    """Source-parallel: every source group holds the same state and has the same data-parallel ranks, so only
+    source group 0 writes files (otherwise two ranks would write the same file name at once)."""
+    if core_or_layout_sp and my_source:
+        ds_engine.save_non_zero_checkpoint = False
+        ds_engine.save_zero_checkpoint = False
+
+
+def _broadcast_model(model):
+    """Start every rank from rank 0's weights (source groups are separate DeepSpeed data-parallel groups,
+    so DeepSpeed's own broadcast would not make them agree)."""
+    if dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if hasattr(t, "ds_id"):
+                raise NexusConfigError("the model was built under deepspeed.zero.Init: build it normally (ZeRO-3 "
+                                       "partitions it in initialize()), the Nexus adapter does not support zero.Init yet")
+            dist.broadcast(t.data, src=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the engine a user drives
+
+class NexusDeepSpeedEngine:
+    """What :func:`initialize` returns: DeepSpeed's engine with Nexus's ``step()``.
+
+    Use it exactly like a DeepSpeed engine::
+
+        for batch in loader:                      # one micro-batch per call, of engine.source_for_micro_step()
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()                         # every k-th call is the outer step
+
+    Everything not defined here (``module``, ``train()``, ``eval()``, ``get_lr()``, ``local_rank``,
+    ``save_16bit_model()``, ...) is DeepSpeed's engine's. DeepSpeed's own counters (``global_steps``,
+    ``global_samples``) count micro-steps; :attr:`outer_steps` counts outer steps.
+    """
+
+    def __init__(self, ds_engine, client: NexusAdamW, core: _NexusCore, prepared: PreparedConfig, scheduler):
+        self.__dict__.update(_ds=ds_engine, client=client, _core=core, prepared=prepared, _sched=scheduler)
+        self.last_outer_info: Optional[dict] = None
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_ds"], name)
+
+    def __call__(self, *args, **kwargs):
+        return self._ds(*args, **kwargs)
+
+    forward = __call__
+
+    # -- what a DeepSpeed user calls ------------------------------------------------------------
+    @property
+    def ds_engine(self):
+        """DeepSpeed's own engine."""
+        return self._ds
+
+    @property
+    def nexus_config(self) -> NexusConfig:
+        return self._core.cfg
+
+    @property
+    def layout(self) -> SourceLayout:
+        return self._core.layout
+
+    def backward(self, loss, **kwargs):
+        return self._ds.backward(loss, **kwargs)
+
+    def step(self, lr_kwargs=None) -> Optional[dict]:
+        """One micro-step (DeepSpeed's step: reduce, then the Nexus inner step on the master partitions).
+        Every k-th call is also the outer step; it returns the outer step's info
+        (``skipped``, ``gamma``, ``pseudo_grad_norm``), the other calls return None."""
+        core = self._core
+        core.begin_micro()
+        try:
+            self._ds.step(lr_kwargs=lr_kwargs)
+        finally:
+            core.in_step = False
+        info = core.end_micro()
+        if info is None:
+            return None
+        if not info["skipped"] and self._sched is not None:
+            self._sched.outer_step()
+        self.last_outer_info = info
+        limit = core.cfg.max_consecutive_skips
+        if info["skipped"] and limit and core.stats.consecutive_skips >= limit:
+            raise NexusNonFiniteError(
+                f"{core.stats.consecutive_skips} outer steps in a row had NaN/Inf gradients "
+                f"(nexus.max_consecutive_skips={limit}); the last good parameters are intact. Lower the learning "
+                "rate, check the data, or resume from the last checkpoint")
+        return info
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True when the next step() is the outer step (the k-th micro-step)."""
+        return self._core.micro == self._core.k - 1
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._core.k
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.prepared.micro_batch
+
+    def train_batch_size(self) -> int:
+        return self.prepared.micro_batch * self._core.k * dist.get_world_size()
+
+    def source_for_micro_step(self) -> int:
+        """Index (into ``layout.sources``) of the source this rank reads for the next micro-step."""
+        return self._core.source_for()
+
+    def source_name(self) -> str:
+        return self._core.layout.sources[self.source_for_micro_step()]
+
+    def readers(self):
+        """(this rank's position among the ranks reading the current source, their number): shard the
+        source's micro-batch by it (sequential: all ranks; source-parallel: the source group)."""
+        c = self._core
+        return c.layout.readers(c.source_for(), c.step_index, c.micro)
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-steps done in the current outer step (0..k-1)."""
+        return self._core.micro
+
+    @property
+    def outer_steps(self) -> int:
+        """Outer steps done (applied or skipped)."""
+        return self._core.step_index
+
+    @property
+    def poisoned(self) -> bool:
+        return self._core.poisoned
+
+    def get_nexus_lr(self) -> float:
+        return self._core.current_lr()
+
+    def counters(self) -> dict:
+        s = self._core.stats
+        return {"outer_steps": s.outer_steps, "skipped_steps": s.skipped_steps, "skipped_sources": s.skipped_sources}
+
+    def step_stats(self) -> dict:
+        return self._core.step_stats()
+
+    def shard_report(self) -> dict:
+        return self._core.shard_report()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        """DeepSpeed's save_checkpoint (collective). The Nexus state (anchor shards, counters, layout) is in
+        the client optimizer's state, which DeepSpeed writes per rank; ``latest`` is written atomically after
+        every rank finished, so a job killed during the save leaves the previous checkpoint loadable.
+        Default tag: ``global_step<outer steps>``."""
+        if tag is None:
+            tag = f"global_step{self._core.step_index}"
+        return _atomic_save(self._ds, save_dir, tag, dict(client_state or {}), save_latest, **kwargs)
+
+    def load_checkpoint(self, load_dir, tag=None, **kwargs):
+        """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed."""
+        core = self._core
+        core.loaded = False
+        path, client_state = self._ds.load_checkpoint(load_dir, tag=tag, **kwargs)
+        if path is None:
+            return None, None
+        core.after_load(restored=getattr(core, "loaded", False))
+        return path, client_state
+
+
+# ---------------------------------------------------------------------------------------------------
+# public entry points
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _num_params(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            n += int(getattr(p, "ds_numel", p.numel()))
+    return n
+
+
+def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
+               nexus_config: Optional[NexusConfig] = None, *, optimizer=None, model_parameters=None,
+               lr_scheduler=None, micro_steps: Optional[int] = None, layout: Optional[SourceLayout] = None,
+               _prepared: Optional[PreparedConfig] = None) -> NexusDeepSpeedEngine:
+    """Nexus on DeepSpeed. Collective: every rank calls it.
+
+    ``ds_config``: the user's ds_config (path, JSON string or dict), unchanged, with an optional
+    ``"nexus": {...}`` section (see docs/deepspeed.md). ``layout_config`` / ``nexus_config``: the layout
+    and the inner-loop settings, if not (or also, consistently) in the ``nexus`` section.
+    ``optimizer``: the outer AdamW: a fresh ``torch.optim.AdamW`` (its param groups and settings are
+    reused), a dict of AdamW settings (with ``model_parameters``, default all trainable parameters), or
+    None. ``lr_scheduler``: a scheduler or ``callable(optimizer)`` as in ``deepspeed.initialize`` (or a
+    ``scheduler`` section in the ds_config); it advances once per outer step. ``micro_steps``: k, if the
+    ds_config has no ``gradient_accumulation_steps`` (they must agree when both are given).
+
+    Every setting is checked before DeepSpeed is initialised; a bad one raises NexusConfigError naming it.
+    """
+    prepared = _prepared or prepare_ds_config(ds_config, world_size=_world_size(), micro_steps=micro_steps,
+                                              layout=layout_config if layout is None else layout.cfg,
+                                              nexus=nexus_config)
+    if prepared.k == 1:
+        log.warning("Nexus with gradient_accumulation_steps=1 (k=1) is AdamW on the normalized gradient: there "
+                    "is no inner loop and no alignment term; use k >= 2")
+    client = client_optimizer_from(optimizer, model, model_parameters)
+    deepspeed = prepare_deepspeed_runtime()
+    if layout is None:
+        layout = build_layout(prepared.layout)
+    groups = NexusGroups(layout.mode, layout.num_sources)
+    _broadcast_model(model)
+    num_params = _num_params(model)
+    ds_engine, _, _, sched = deepspeed.initialize(model=model, optimizer=client, lr_scheduler=lr_scheduler,
+                                                  config=copy.deepcopy(prepared.ds), mpu=NexusMPU(groups))
+    wrapped = None
+    if sched is not None:
+        wrapped = _OuterStepScheduler(sched)
+        ds_engine.lr_scheduler = wrapped
+    core = _NexusCore(layout, prepared.nexus, groups, k=prepared.k, clip=prepared.clip, num_params=num_params)
+    core.bind(ds_engine, client)
+    _quiet_deepspeed_save_writers(ds_engine, core.sp, core.my_source)
+    return NexusDeepSpeedEngine(ds_engine, client, core, prepared, wrapped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer's Engine (nexus-megatron train --set train.engine=deepspeed)
+
+def _tags(root):
+    try:
+        return sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+    except FileNotFoundError:
+        return []
+
+
+def _latest_tag(ckpt_root) -> Optional[str]:
+    pointer = os.path.join(ckpt_root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        tag = f.read().strip()
+    return tag if tag and os.path.isdir(os.path.join(ckpt_root, tag)) else None
+
+
+def _outer_param_groups(cfg, model):
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    o = cfg.optim
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class DeepSpeedNexusEngine(Engine):
+    """The trainer's Engine for optim.name=nexus on DeepSpeed."""
+
+    name = "deepspeed"
+    supports_probe = False
+
+    def __init__(self, cfg, model, layout, lr_lambda, prepared: PreparedConfig):
+        o = cfg.optim
+        client = NexusAdamW(_outer_param_groups(cfg, model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.nexus = initialize(model, None, optimizer=client,
+                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+                                layout=layout, _prepared=prepared)
+        self.module = self.nexus.ds_engine
+        self.layout = layout
+
+    def backward(self, loss):
+        self.nexus.backward(loss)
+
+    def micro_step(self, source):
+        want = self.nexus.source_for_micro_step()
+        if source != want:
+            raise RuntimeError(f"micro_step(source={source}) but the layout assigns source {want} to this rank")
+        self.nexus.step()
+
+    def outer_step(self):
+        info = self.nexus.last_outer_info
+        if info is None:
+            raise RuntimeError("outer_step() before k micro_step() calls")
+        self.nexus.last_outer_info = None
+        return info
+
+    def lr(self):
+        return self.nexus.get_nexus_lr()
+
+    def counters(self):
+        c = self.nexus.counters()
+        return {"skipped_steps": c["skipped_steps"], "skipped_sources": c["skipped_sources"]}
+
+    def step_stats(self):
+        return self.nexus.step_stats()
+
+    def save(self, ckpt_root, step, client_state):
+        tag = f"step_{step:08d}"
+        self.nexus.save_checkpoint(ckpt_root, tag=tag, client_state=client_state)
+        _engine_save_prune(ckpt_root, tag)
+
+    def load(self, ckpt_root):
+        tag = _latest_tag(ckpt_root)
+        if tag is None:
+            return None
+        _, client_state = self.nexus.load_checkpoint(ckpt_root, tag=tag)
+        return client_state
+
+
+def _engine_save_prune(ckpt_root, tag, keep=2):
+    if dist.get_rank() == 0:
+        others = [t for t in _tags(ckpt_root) if t != tag]
+        for old in others[:max(len(others) - (keep - 1), 0)]:
+            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    dist.barrier()
+
+
+class DeepSpeedAdamWEngine(Engine):
+    """The trainer's Engine for the AdamW baseline on DeepSpeed: DeepSpeed's own gradient accumulation
+    (gradient_accumulation_steps = k), clipping and scheduler, on exactly the data Nexus sees (in the
+    source-parallel layout each rank's loss is scaled by w_i * K so that DeepSpeed's data-parallel mean is
+    the weighted mixture, like the plain engine's MixtureAdamW)."""
+
+    name = "deepspeed"
+    supports_probe = False
+
+    def __init__(self, cfg, model, layout, lr_lambda, prepared: PreparedConfig):
+        deepspeed = prepare_deepspeed_runtime()
+        o = cfg.optim
+        opt = torch.optim.AdamW(_outer_param_groups(cfg, model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        groups = NexusGroups("sequential", 1)
+        _broadcast_model(model)
+        self.ds, self.opt, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt, config=copy.deepcopy(prepared.ds), mpu=NexusMPU(groups),
+            lr_scheduler=lambda op: torch.optim.lr_scheduler.LambdaLR(op, lr_lambda))
+        self.module = self.ds
+        self.scale = 1.0
+        if layout.mode == "source-parallel":
+            self.scale = float(layout.weights[layout.my_source]) * layout.num_sources
+        self.k = prepared.k
+        self._micro = 0
+        self._info = None
+
+    def backward(self, loss):
+        self.ds.backward(loss * self.scale if self.scale != 1.0 else loss)
+
+    def micro_step(self, source):
+        self.ds.step()
+        self._micro += 1
+        if self._micro == self.k:
+            self._micro = 0
+            info = {"skipped": not getattr(self.ds, "_step_applied", True)}
+            n = self.ds.get_global_grad_norm()
+            if n is not None:
+                n = float(n)
+                if math.isfinite(n):
+                    info["grad_norm"] = n
+            self._info = info
+
+    def outer_step(self):
+        info, self._info = self._info, None
+        return info
+
+    def lr(self):
+        return float(self.ds.get_lr()[0])
+
+    def counters(self):
+        return {"skipped_steps": int(self.ds.skipped_steps), "skipped_sources": 0}
+
+    def save(self, ckpt_root, step, client_state):
+        tag = f"step_{step:08d}"
+        _atomic_save(self.ds, ckpt_root, tag, dict(client_state), True)
+        _engine_save_prune(ckpt_root, tag)
+
+    def load(self, ckpt_root):
+        tag = _latest_tag(ckpt_root)
+        if tag is None:
+            return None
+        _, client_state = self.ds.load_checkpoint(ckpt_root, tag=tag)
+        return client_state
+
+
+def build_deepspeed_engine(cfg, model, layout, lr_lambda) -> Engine:
+    """The trainer's DeepSpeed engine (``train.engine: deepspeed``; ds_config from ``train.deepspeed_config``,
+    default ZeRO-2 fp32). Collective."""
+    world = dist.get_world_size() if (dist.is_available() and dist.is_initialized()) else 1
+    prepared = check_run_config(cfg, world_size=world)
+    if cfg.optim.name == "adamw":
+        return DeepSpeedAdamWEngine(cfg, model, layout, lr_lambda, prepared)
+    return DeepSpeedNexusEngine(cfg, model, layout, lr_lambda, prepared)
+
+
+__all__ = ["initialize", "build_deepspeed_engine", "NexusAdamW", "NexusDeepSpeedEngine", "NexusMPU",
+           "NexusGroups", "prepare_deepspeed_runtime", "client_optimizer_from", "load_ds_config"]

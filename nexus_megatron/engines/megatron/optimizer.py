@@ -1,0 +1,573 @@
+"""Nexus as a Megatron optimizer (ALGORITHMS.md §1.1 on megatron-core's ``MegatronOptimizer`` seam).
+
+:class:`NexusMegatronOptimizer` wraps the optimizer that ``get_megatron_optimizer`` builds for Adam
+(``ChainedOptimizer`` of ``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params`` /
+``DistributedOptimizer``); that optimizer becomes the *outer* optimizer and is left untouched.
+
+Why a wrapper and not a subclass: the three Megatron classes (and their chaining) differ in where the
+fp32 main parameters live (the model parameters themselves, fp32 copies, or fp32 shards of the grad
+buffer's data-parallel range), but all of them expose the same two-phase interface,
+``prepare_grads()`` (copy the reduced gradient into ``main_param.grad``) and
+``step_with_ready_grads()`` (Adam on the main params, copy to the model params, param all-gather),
+and they all keep their main params in ``optimizer.param_groups``. Nexus needs exactly those seams:
+between the two phases it reads the reduced gradient, moves the main params (inner step) or replaces
+the gradient with the pseudo-gradient (outer step). Wrapping keeps Megatron's construction logic
+(param groups, weight-decay masks, lr multipliers, sharding ranges, checkpoint formats) as is, for all
+three classes, and needs no change to megatron-core.
+
+One micro-step (``inner_step``), after a forward/backward pass and Megatron's gradient reduction
+(``finalize_model_grads``; the layout's groups decide which ranks are reduced together)::
+
+    inner.prepare_grads()                       # reduced gradient -> main_param.grad (fp32, shard)
+    n_i  = inner.get_grad_norm()                # Megatron's filters: TP duplicates and shared
+                                                # embeddings counted once, reduced over the grad-stats
+                                                # group (= the ranks holding source i's gradient)
+    coef = source_coefficients([n_1..n_K], ...) # w_i / n_i, weights renormalized, drop n_i < min
+    d    = sum_i coef_i g_i                     # source-parallel: scaled shard all-reduced across blocks
+    main <- main - gamma * d                    # = anchor + delta
+    main -> model params (+ param all-gather)   # what the next forward pass sees
+    zero DDP grad buffers
+
+The outer step (``step``), after ``k`` micro-steps::
+
+    main.grad <- G = -(main - anchor) / (k * gamma)     # the pseudo-gradient
+    main      <- anchor                                 # restore theta_t
+    clip G (OptimizerConfig.clip_grad, Megatron's clip) ; Adam step on G ; main -> model (+ all-gather)
+    anchor    <- main
+
+Memory: the anchor is one fp32 buffer shaped like this rank's main params: with the distributed
+optimizer that is one extra fp32 *shard* (4/d bytes per parameter), without it one fp32 copy (4 bytes per
+parameter). The displacement is not stored: ``delta = main - anchor``. For the elements where
+``|delta| <= |anchor|`` (``main`` and ``anchor`` within a factor 2 of each other, the normal case),
+that subtraction is exact (Sterbenz), so G is exactly the displacement the model saw; the only rounding
+is the one of ``main - gamma * d`` itself (one fp32 rounding of the parameter per micro-step, the same as
+any optimizer step). ``exact_displacement=True`` keeps delta in a second fp32 buffer (another 4/d bytes
+per parameter) and recomputes ``main = anchor + delta``, which reproduces the plain-PyTorch adapter
+(:class:`nexus_megatron.nexus.Nexus`) operation for operation.
+
+NaN/Inf: a non-finite gradient norm in any micro-step (or ``found_inf`` from Megatron's grad scaler)
+poisons the outer step; ``step()`` then restores the anchor and returns ``(False, None, None)``, the
+value Megatron's ``train_step`` treats as a skipped iteration (the lr scheduler is not advanced and the
+Adam state is untouched).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ...errors import NexusConfigError, NexusNonFiniteError
+from ...nexus import NexusConfig, NexusStats, inner_gamma, source_coefficients
+from .groups import NexusGroups
+from .version import check_megatron_core_version
+
+from megatron.core.optimizer import MegatronOptimizer  # noqa: E402  (after the version module)
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
+from megatron.core.optimizer.optimizer import (  # noqa: E402
+    ChainedOptimizer,
+    FP32Optimizer,
+    MixedPrecisionOptimizer,
+)
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # noqa: E402
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate  # noqa: E402
+from megatron.core.transformer.module import param_is_not_shared  # noqa: E402
+
+NEXUS_STATE_KEY = "nexus"
+
+
+def _children(inner) -> list:
+    if isinstance(inner, ChainedOptimizer):
+        return list(inner.chained_optimizers)
+    return [inner]
+
+
+def _main_params(child) -> List[torch.Tensor]:
+    """The fp32 tensors the outer Adam updates (FP32Optimizer: the model params; Float16: fp32 copies;
+    DistributedOptimizer: fp32 shards of this rank's data-parallel range)."""
+    if getattr(child, "is_stub_optimizer", False) or getattr(child, "optimizer", None) is None:
+        return []
+    return [p for g in child.optimizer.param_groups for p in g["params"]]
+
+
+class NexusMegatronOptimizer(MegatronOptimizer):
+    """Nexus around a Megatron optimizer (the outer optimizer, usually Adam from ``get_megatron_optimizer``).
+
+    Args:
+        inner: the MegatronOptimizer built by ``get_megatron_optimizer`` (with the layout's
+            ``pg_collection`` for the source-parallel layout, see :func:`get_nexus_megatron_optimizer`).
+        model_chunks: the DDP-wrapped model chunks (their grad buffers are zeroed after each micro-step).
+        groups: the layout and its process groups (:func:`~.groups.build_nexus_groups`).
+        nexus_config: inner step size and degenerate-case thresholds.
+        micro_steps: k, the number of inner steps (forward/backward passes) per outer step.
+        exact_displacement: keep delta in its own fp32 buffer (see the module docstring).
+
+    Usage (one outer step; :func:`~.schedule.nexus_forward_backward` does the loop for Megatron's
+    schedules)::
+
+        for m in range(k):
+            forward_backward_func(..., num_microbatches=M)   # one pass = one micro-step
+            optimizer.inner_step()
+        ok, grad_norm, _ = optimizer.step()
+    """
+
+    def __init__(self, inner: MegatronOptimizer, model_chunks, groups: NexusGroups,
+                 nexus_config: NexusConfig = NexusConfig(), *, micro_steps: int, exact_displacement: bool = False):
+        check_megatron_core_version()
+        if not (isinstance(micro_steps, int) and micro_steps >= 1):
+            raise NexusConfigError(f"nexus micro_steps={micro_steps!r}: the number of inner steps per outer step "
+                                   "must be an integer >= 1")
+        self.inner = inner
+        self.optimizer = getattr(inner, "optimizer", None) if not isinstance(inner, ChainedOptimizer) else None
+        self.config = inner.config
+        self.init_state_fn = getattr(inner, "init_state_fn", lambda *a, **k: None)
+        self.model_chunks = list(model_chunks)
+        self.groups = groups
+        self.layout = groups.layout
+        self.nexus_config = nexus_config
+        self.micro_steps = micro_steps
+        self.exact_displacement = exact_displacement
+        self.children = _children(inner)
+        self.is_stub_optimizer = all(getattr(c, "is_stub_optimizer", False) for c in self.children)
+        self._validate()
+        self._build_buffers()
+        self.num_norm_params = self._count_norm_params()
+        self.inner_steps = 0
+        self.poisoned = False
+        self.gamma_t: Optional[float] = None
+        self.iteration = 0
+        self.stats = NexusStats()
+        self._reset_step_stats()
+        self.last_norms: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------
+    def _validate(self):
+        c = self.config
+        if getattr(c, "fp16", False):
+            raise NexusConfigError("nexus on Megatron: --fp16 is not supported (the dynamic loss scale would be "
+                                   "updated once per micro-step); use --bf16")
+        if getattr(c, "use_precision_aware_optimizer", False):
+            raise NexusConfigError("nexus on Megatron: --use-precision-aware-optimizer is not supported (the main "
+                                   "params live inside the fused Adam); remove the flag")
+        if getattr(c, "optimizer_cpu_offload", False):
+            raise NexusConfigError("nexus on Megatron: --optimizer-cpu-offload is not supported; remove the flag")
+        if getattr(c, "overlap_param_gather_with_optimizer_step", False):
+            raise NexusConfigError("nexus on Megatron: --overlap-param-gather-with-optimizer-step is not supported")
+        if getattr(c, "optimizer", "adam") != "adam":
+            raise NexusConfigError(f"nexus on Megatron: the outer optimizer must be adam, got {c.optimizer!r}")
+        for mc in self.model_chunks:
+            ddp = getattr(mc, "ddp_config", None)
+            if ddp is None:
+                raise NexusConfigError("nexus on Megatron: model chunks must be wrapped in megatron.core's "
+                                       "DistributedDataParallel")
+            if ddp.overlap_param_gather:
+                raise NexusConfigError("nexus on Megatron: --overlap-param-gather is not supported yet (every inner "
+                                       "step needs the gathered parameters before the next pass); remove the flag")
+            if getattr(ddp, "use_megatron_fsdp", False):
+                raise NexusConfigError("nexus on Megatron: Megatron FSDP is not supported; use the distributed optimizer")
+            if ddp.num_distributed_optimizer_instances != 1:
+                raise NexusConfigError(
+                    "nexus on Megatron: leave --num-distributed-optimizer-instances at 1; the source-parallel layout "
+                    "builds the per-source blocks itself (DDP's inter-instance all-reduce would sum the sources "
+                    "before Nexus can normalize them)")
+        for child in self.children:
+            if not isinstance(child, (FP32Optimizer, MixedPrecisionOptimizer)):
+                raise NexusConfigError(f"nexus on Megatron: unsupported inner optimizer {type(child).__name__}")
+            if getattr(child, "grad_scaler", None) is not None:
+                raise NexusConfigError("nexus on Megatron: a loss scaler (--loss-scale / fp16) is not supported; use "
+                                       "bf16 or fp32 without --loss-scale")
+            for p in _main_params(child):
+                if p.dtype != torch.float32:
+                    raise NexusConfigError(f"nexus on Megatron: main params must be fp32, got {p.dtype}")
+
+    def _build_buffers(self):
+        mains = [p for c in self.children for p in _main_params(c)]
+        self._mains = mains
+        self.numel = sum(p.numel() for p in mains)
+        device = mains[0].device if mains else torch.device("cpu")
+        self.anchor = torch.empty(self.numel, dtype=torch.float32, device=device)
+        self._anchor_views = self._views(self.anchor)
+        self.delta = torch.zeros(self.numel, dtype=torch.float32, device=device) if self.exact_displacement else None
+        self._delta_views = self._views(self.delta) if self.delta is not None else None
+        self._load_anchor_from_main()
+
+    def _views(self, flat):
+        out, off = [], 0
+        for p in self._mains:
+            n = p.numel()
+            out.append(flat[off:off + n].view_as(p))
+            off += n
+        return out
+
+    def _count_norm_params(self) -> int:
+        """Number of logical parameters in the norm (TP duplicates and shared params once): the P of
+        gamma_mode='update'."""
+        total = 0
+        tp_group = getattr(self.inner, "tp_group", None) or getattr(self.children[0], "tp_group", None)
+        for child in self.children:
+            n = 0
+            for p in _main_params(child):
+                if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group):
+                    n += p.numel()
+            t = torch.tensor([float(n)], dtype=torch.float64)
+            group = child.get_grad_stats_parallel_group()
+            if dist.is_initialized():
+                dist.all_reduce(t, group=group)
+            total += int(t.item())
+        return total
+
+    # ------------------------------------------------------------------------------------------
+    # small helpers
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _load_anchor_from_main(self):
+        if self._mains:
+            torch._foreach_copy_(self._anchor_views, [p.detach() for p in self._mains])
+        if self.delta is not None:
+            self.delta.zero_()
+
+    @torch.no_grad()
+    def _restore_anchor(self):
+        if self._mains:
+            torch._foreach_copy_([p.data for p in self._mains], self._anchor_views)
+        if self.delta is not None:
+            self.delta.zero_()
+
+    @torch.no_grad()
+    def _publish(self):
+        """Main params -> model params, and the param all-gather of the distributed optimizer (what
+        ``step_with_ready_grads`` does after Adam)."""
+        for child in self.children:
+            if isinstance(child, MixedPrecisionOptimizer) and not child.is_stub_optimizer:
+                child._copy_main_params_to_model_params()
+            if isinstance(child, DistributedOptimizer):
+                for mc in child.model_chunks:
+                    mc.start_param_sync()
+
+    def _zero_grad_buffers(self):
+        for mc in self.model_chunks:
+            mc.zero_grad_buffer()
+
+    def current_lr(self) -> float:
+        for g in self.param_groups:
+            if g.get("params"):
+                return float(g["lr"])
+        groups = self.param_groups
+        return float(groups[0]["lr"]) if groups else 0.0
+
+    def source_for(self, micro: int) -> int:
+        """The source this rank reads in micro-step ``micro`` of the current outer step."""
+        return self.layout.source_for(self.iteration, micro)
+
+    def readers(self, micro: int) -> tuple:
+        src = self.source_for(micro)
+        return self.layout.readers(src, self.iteration, micro)
+
+    def _reset_step_stats(self):
+        K = self.layout.num_sources
+        self.stats.step_norm_sum = [0.0] * K
+        self.stats.step_norm_count = [0] * K
+        self.stats.step_skipped_sources = 0
+
+    # ------------------------------------------------------------------------------------------
+    # the algorithm
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def inner_step(self, source: Optional[int] = None):
+        """One micro-step, after a forward/backward pass whose gradients Megatron has reduced
+        (``finalize_model_grads``). Moves the main and model params to ``anchor + delta`` and zeroes the
+        DDP grad buffers. Collective over the whole job. Returns the per-source norms (fp64 [K])."""
+        k = self.micro_steps
+        if self.inner_steps >= k:
+            raise RuntimeError(f"NexusMegatronOptimizer.inner_step() called {self.inner_steps + 1} times in one outer "
+                               f"step but micro_steps={k}: call step() after every {k} inner steps")
+        m = self.inner_steps
+        layout = self.layout
+        sp = self.groups.source_parallel
+        src = self.source_for(m) if source is None else int(source)
+        if sp and src != layout.my_source:
+            raise RuntimeError(f"source-parallel: this rank reads source {layout.my_source}, not {src}")
+        if m == 0:
+            self.gamma_t = inner_gamma(self.nexus_config, self.current_lr(), self.num_norm_params, k)
+        found_inf = bool(self.inner.prepare_grads())
+        norm = float(self.inner.get_grad_norm())
+        K = layout.num_sources
+        norms = torch.zeros(K, dtype=torch.float64)
+        norms[src] = norm
+        if sp:
+            present = torch.ones(K, dtype=torch.bool)
+            flags = torch.tensor([1.0 if found_inf else 0.0], dtype=torch.float64)
+            vec = torch.cat([norms, flags])
+            if self.groups.cross_group is not None:
+                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.groups.cross_group)
+            norms, found_inf = vec[:K], bool(vec[K] > 0) or not math.isfinite(float(vec[K]))
+        else:
+            present = torch.zeros(K, dtype=torch.bool)
+            present[src] = True
+        coef, active, nonfinite = source_coefficients(norms, present, layout.weights, self.nexus_config.min_grad_norm)
+        self.last_norms = norms
+        self.inner_steps += 1
+        if nonfinite or found_inf:
+            self.poisoned = True
+        if not self.poisoned:
+            skipped = int((present & ~active).sum())
+            self.stats.skipped_sources += skipped
+            self.stats.step_skipped_sources += skipped
+            for i in torch.nonzero(present).flatten().tolist():
+                self.stats.step_norm_sum[i] += float(norms[i])
+                self.stats.step_norm_count[i] += 1
+            if bool(active.any()):
+                self._move(float(coef[src]), sp)
+                self._publish()
+        # The gradient is consumed: clear main_param.grad / param.grad (FP32Optimizer points param.grad at
+        # the DDP buffer; autograd would accumulate into it on the next backward) and the DDP buffers.
+        self.inner.zero_grad(set_to_none=True)
+        self._zero_grad_buffers()
+        return norms
+
+    def _move(self, c: float, sp: bool):
+        """main <- main - gamma * d, with d = sum_i coef_i g_i (this rank's shard)."""
+        mains = self._mains
+        if not mains:
+            if sp and self.groups.cross_group is not None:   # still take part in the collective
+                dist.all_reduce(torch.zeros(0), group=self.groups.cross_group)
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mains]
+        gamma = self.gamma_t
+        if sp and self.groups.cross_group is not None:
+            flat = _flatten_dense_tensors(grads)
+            flat.mul_(c)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.groups.cross_group)
+            d = _unflatten_dense_tensors(flat, grads)
+            alpha = -gamma
+        else:
+            d = grads
+            alpha = -gamma * c
+        if self.delta is not None:
+            torch._foreach_add_(self._delta_views, list(d), alpha=alpha)
+            torch._foreach_copy_([p.data for p in mains], self._anchor_views)
+            torch._foreach_add_([p.data for p in mains], self._delta_views)
+        else:
+            torch._foreach_add_([p.data for p in mains], list(d), alpha=alpha)
+
+    # -- MegatronOptimizer interface --------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        """Outer step, first half: main.grad <- G, main <- anchor. Returns True if the step is poisoned
+        (NaN/Inf in a micro-step); then the params are already back at the anchor."""
+        k = self.micro_steps
+        if self.inner_steps != k:
+            raise RuntimeError(f"NexusMegatronOptimizer.step() after {self.inner_steps} inner steps but "
+                               f"micro_steps={k}: call inner_step() after each forward/backward pass "
+                               "(nexus_forward_backward does it)")
+        if self.poisoned:
+            self._restore_anchor()
+            self._publish()
+            return True
+        scale = -1.0 / (k * self.gamma_t)
+        for i, p in enumerate(self._mains):
+            if p.grad is None or p.grad.dtype != torch.float32 or p.grad.shape != p.shape:
+                p.grad = torch.empty_like(p)
+            if self.delta is not None:
+                torch.mul(self._delta_views[i], scale, out=p.grad)
+            else:
+                torch.sub(p.data, self._anchor_views[i], out=p.grad)
+                p.grad.mul_(scale)
+        self._restore_anchor()
+        return False
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        ok = self.inner.step_with_ready_grads()
+        self._load_anchor_from_main()
+        return ok
+
+    @torch.no_grad()
+    def step(self):
+        """The outer step. Returns ``(update_successful, grad_norm, num_zeros_in_grad)`` like every
+        MegatronOptimizer; ``grad_norm`` is the norm of the pseudo-gradient G before clipping."""
+        poisoned = self.prepare_grads()
+        if poisoned:
+            self._end_step(skipped=True)
+            return False, None, None
+        grad_norm = self.inner.get_grad_norm()
+        for child in self.children:
+            if getattr(child, "is_stub_optimizer", False):
+                continue
+            params = child.get_parameters()
+            if params and child.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(params, max_norm=child.config.clip_grad, total_norm=grad_norm,
+                                             use_decoupled_grad=child.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        num_zeros = self.inner.count_zeros() if self.config.log_num_zeros_in_grad else None
+        ok = self.step_with_ready_grads()
+        self._end_step(skipped=False)
+        return ok, grad_norm, num_zeros
+
+    def _end_step(self, skipped: bool):
+        self.inner_steps = 0
+        self.poisoned = False
+        self.iteration += 1
+        if skipped:
+            self.stats.skipped_steps += 1
+            self.stats.consecutive_skips += 1
+            limit = self.nexus_config.max_consecutive_skips
+            if limit and self.stats.consecutive_skips >= limit:
+                raise NexusNonFiniteError(
+                    f"{self.stats.consecutive_skips} outer steps in a row had NaN/Inf gradients "
+                    f"(nexus max_consecutive_skips={limit}); the last good parameters are intact. Lower the "
+                    "learning rate, check the data, or resume from the last checkpoint")
+        else:
+            self.stats.consecutive_skips = 0
+            self.stats.outer_steps += 1
+
+    def step_stats(self) -> dict:
+        """Per-source mean inner gradient norm of the last outer step, gamma, counters (then reset)."""
+        out = {}
+        for i, name in enumerate(self.layout.sources):
+            c = self.stats.step_norm_count[i]
+            if c:
+                out[f"nexus/gnorm/{name}"] = self.stats.step_norm_sum[i] / c
+        out["nexus/step_skipped_sources"] = self.stats.step_skipped_sources
+        out["nexus/skipped_steps"] = self.stats.skipped_steps
+        out["nexus/skipped_sources"] = self.stats.skipped_sources
+        if self.gamma_t is not None:
+            out["nexus/gamma"] = self.gamma_t
+        self._reset_step_stats()
+        return out
+
+    # -- delegation ------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True):
+        self.inner.zero_grad(set_to_none)
+
+    def get_loss_scale(self):
+        return self.inner.get_loss_scale()
+
+    def get_grad_norm(self):
+        return self.inner.get_grad_norm()
+
+    def count_zeros(self):
+        return self.inner.count_zeros()
+
+    def get_parameters(self):
+        return self.inner.get_parameters()
+
+    def get_main_grads_for_grad_norm(self):
+        return self.inner.get_main_grads_for_grad_norm()
+
+    def get_grad_stats_parallel_group(self):
+        return self.inner.get_grad_stats_parallel_group()
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.inner.param_groups = value
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @property
+    def chained_optimizers(self):
+        return self.children
+
+    def reload_model_params(self, state_dict=None):
+        self.inner.reload_model_params(state_dict)
+        self._check_between_steps("reload_model_params")
+        self._load_anchor_from_main()
+
+    def offload_to_cpu(self):
+        self.inner.offload_to_cpu()
+
+    def restore_from_cpu(self):
+        self.inner.restore_from_cpu()
+
+    def save_parameter_state(self, filename: str):
+        self._check_between_steps("save_parameter_state")
+        self.inner.save_parameter_state(filename)
+
+    def load_parameter_state(self, filename: str, *, update_legacy_format: bool = False):
+        self.inner.load_parameter_state(filename, update_legacy_format=update_legacy_format)
+        self._load_anchor_from_main()
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    # Checkpoints are written between outer steps, where the anchor equals the main params exactly
+    # (step() ends with anchor <- main). So the anchor is not stored: Megatron's own checkpoint of the
+    # main params (every format: dist_checkpointing sharded, dp-zero, torch) is the anchor, and loading
+    # re-reads it from the main params. The Nexus state proper is a few counters (common state).
+    def _check_between_steps(self, what: str):
+        if self.inner_steps != 0:
+            raise RuntimeError(f"NexusMegatronOptimizer.{what}() in the middle of an outer step "
+                               f"({self.inner_steps}/{self.micro_steps} inner steps done): checkpoint between "
+                               "outer steps (after optimizer.step())")
+
+    def nexus_state_dict(self) -> dict:
+        stats = {k: v for k, v in asdict(self.stats).items() if not k.startswith("step_")}
+        return {"iteration": self.iteration, "stats": stats, "gamma_t": self.gamma_t,
+                "layout": self.layout.describe(), "micro_steps": self.micro_steps,
+                "config": asdict(self.nexus_config)}
+
+    def load_nexus_state_dict(self, sd: dict) -> None:
+        mine = self.layout.describe()
+        if sd.get("layout") != mine:
+            raise NexusConfigError(
+                f"checkpoint was written with Nexus layout {sd.get('layout')} but this run has {mine}: resume with "
+                "the same --nexus-layout, sources, weights and data-parallel size")
+        self.iteration = int(sd["iteration"])
+        self.gamma_t = sd.get("gamma_t")
+        for k, v in sd.get("stats", {}).items():
+            setattr(self.stats, k, v)
+
+    def state_dict(self):
+        self._check_between_steps("state_dict")
+        return {"inner": self.inner.state_dict(), NEXUS_STATE_KEY: self.nexus_state_dict()}
+
+    def load_state_dict(self, state_dict):
+        if isinstance(state_dict, dict) and NEXUS_STATE_KEY in state_dict:
+            state_dict = dict(state_dict)
+            nexus = state_dict.pop(NEXUS_STATE_KEY)
+            inner = state_dict.pop("inner", state_dict)
+            self.load_nexus_state_dict(nexus)
+        else:
+            inner = state_dict
+        self.inner.load_state_dict(inner)
+        self.inner_steps = 0
+        self.poisoned = False
+        self._load_anchor_from_main()
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        """Megatron's sharded optimizer state plus the Nexus counters (common, non-sharded state)."""
+        if not is_loading:
+            self._check_between_steps("sharded_state_dict")
+        sd = self.inner.sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+        return {"inner": sd, NEXUS_STATE_KEY: self.nexus_state_dict()}
+
+    def __repr__(self):
+        return (f"NexusMegatronOptimizer(layout={self.layout.mode}, sources={list(self.layout.sources)}, "
+                f"micro_steps={self.micro_steps}, inner={type(self.inner).__name__}"
+                f"[{', '.join(type(c).__name__ for c in self.children)}])")
+
+
+def get_nexus_megatron_optimizer(config, model_chunks, groups: NexusGroups, nexus_config: NexusConfig = NexusConfig(),
+                                 *, micro_steps: int, config_overrides=None, exact_displacement: bool = False,
+                                 **kwargs) -> NexusMegatronOptimizer:
+    """``get_megatron_optimizer`` (Adam) with the layout's process groups, wrapped in Nexus.
+
+    ``config`` is a megatron ``OptimizerConfig`` with ``optimizer='adam'`` (lr, betas, eps, weight decay,
+    clip_grad, bf16, use_distributed_optimizer: the outer optimizer's settings)."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    check_megatron_core_version()
+    if groups.pg_collection is not None:
+        kwargs.setdefault("pg_collection", groups.pg_collection)
+        kwargs["use_gloo_process_groups"] = False
+    inner = get_megatron_optimizer(config, list(model_chunks), config_overrides=config_overrides, **kwargs)
+    return NexusMegatronOptimizer(inner, model_chunks, groups, nexus_config, micro_steps=micro_steps,
+                                  exact_displacement=exact_displacement)
