@@ -75,7 +75,7 @@ class OptimConfig:
 @dataclass
 class NexusSection:
     layout: str = "sequential"
-    gamma: float = 1.0
+    gamma: float = 0.25
     gamma_mode: str = "update"
     min_grad_norm: float = 1e-8
     max_consecutive_skips: int = 10
@@ -111,6 +111,10 @@ class TrainConfig:
     """Continue from run_dir/checkpoints/latest if it exists."""
     engine: str = "plain"
     """``plain`` (plain PyTorch, Nexus owns the collectives) or ``deepspeed`` (see docs/deepspeed.md)."""
+    deepspeed_config: Optional[str] = None
+    """ds_config.json used when ``engine: deepspeed`` (default: ZeRO-2, fp32). Its
+    ``gradient_accumulation_steps`` must equal ``train.micro_steps``, ``train_micro_batch_size_per_gpu``
+    ``data.micro_batch_size``; an optional ``nexus`` section must agree with this YAML (docs/deepspeed.md)."""
     threads: int = 0
     """torch threads per process (0 = leave torch's default)."""
     progress: bool = True
@@ -270,9 +274,15 @@ def validate_run_config(cfg: RunConfig) -> None:
     _positive_int(t.probe_batches, "train.probe_batches")
     if t.engine not in ENGINES:
         raise NexusConfigError(f"train.engine={t.engine!r}: use one of {', '.join(ENGINES)}")
+    if t.deepspeed_config is not None and not (isinstance(t.deepspeed_config, str) and t.deepspeed_config):
+        raise NexusConfigError(f"train.deepspeed_config={t.deepspeed_config!r}: give the path of a ds_config.json "
+                               "(or leave it unset for the ZeRO-2 fp32 default)")
     if t.wandb.mode not in WANDB_MODES:
         raise NexusConfigError(f"train.wandb.mode={t.wandb.mode!r}: use one of {', '.join(WANDB_MODES)}")
     if o.warmup_steps >= t.steps and o.schedule != "constant":
         raise NexusConfigError(
             f"optim.warmup_steps={o.warmup_steps} is not below train.steps={t.steps}: the schedule would never "
             "leave warmup. Lower optim.warmup_steps or raise train.steps")
+    if t.engine == "deepspeed":   # the ds_config against this YAML, before any process starts (no DeepSpeed import)
+        from .engines.deepspeed.config import check_run_config
+        check_run_config(cfg)

@@ -48,7 +48,7 @@ class NexusConfig:
     """Settings of the inner loop. The outer optimizer (lr, schedule, betas, weight decay) is configured
     on the outer optimizer itself."""
 
-    gamma: float = 1.0
+    gamma: float = 0.25
     """Inner step size. With ``gamma_mode='update'`` a dimensionless factor ``alpha``:
     ``gamma_t = alpha * lr_t * sqrt(P) / k`` (the whole inner path ``k * gamma_t`` is ``alpha`` times the
     length of a sign-like AdamW step of ``P`` parameters at the current lr, so it follows the lr schedule

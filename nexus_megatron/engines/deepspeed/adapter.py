@@ -196,8 +196,13 @@ class NexusAdamW(torch.optim.AdamW):
             raise NexusConfigError("NexusAdamW.step() takes no closure")
         core = self._nexus_core
         if core is None:
-            raise RuntimeError("NexusAdamW is DeepSpeed's client optimizer for Nexus; build the engine with "
-                               "nexus_megatron.engines.deepspeed.initialize()")
+            # Before initialize() binds it, only DeepSpeed calls step(): its stage-0 bf16 wrapper
+            # (FP16_UnfusedOptimizer.initialize_optimizer_states) steps once with zero gradients to create the
+            # optimizer state. Create the state and change nothing (a real AdamW step would apply weight decay).
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.init_state(p, g)
+            return
         core.client_step(self)
 
     def _adamw_step(self, p, group):
@@ -323,24 +328,26 @@ class _NexusCore:
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+        # parts: (master partition, index of its group in client.param_groups). The group dicts are looked up
+        # at every micro-step: torch's load_state_dict replaces them, and schedulers write the current ones.
         opt = ds_engine.optimizer
         groups = list(client.param_groups)
         self.ds_opt = opt
         if opt is client:                                   # stage 0, fp32: the parameters themselves
             self.kind, self.split, self.partitioned = "stage0", False, False
-            parts = [(p, g) for g in groups for p in g["params"]]
+            parts = [(p, gi) for gi, g in enumerate(groups) for p in g["params"]]
         elif isinstance(opt, FP16_UnfusedOptimizer):       # stage 0, bf16: fp32 copies of the parameters
             self.kind, self.split, self.partitioned = "stage0-bf16", False, False
-            parts = [(p, g) for g in groups for p in g["params"]]
+            parts = [(p, gi) for gi, g in enumerate(groups) for p in g["params"]]
         elif isinstance(opt, BF16_Optimizer):              # ZeRO-1 + bf16 + fp32 grad accumulation
             self.kind, self.split, self.partitioned = "bf16-zero1", False, True
-            parts = [(p, g) for g in groups for p in g["params"]]
+            parts = [(p, gi) for gi, g in enumerate(groups) for p in g["params"]]
         elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
             self.kind, self.split, self.partitioned = "zero3", True, True
-            parts = [(t, groups[opt.sub_group_to_group_id[j]]) for j, t in enumerate(opt.fp32_partitioned_groups_flat)]
+            parts = [(t, opt.sub_group_to_group_id[j]) for j, t in enumerate(opt.fp32_partitioned_groups_flat)]
         elif isinstance(opt, DeepSpeedZeroOptimizer):
             self.kind, self.split, self.partitioned = "zero12", True, True
-            parts = [(t, groups[i]) for i, t in enumerate(opt.single_partition_of_fp32_groups)]
+            parts = [(t, i) for i, t in enumerate(opt.single_partition_of_fp32_groups)]
         else:
             raise NexusConfigError(f"DeepSpeed wrapped the Nexus client optimizer in {type(opt).__name__}, which the "
                                    "Nexus adapter does not support (supported: ZeRO stages 0-3, fp32 or bf16)")
@@ -350,8 +357,9 @@ class _NexusCore:
         self.parts = parts
         self.index = {id(p): i for i, (p, _) in enumerate(parts)}
         self.anchors = [p.detach().clone() for p, _ in parts]
-        for p, g in parts:
-            client.init_state(p, g)
+        for p, gi in parts:
+            client.init_state(p, groups[gi])
+        self.group_list = groups
         self.client = client
         self.device = parts[0][0].device
         client._nexus_core = self
@@ -398,6 +406,7 @@ class _NexusCore:
             self.gamma = inner_gamma(self.cfg, self.current_lr(), self.num_params, self.k)
         self.last = self.micro == self.k - 1
         self.in_step, self.exchanged, self.seen = True, False, set()
+        self.group_list = list(self.client.param_groups)   # before DeepSpeed narrows it to one group per call
 
     def end_micro(self) -> Optional[dict]:
         """After DeepSpeed's step(): detect a skipped client step, finish an outer step."""
@@ -522,7 +531,7 @@ class _NexusCore:
             if c > 1:
                 scale = 1.0 / c
         buf = None
-        for i, ((p, group), a) in enumerate(zip(self.parts, self.anchors)):
+        for i, ((p, gi), a) in enumerate(zip(self.parts, self.anchors)):
             if i in current:
                 G = p.grad
             else:
@@ -534,7 +543,7 @@ class _NexusCore:
                 G.mul_(scale)
             p.data.copy_(a)                    # M <- A
             p.grad = G
-            self.client._adamw_step(p, group)  # theta_{t+1}
+            self.client._adamw_step(p, self.group_list[gi])  # theta_{t+1}
             p.grad = None
             a.copy_(p.data)                    # A <- M
             if i not in current:

@@ -299,6 +299,8 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
         dp = world_size // K
     else:
         dp = world_size
+    if optim_name != "nexus" and world_size is not None:
+        dp = world_size   # the AdamW baseline reduces over all ranks (the mixture weights scale the losses)
 
     # -- what DeepSpeed gets -------------------------------------------------------------------
     cfg["train_micro_batch_size_per_gpu"] = mb
@@ -325,8 +327,6 @@ def default_trainer_ds_config(micro_batch: int, k: int) -> dict:
 def check_run_config(cfg, world_size: Optional[int] = None) -> PreparedConfig:
     """Validate a RunConfig with train.engine=deepspeed against its ds_config (no DeepSpeed import).
     ``world_size=None``: the checks that need the number of ranks are left to the start of training."""
-    from ..plain import nexus_config as _nexus_config  # noqa: WPS433 (no torch.distributed work)
-
     t = cfg.train
     raw = load_ds_config(t.deepspeed_config) if t.deepspeed_config else \
         default_trainer_ds_config(cfg.data.micro_batch_size, t.micro_steps)
@@ -334,7 +334,9 @@ def check_run_config(cfg, world_size: Optional[int] = None) -> PreparedConfig:
     layout = LayoutConfig(mode=n.layout, sources=tuple(cfg.data.sources),
                           weights=tuple(cfg.data.weights) if cfg.data.weights else None, seed=n.seed)
     return prepare_ds_config(
-        raw, world_size=world_size, micro_steps=t.micro_steps, layout=layout, nexus=_nexus_config(cfg),
+        raw, world_size=world_size, micro_steps=t.micro_steps, layout=layout,
+        nexus=NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
+                          max_consecutive_skips=n.max_consecutive_skips),
         optim_name=cfg.optim.name, allow_scheduler=False, micro_steps_where="train.micro_steps",
         micro_batch=cfg.data.micro_batch_size, micro_batch_where="data.micro_batch_size",
         layout_where="the YAML (nexus.layout / data.sources / data.weights / nexus.seed)", nexus_where="nexus")

@@ -1,0 +1,595 @@
+"""Critical sharpness (ALGORITHMS.md §2): curvature along the optimizer's update from forward passes only.
+
+Kalra et al., "A Scalable Measure of Loss Landscape Curvature for Analyzing the Training Dynamics of
+LLMs" (arXiv 2601.16979). With ``u`` the update the optimizer is about to apply at unit learning rate::
+
+    eta_c    = min { eta > 0 : L(theta - eta u) > L(theta) }       critical learning rate
+    lambda_c = 2 / eta_c                                           critical sharpness
+    lambda_c(1->2): the same with u from loss 1 and L = loss 2       relative critical sharpness
+
+On a quadratic ``lambda_c`` is the directional sharpness ``u^T H u / g^T u`` (the tests' oracle).
+
+The whole algorithm is in this file:
+
+* small pure functions: :func:`adamw_direction` (u from an AdamW/Adam optimizer and the current
+  gradient, without touching its state), :func:`update_adam_moments` (commit only the moment update:
+  what the standalone command does on a pretrained checkpoint), :func:`critical_step` (the forward-only
+  line search of §2.2), the stability thresholds, and :func:`directional_sharpness` (the Hessian-vector
+  product oracle for small models);
+* a *host* (:class:`PlainHost`): the small interface that moves the parameters to ``theta - eta u``,
+  restores them bitwise and reduces losses over the data-parallel ranks. Plain PyTorch / DDP keeps the
+  whole model on every rank; a DeepSpeed or Megatron host (later) moves the fp32 master shard and
+  re-gathers, with the same four methods;
+* :class:`ProbeSet` (fixed probe batches per source) and :class:`SharpnessMeter` (mixture, per-source
+  and OOD line searches with warm starts);
+* :class:`SharpnessHook`, the ``pre_outer_step`` callback of :class:`~nexus_megatron.nexus.Nexus` and
+  :class:`~nexus_megatron.baseline.MixtureAdamW`, and :func:`build_sharpness_hook` that installs it
+  on the plain engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import NexusConfigError
+
+SPLITS = ("val", "train")
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """The ``sharpness:`` section of a run config."""
+
+    enabled: bool = False
+    every: int = 25
+    """Measure in every ``every``-th outer step (counted by the optimizer's completed outer steps + 1)."""
+    eps: float = 0.0625
+    """Relative tolerance of the bisection, (eta_hi - eta_lo) / eta_lo <= eps (2**-4: 4 bisection steps)."""
+    max_doublings: int = 12
+    """Cap on the doublings (or halvings) of the exponential phase; reported as ``cap_hit``."""
+    batches: int = 1
+    """Probe batches of ``data.micro_batch_size`` sequences per source (split over the ranks)."""
+    split: str = "val"
+    """Where the fixed probe batches come from: ``val`` (default) or ``train`` (the first sequences of
+    each source's training order)."""
+    relative: bool = True
+    """Also measure lambda_c(mixture -> source) for every training source and the OOD set."""
+
+    def __post_init__(self):
+        validate_sharpness_config(self)
+
+
+def validate_sharpness_config(cfg: SharpnessConfig, where: str = "sharpness") -> None:
+    if not isinstance(cfg.enabled, bool):
+        raise NexusConfigError(f"{where}.enabled={cfg.enabled!r}: must be true or false")
+    for name in ("every", "batches", "max_doublings"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise NexusConfigError(f"{where}.{name}={v!r}: must be an integer >= 1")
+    if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, (int, float)) or not (0 < cfg.eps < 1):
+        raise NexusConfigError(f"{where}.eps={cfg.eps!r}: the relative bisection tolerance must be in (0, 1), "
+                               "e.g. 0.0625 (= 2**-4)")
+    if cfg.split not in SPLITS:
+        raise NexusConfigError(f"{where}.split={cfg.split!r}: use one of {', '.join(SPLITS)}")
+    if not isinstance(cfg.relative, bool):
+        raise NexusConfigError(f"{where}.relative={cfg.relative!r}: must be true or false")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the update direction
+# ---------------------------------------------------------------------------------------------------
+
+def _adam_hyper(optimizer, group) -> tuple:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+    return beta1, beta2, float(group["eps"]), float(group.get("weight_decay", 0.0)), decoupled
+
+
+def _check_adam(optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Adam):   # AdamW is a subclass of Adam
+        raise NexusConfigError(f"critical sharpness needs an Adam/AdamW optimizer to compute the update "
+                               f"direction, got {type(optimizer).__name__}")
+
+
+def _param_grad_pairs(optimizer, params, grads):
+    """[(group, param, grad)] in param-group order; grads default to ``p.grad``."""
+    if params is not None and grads is not None and len(params) != len(grads):
+        raise ValueError(f"{len(params)} params but {len(grads)} grads")
+    by_id = {}
+    if params is not None:
+        by_id = {id(p): (grads[i] if grads is not None else p.grad) for i, p in enumerate(params)}
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = by_id[id(p)] if params is not None else p.grad
+            out.append((group, p, g))
+    return out
+
+
+@torch.no_grad()
+def adamw_direction(optimizer: torch.optim.Optimizer, params: Optional[Sequence[torch.Tensor]] = None,
+                    grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
+    """The update ``u`` that ``optimizer.step()`` is about to apply at unit learning rate.
+
+    ``theta_next = theta - lr * u`` with, for AdamW (decoupled weight decay)::
+
+        m' = beta1 m + (1 - beta1) g            v' = beta2 v + (1 - beta2) g^2        t' = t + 1
+        u  = (m' / (1 - beta1^t')) / (sqrt(v') / sqrt(1 - beta2^t') + eps) + wd * theta
+
+    (Adam with L2 weight decay: ``g <- g + wd * theta`` before the moments, no ``wd * theta`` term.)
+    Everything is read from the optimizer's state and param groups; the state is not modified. Returns
+    one tensor per parameter, in the order of ``params`` (default: the optimizer's param-group order).
+    A parameter without gradient gets the update AdamW would give it: none (u = 0); torch's AdamW skips
+    such parameters entirely, weight decay included.
+    """
+    _check_adam(optimizer)
+    pairs = _param_grad_pairs(optimizer, params, grads)
+    u_of = {}
+    for group, p, g in pairs:
+        if g is None:
+            u_of[id(p)] = torch.zeros_like(p)
+            continue
+        if group.get("amsgrad", False):
+            raise NexusConfigError("critical sharpness: amsgrad AdamW is not supported")
+        beta1, beta2, eps, wd, decoupled = _adam_hyper(optimizer, group)
+        if group.get("maximize", False):
+            g = -g
+        if wd and not decoupled:
+            g = g.add(p, alpha=wd)
+        st = optimizer.state.get(p, {})
+        step = float(st["step"]) + 1.0 if "step" in st else 1.0
+        if "exp_avg" in st:
+            m = torch.lerp(st["exp_avg"], g, 1 - beta1)
+            v = st["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=1 - beta2)
+        else:   # the first step: zero moments
+            m = torch.lerp(torch.zeros_like(g), g, 1 - beta1)
+            v = torch.zeros_like(g).addcmul_(g, g, value=1 - beta2)
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        denom = (v.sqrt_() / bc2_sqrt).add_(eps)
+        u = m.div_(denom).mul_(1.0 / bc1)
+        if wd and decoupled:
+            u.add_(p, alpha=wd)
+        u_of[id(p)] = u
+    order = params if params is not None else [p for _, p, _ in pairs]
+    return [u_of[id(p)] for p in order]
+
+
+@torch.no_grad()
+def update_adam_moments(optimizer: torch.optim.Optimizer, params: Optional[Sequence[torch.Tensor]] = None,
+                        grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    """Commit AdamW's moment update for ``grads`` (step += 1, exp_avg, exp_avg_sq) in torch's state
+    format, without moving the parameters: the 'accumulate Adam moments on a pretrained checkpoint'
+    step of the paper's OLMo-2 measurements (the original optimizer state is unavailable)."""
+    _check_adam(optimizer)
+    for group, p, g in _param_grad_pairs(optimizer, params, grads):
+        if g is None:
+            continue
+        beta1, beta2, _, wd, decoupled = _adam_hyper(optimizer, group)
+        if group.get("maximize", False):
+            g = -g
+        if wd and not decoupled:
+            g = g.add(p, alpha=wd)
+        st = optimizer.state[p]
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+        st["exp_avg"].lerp_(g, 1 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+
+def gd_threshold(lr: float, weight_decay: float = 0.0) -> float:
+    """Edge of stability of gradient descent with decoupled weight decay: 2/lr - wd."""
+    return 2.0 / lr - weight_decay
+
+
+def adam_threshold(lr: float, beta1: float, weight_decay: float = 0.0) -> float:
+    """Edge of stability of (momentum) Adam on the preconditioned Hessian:
+    (2 + 2 beta1) / ((1 - beta1) lr) - wd (1 + beta1) / (1 - beta1)   (38/lr for beta1 = 0.9, wd = 0)."""
+    return (2 + 2 * beta1) / ((1 - beta1) * lr) - weight_decay * (1 + beta1) / (1 - beta1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the line search
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class CriticalStep:
+    """Result of one line search. When ``cap_hit`` is true ``eta_c`` is a bound, not an estimate:
+    the last step tried (a lower bound on eta_c if the loss never rose, an upper bound if it rose at
+    every step tried, i.e. u is not a descent direction of this loss at the resolution of the search)."""
+
+    eta_c: float
+    lambda_c: float
+    forward_passes: int
+    cap_hit: bool
+    eta_lo: float
+    eta_hi: float
+    loss0: float
+    trace: list = field(default_factory=list)
+    """[(eta, loss)] of every evaluation, in order (eta = 0 for L0 when it was evaluated here)."""
+
+
+def _rises(loss: float, loss0: float) -> bool:
+    return not (loss <= loss0)   # NaN / Inf count as a rise
+
+
+def critical_step(loss_at: Callable[[float], float], eta0: float, *, loss0: Optional[float] = None,
+                  eps: float = 2.0 ** -4, max_doublings: int = 12) -> CriticalStep:
+    """Forward-only line search for eta_c = min{eta > 0: L(theta - eta u) > L0} (ALGORITHMS.md §2.2).
+
+    ``loss_at(eta)`` returns L(theta - eta u) as a float (the caller moves and restores the
+    parameters, and must give every rank the same value). ``loss0`` is L(theta) if already known (then
+    it is not evaluated and not counted). Exponential phase from ``eta0``: double while the loss does
+    not rise, otherwise halve until it does not (at most ``max_doublings`` times); then bisect until
+    (hi - lo)/lo <= eps and return the midpoint. Forward passes: 1 (L0, if evaluated) + 1 + the
+    doublings/halvings + ceil(log2(1/eps)) bisections; 7 for a warm start within a factor 2 at eps=2^-4.
+    """
+    if not (eta0 > 0 and math.isfinite(eta0)):
+        raise ValueError(f"critical_step: eta0={eta0!r} must be a finite number > 0")
+    if not (0 < eps < 1):
+        raise ValueError(f"critical_step: eps={eps!r} must be in (0, 1)")
+    trace = []
+
+    def f(eta: float) -> float:
+        val = float(loss_at(eta))
+        trace.append((eta, val))
+        return val
+
+    if loss0 is None:
+        loss0 = f(0.0)
+    loss0 = float(loss0)
+    if not math.isfinite(loss0):
+        return CriticalStep(math.nan, math.nan, len(trace), False, math.nan, math.nan, loss0, trace)
+
+    eta = float(eta0)
+    cap_hit = False
+    if not _rises(f(eta), loss0):        # descent at eta0: double until the loss rises
+        lo, hi = eta, None
+        for _ in range(max_doublings):
+            eta *= 2.0
+            if _rises(f(eta), loss0):
+                hi = eta
+                break
+            lo = eta
+        if hi is None:
+            cap_hit = True
+            return CriticalStep(lo, 2.0 / lo, len(trace), True, lo, math.inf, loss0, trace)
+    else:                                # the loss rises at eta0: halve until it does not
+        lo, hi = None, eta
+        for _ in range(max_doublings):
+            eta *= 0.5
+            if not _rises(f(eta), loss0):
+                lo = eta
+                break
+            hi = eta
+        if lo is None:
+            cap_hit = True
+            return CriticalStep(hi, 2.0 / hi, len(trace), True, 0.0, hi, loss0, trace)
+    while (hi - lo) / lo > eps:
+        mid = 0.5 * (lo + hi)
+        if _rises(f(mid), loss0):
+            hi = mid
+        else:
+            lo = mid
+    eta_c = 0.5 * (lo + hi)
+    return CriticalStep(eta_c, 2.0 / eta_c, len(trace), cap_hit, lo, hi, loss0, trace)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the quadratic oracle (small models only: Hessian-vector products need double backward)
+# ---------------------------------------------------------------------------------------------------
+
+def directional_sharpness(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                          u: Sequence[torch.Tensor]) -> dict:
+    """lambda_dir = u^T H u / g^T u at the current parameters, with one Hessian-vector product
+    (double backward). Returns {"lambda_dir", "gTu", "uHu"}. For tests and small models; the line
+    search exists because this does not scale (and does not work with fused attention kernels)."""
+    loss = loss_fn()
+    g = torch.autograd.grad(loss, list(params), create_graph=True)
+    gu = sum((gi * ui).sum() for gi, ui in zip(g, u))
+    hu = torch.autograd.grad(gu, list(params))
+    uhu = float(sum((hi * ui).sum() for hi, ui in zip(hu, u)))
+    gtu = float(gu.detach())
+    return {"lambda_dir": uhu / gtu if gtu != 0 else math.nan, "gTu": gtu, "uHu": uhu}
+
+
+# ---------------------------------------------------------------------------------------------------
+# hosts: moving, restoring, reducing
+# ---------------------------------------------------------------------------------------------------
+
+class PlainHost:
+    """Parameters replicated on every rank (plain PyTorch; DDP). The four methods are the whole
+    interface a sharded host (DeepSpeed ZeRO, Megatron's distributed optimizer) has to provide:
+
+    * ``begin(u)``: remember the direction (shard-sized under sharding) and the point theta to return to;
+    * ``move(eta)``: parameters <- theta - eta * u, computed from the saved theta (never incrementally);
+    * ``end()``: parameters <- theta, bitwise (a copy, never a subtraction);
+    * ``all_reduce(t)``: sum ``t`` over the data-parallel ranks (identical result on every rank).
+
+    ``master``: tensors equal to the parameters at ``begin`` (e.g. Nexus's fp32 anchor), used instead
+    of a saved copy: then the only extra buffer is ``u``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], group=None):
+        self.params = list(params)
+        self.group = group
+        self._theta: Optional[List[torch.Tensor]] = None
+        self._u: Optional[List[torch.Tensor]] = None
+
+    @torch.no_grad()
+    def begin(self, u: Sequence[torch.Tensor], master: Optional[Sequence[torch.Tensor]] = None) -> None:
+        self._u = [x.to(p.dtype) for x, p in zip(u, self.params)]
+        self._theta = list(master) if master is not None else [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def move(self, eta: float) -> None:
+        ps = [p.data for p in self.params]
+        torch._foreach_copy_(ps, self._theta)
+        if eta != 0.0:
+            torch._foreach_add_(ps, self._u, alpha=-float(eta))
+
+    @torch.no_grad()
+    def end(self) -> None:
+        if self._theta is not None:
+            torch._foreach_copy_([p.data for p in self.params], self._theta)
+        self._theta = self._u = None
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# probe batches and losses
+# ---------------------------------------------------------------------------------------------------
+
+def lm_loss_sum(model, batch: torch.Tensor):
+    """(sum of next-token cross-entropies, number of tokens) of a [B, L+1] batch (fp64 sum)."""
+    from .models import lm_loss
+    return float(lm_loss(model, batch, reduction="sum").double()), batch[:, 1:].numel()
+
+
+@dataclass
+class ProbeSet:
+    """Fixed probe batches, the same at every measurement: ``batches[name]`` is this rank's share
+    (a list of LongTensors [b, L+1]) of the probe sequences of loss ``name``. ``mixture`` maps the
+    training sources to their weights (the mixture loss is sum_i w_i L_i); ``ood`` lists the held-out
+    sources (their mean loss is the OOD loss)."""
+
+    batches: Dict[str, List[torch.Tensor]]
+    mixture: Dict[str, float]
+    ood: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_sources(cls, sources: dict, names: Sequence[str], ood: Sequence[str], weights: Sequence[float],
+                     *, split: str, batches: int, micro_batch_size: int, rank: int = 0, world: int = 1):
+        """Sequences 0 .. batches*micro_batch_size-1 of each source (``split='val'``: the validation
+        windows in file order; ``'train'``: the first samples of the training order), dealt
+        round-robin over the ranks like ``train.evaluate``."""
+        out = {}
+        for name in list(names) + list(ood):
+            sampler = sources[name].val if (split == "val" or name in ood) else sources[name].train
+            n = min(batches * micro_batch_size, sampler.windows)
+            mine = list(range(rank, n, world))
+            out[name] = [torch.stack([sampler.batch(j, 1)[0] for j in mine[s:s + micro_batch_size]])
+                         for s in range(0, len(mine), micro_batch_size)]
+        tot = float(sum(weights))
+        return cls(out, {n: float(w) / tot for n, w in zip(names, weights)}, list(ood))
+
+
+@contextlib.contextmanager
+def probe_mode(model):
+    """Eval mode (no dropout), no autograd graph, and the RNG streams untouched."""
+    was_training = model.training
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
+
+
+class SharpnessMeter:
+    """lambda_c of the mixture loss and lambda_c(mixture -> each loss) along one direction u, with
+    warm starts from the previous measurement. Every probe reduces [loss sum, tokens] over the
+    data-parallel ranks (fp64) before comparing, so all ranks take the same branch at every step."""
+
+    def __init__(self, model, probe: ProbeSet, host, *, eps: float = 2.0 ** -4, max_doublings: int = 12,
+                 relative: bool = True, loss_sum: Callable = lm_loss_sum):
+        self.model, self.probe, self.host = model, probe, host
+        self.eps, self.max_doublings, self.relative = eps, max_doublings, relative
+        self.loss_sum = loss_sum
+        self.prev: Dict[str, float] = {}
+        self.measurements = 0
+
+    # -- losses ------------------------------------------------------------------------------------
+    def losses(self, names: Sequence[str]) -> Dict[str, float]:
+        """Mean per-token loss of each named probe set at the current parameters (one all-reduce)."""
+        t = torch.zeros(len(names), 2, dtype=torch.float64)
+        for i, n in enumerate(names):
+            for b in self.probe.batches[n]:
+                s, c = self.loss_sum(self.model, b)
+                t[i, 0] += s
+                t[i, 1] += c
+        self.host.all_reduce(t)
+        return {n: float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else math.nan for i, n in enumerate(names)}
+
+    def _mixture(self, per: Dict[str, float]) -> float:
+        return sum(w * per[n] for n, w in self.probe.mixture.items())
+
+    def _ood(self, per: Dict[str, float]) -> float:
+        return sum(per[n] for n in self.probe.ood) / len(self.probe.ood)
+
+    # -- one measurement ---------------------------------------------------------------------------
+    def measure(self, u: Sequence[torch.Tensor], eta0: float, master=None) -> dict:
+        """Run the searches along ``u`` (first time from ``eta0``, e.g. the current lr; afterwards from
+        the previous eta_c of each loss). Parameters are bitwise restored on return. Returns
+        {"mixture": CriticalStep, "<source>": CriticalStep, ..., "ood": CriticalStep}."""
+        host, probe = self.host, self.probe
+        train_names, ood = list(probe.mixture), list(probe.ood)
+        results = {}
+        with probe_mode(self.model):
+            host.begin(u, master)
+            try:
+                host.move(0.0)
+                base = self.losses(train_names + ood)          # every L0 from one pass over the probe set
+
+                def mix_at(eta):
+                    host.move(eta)
+                    return self._mixture(self.losses(train_names))
+
+                results["mixture"] = r = critical_step(
+                    mix_at, self._start("mixture", eta0), loss0=self._mixture(base), eps=self.eps,
+                    max_doublings=self.max_doublings)
+                r.forward_passes += 1                           # the L0 pass
+                targets = []
+                if self.relative:
+                    targets = [(n, [n]) for n in train_names] + ([("ood", ood)] if ood else [])
+                for key, group in targets:
+                    def rel_at(eta, group=group):
+                        host.move(eta)
+                        per = self.losses(group)
+                        return sum(per[n] for n in group) / len(group)
+
+                    l0 = sum(base[n] for n in group) / len(group)
+                    warm = r.eta_c if math.isfinite(r.eta_c) else eta0
+                    results[key] = critical_step(rel_at, self._start(key, warm), loss0=l0, eps=self.eps,
+                                                 max_doublings=self.max_doublings)
+            finally:
+                host.end()
+        for key, res in results.items():
+            if not res.cap_hit and math.isfinite(res.eta_c):
+                self.prev[key] = res.eta_c
+            else:                       # a capped search is a bound: do not warm-start from it
+                self.prev.pop(key, None)
+        self.measurements += 1
+        return results
+
+    def _start(self, key: str, default: float) -> float:
+        return self.prev.get(key, default)
+
+
+def sharpness_metrics(results: dict, *, lr: float, beta1: float, weight_decay: float) -> dict:
+    """The metrics of one measurement (see docs/sharpness.md)."""
+    r = results["mixture"]
+    out = {"sharpness/lambda_c": r.lambda_c, "sharpness/eta_c": r.eta_c,
+           "sharpness/forward_passes": r.forward_passes, "sharpness/cap_hit": int(r.cap_hit),
+           "sharpness/threshold": adam_threshold(lr, beta1, weight_decay),
+           "sharpness/lr_over_eta_c": lr / r.eta_c if r.eta_c else math.inf}
+    total, capped = r.forward_passes, 0
+    for key, res in results.items():
+        if key == "mixture":
+            continue
+        out[f"sharpness/lambda_c/{key}"] = res.lambda_c
+        total += res.forward_passes
+        capped += int(res.cap_hit)
+    out["sharpness/forward_passes_total"] = total
+    out["sharpness/relative_cap_hits"] = capped
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training hook
+# ---------------------------------------------------------------------------------------------------
+
+def _main_group(optimizer) -> dict:
+    """The param group whose hyperparameters define the threshold: the one holding most parameters."""
+    return max(optimizer.param_groups, key=lambda g: sum(p.numel() for p in g["params"]))
+
+
+class SharpnessHook:
+    """``pre_outer_step`` callback (:class:`~nexus_megatron.nexus.Nexus`: the pseudo-gradient G is in
+    ``p.grad``, parameters at theta_t; :class:`~nexus_megatron.baseline.MixtureAdamW`: the reduced,
+    clipped gradient). Every ``every`` outer steps it computes u from the outer AdamW with that
+    gradient, measures, restores everything bitwise and keeps the metrics for :meth:`pop_metrics`.
+
+    Extra memory during a measurement: ``u`` (one fp32 copy of the parameters) and, unless the
+    optimizer has an fp32 anchor at theta_t (Nexus does), one copy of the parameters to restore from.
+    """
+
+    def __init__(self, meter: SharpnessMeter, every: int = 1):
+        self.meter = meter
+        self.every = int(every)
+        self._pending: dict = {}
+        self.last: dict = {}
+        self.history: list = []      # (outer step, metrics) of this process's measurements
+
+    def due(self, opt) -> bool:
+        n = int(opt.stats.outer_steps) + 1          # the outer step about to be applied (1-based)
+        return n % self.every == 0
+
+    def __call__(self, opt) -> None:
+        if not self.due(opt):
+            return
+        t0 = time.perf_counter()
+        outer = opt.outer
+        u = adamw_direction(outer, opt.params, [p.grad for p in opt.params])
+        group = _main_group(outer)
+        lr = float(group["lr"])
+        master = _anchor_views(opt)
+        results = self.meter.measure(u, eta0=lr, master=master)
+        del u
+        m = sharpness_metrics(results, lr=lr, beta1=float(group["betas"][0]),
+                              weight_decay=float(group.get("weight_decay", 0.0)))
+        m["sharpness/time_s"] = time.perf_counter() - t0
+        self._pending = m
+        self.last = m
+        self.history.append((int(opt.stats.outer_steps) + 1, m))
+
+    def pop_metrics(self) -> dict:
+        """The metrics of the measurement made in the last outer step ({} if none)."""
+        out, self._pending = self._pending, {}
+        return out
+
+
+def _anchor_views(opt) -> Optional[List[torch.Tensor]]:
+    """Nexus keeps theta_t as an fp32 flat anchor and the parameters equal it bitwise when
+    ``pre_outer_step`` runs: restore from it instead of saving a copy."""
+    anchor = getattr(opt, "anchor", None)
+    if not isinstance(anchor, torch.Tensor):
+        return None
+    ps = opt.params
+    if any(p.dtype != anchor.dtype for p in ps):
+        return None
+    sizes = [p.numel() for p in ps]
+    views = [t.view_as(p) for t, p in zip(anchor[: sum(sizes)].split(sizes), ps)]
+    return views
+
+
+def build_sharpness_hook(scfg: SharpnessConfig, engine, sources: dict, names: Sequence[str],
+                         ood: Sequence[str], weights: Sequence[float], *, micro_batch_size: int,
+                         rank: int = 0, world: int = 1) -> Optional[SharpnessHook]:
+    """Build the hook for the plain engine and install it as ``engine.opt.pre_outer_step``
+    (returns None when ``sharpness.enabled`` is false)."""
+    if not scfg.enabled:
+        return None
+    if not hasattr(engine, "opt") or not hasattr(engine.opt, "pre_outer_step"):
+        raise NexusConfigError(f"sharpness.enabled=true is supported on train.engine=plain only for now "
+                               f"(got {getattr(engine, 'name', type(engine).__name__)}); set sharpness.enabled=false")
+    probe = ProbeSet.from_sources(sources, names, ood, weights, split=scfg.split, batches=scfg.batches,
+                                  micro_batch_size=micro_batch_size, rank=rank, world=world)
+    host = PlainHost(engine.params)
+    meter = SharpnessMeter(engine.module, probe, host, eps=scfg.eps, max_doublings=scfg.max_doublings,
+                           relative=scfg.relative)
+    hook = SharpnessHook(meter, every=scfg.every)
+    engine.opt.pre_outer_step = hook
+    return hook
