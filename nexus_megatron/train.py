@@ -193,7 +193,7 @@ class Logger:
             post = {"loss": f"{rec['loss']:.3f}"}
             if "eval/ood_loss" in rec:
                 post["ood"] = f"{rec['eval/ood_loss']:.3f}"
-            self.bar.set_postfix(post)
+            self.bar.set_postfix(post, refresh=False)
 
     def close(self, summary: dict):
         if self.rank != 0:
