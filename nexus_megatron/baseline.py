@@ -3,6 +3,7 @@ locally (like DDP's no_sync) and reduced once per step over the mixture (source 
 same way as for Nexus, without normalization), clipped, and handed to AdamW."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +32,7 @@ class MixtureAdamW:
         self.params, self.outer, self.layout = ps, outer, layout
         self.micro_steps, self.clip_grad = micro_steps, clip_grad
         self.numel = sum(p.numel() for p in ps)
-        self.acc = torch.zeros(self.numel, dtype=torch.float32)
+        self.acc = torch.zeros(self.numel, dtype=torch.float32, device=ps[0].device)
         self._views = [t.view_as(p) for t, p in zip(self.acc.split([p.numel() for p in ps]), ps)]
         self.inner_steps = 0
         self.stats = BaselineStats()
@@ -53,7 +54,7 @@ class MixtureAdamW:
         self.layout.reduce_mean(self.acc)
         norm = float(torch.linalg.vector_norm(self.acc, dtype=torch.float64))
         info = {"grad_norm": norm, "skipped": False}
-        if not torch.isfinite(torch.tensor(norm)):
+        if not math.isfinite(norm):
             self.stats.skipped_steps += 1
             self.stats.consecutive_skips += 1
             info["skipped"] = True

@@ -65,6 +65,8 @@ def cmd_quickstart(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-megatron", description=__doc__)
+    # the deepspeed launcher passes --local_rank (torchrun uses LOCAL_RANK in the environment)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with Nexus or AdamW (plain PyTorch, torchrun)")

@@ -102,7 +102,7 @@ def _segments_sq(x: torch.Tensor, segments, lo: int = 0) -> torch.Tensor:
     n = x.numel()
     if segments is None:
         return torch.linalg.vector_norm(x, 2, dtype=torch.float64).square() if n else x.new_zeros((), dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for s, e in segments:
         s, e = max(s - lo, 0), min(e - lo, n)
         if e > s:
@@ -205,9 +205,9 @@ class SequentialLayout(SourceLayout):
     def reduce_normalized(self, flat, source, *, min_grad_norm, segments=None) -> Reduced:
         if self.dp_size > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
-        sq = torch.zeros(self.num_sources, dtype=torch.float64)
+        sq = torch.zeros(self.num_sources, dtype=torch.float64, device=flat.device)
         sq[source] = _segments_sq(flat, segments)
-        sq = self._sum_norm_vector(sq, None)  # flat is replicated over dp: sum over the model-parallel shards only
+        sq = self._sum_norm_vector(sq, None).cpu()  # flat is replicated over dp: sum over the model-parallel shards only
         present = torch.zeros(self.num_sources, dtype=torch.bool)
         present[source] = True
         norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
@@ -267,14 +267,14 @@ class SourceParallelLayout(SourceLayout):
         shard_len = n // S
         lo = self.pos_in_group * shard_len
         if S > 1:
-            shard = torch.empty(shard_len, dtype=flat.dtype)
+            shard = torch.empty(shard_len, dtype=flat.dtype, device=flat.device)
             dist.reduce_scatter_tensor(shard, flat, op=dist.ReduceOp.SUM, group=self.source_group)
             shard.div_(S)
         else:
             shard = flat
-        sq = torch.zeros(K, dtype=torch.float64)
+        sq = torch.zeros(K, dtype=torch.float64, device=flat.device)
         sq[self.my_source] = _segments_sq(shard, segments, lo)
-        sq = self._sum_norm_vector(sq, self.dp_group if self.dp_size > 1 else None)
+        sq = self._sum_norm_vector(sq, self.dp_group if self.dp_size > 1 else None).cpu()
         present = torch.ones(K, dtype=torch.bool)
         norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
         shard.mul_(float(coef[self.my_source]))

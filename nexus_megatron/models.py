@@ -28,7 +28,8 @@ def build_model(m: ModelConfig, vocab_size: int, seq_len: int, seed: int, eot_id
 
 def lm_loss(model, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of a [B, L+1] token batch."""
-    x, y = batch[:, :-1], batch[:, 1:]
+    dev = next(model.parameters()).device
+    x, y = batch[:, :-1].to(dev), batch[:, 1:].to(dev)
     logits = model(input_ids=x).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction=reduction)
 

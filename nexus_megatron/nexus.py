@@ -221,13 +221,14 @@ class Nexus:
         self.segments = norm_segments(ps, counts_in_norm)
         self.num_norm_params = self.numel if self.segments is None else sum(e - s for s, e in self.segments)
         if layout.norm_size > 1:  # the logical vector spans the model-parallel shards
-            t = torch.tensor([self.num_norm_params], dtype=torch.float64)
+            t = torch.tensor([self.num_norm_params], dtype=torch.float64, device=ps[0].device)
             torch.distributed.all_reduce(t, group=layout.norm_group)
             self.num_norm_params = int(t.item())
         padded = layout.padded_numel(self.numel)
-        self.anchor = torch.zeros(padded, dtype=torch.float32)
-        self.delta = torch.zeros(padded, dtype=torch.float32)
-        self.flat_grad = torch.zeros(padded, dtype=torch.float32)
+        dev = ps[0].device
+        self.anchor = torch.zeros(padded, dtype=torch.float32, device=dev)
+        self.delta = torch.zeros(padded, dtype=torch.float32, device=dev)
+        self.flat_grad = torch.zeros(padded, dtype=torch.float32, device=dev)
         self._views = lambda buf: [t.view_as(p) for t, p in zip(buf[: self.numel].split([p.numel() for p in ps]), ps)]
         self._anchor_views = self._views(self.anchor)
         self._grad_views = self._views(self.flat_grad)

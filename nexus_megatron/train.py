@@ -40,9 +40,23 @@ def init_distributed(timeout_s: float = 600.0):
 
 
 def _all_reduce(t: torch.Tensor, op=None):
+    """All-reduce over the world; CPU tensors go through the GPU under NCCL."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not t.is_cuda:
+            tmp = t.cuda()
+            dist.all_reduce(tmp, op=op or dist.ReduceOp.SUM)
+            t.copy_(tmp.cpu())
+        else:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,6 +260,8 @@ def train(cfg: RunConfig) -> dict:
             json.dump(to_dict(cfg), f, indent=2)
 
     model = build_model(cfg.model, vocab, d.seq_len, tr.seed, eot_id=int(manifest.get("eot_id", 0)))
+    if tr.engine == "plain":   # DeepSpeed places the model itself
+        model.to(local_device())
     model.train()
     engine = build_engine(cfg, model, layout)
     consumed = [0] * len(names)

@@ -139,3 +139,23 @@ def test_missing_source_and_data_dir(synthetic_data, tmp_path):
     open(os.path.join(synthetic_data, "code", "train.bin"), "wb").close()
     with pytest.raises(DataError, match="empty"):
         train(tiny_config(synthetic_data, tmp_path / "r"))
+
+
+def test_wandb_offline_run(synthetic_data, tmp_path, monkeypatch):
+    """train.wandb.mode=offline writes a local W&B run (no network) with the same metric names."""
+    from nexus_megatron.train import train
+    import wandb
+    logged = []
+    orig_init = wandb.init
+
+    def spy_init(*a, **kw):
+        run = orig_init(*a, **kw)
+        orig_log = run.log
+        run.log = lambda rec, step=None, **k: (logged.append(rec), orig_log(rec, step=step, **k))[1]
+        return run
+    monkeypatch.setattr(wandb, "init", spy_init)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config(synthetic_data, tmp_path / "run", **{"train.wandb.mode": "offline", "train.steps": 2}))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run directory"
+    assert [r["step"] for r in logged] == [1, 2] and "eval/ood_loss" in logged[-1]

@@ -49,7 +49,8 @@ class PlainEngine(Engine):
 
     def outer_step(self):
         info = self.opt.step()
-        self.sched.step()
+        if not info.get("skipped"):   # like Megatron and DeepSpeed: a skipped step does not advance the schedule
+            self.sched.step()
         return info
 
     @property

@@ -669,10 +669,10 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, **kw):
     return ok
 
 
-def _quiet_deepspeed_save_writers(ds_engine, core_or_layout_sp: bool, my_source: Optional[int]):
+def _quiet_deepspeed_save_writers(ds_engine, sp: bool, my_source: Optional[int]):
     """Source-parallel: every source group holds the same state and has the same data-parallel ranks, so only
     source group 0 writes files (otherwise two ranks would write the same file name at once)."""
-    if core_or_layout_sp and my_source:
+    if sp and my_source:
         ds_engine.save_non_zero_checkpoint = False
         ds_engine.save_zero_checkpoint = False
 
@@ -680,14 +680,23 @@ def _quiet_deepspeed_save_writers(ds_engine, core_or_layout_sp: bool, my_source:
 def _broadcast_model(model):
     """Start every rank from rank 0's weights (source groups are separate DeepSpeed data-parallel groups,
     so DeepSpeed's own broadcast would not make them agree)."""
+    for t in model.parameters():
+        if hasattr(t, "ds_id"):
+            raise NexusConfigError("the model was built under deepspeed.zero.Init: build it normally (ZeRO-3 "
+                                   "partitions it in initialize()), the Nexus adapter does not support zero.Init yet")
     if dist.get_world_size() == 1:
         return
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            if hasattr(t, "ds_id"):
-                raise NexusConfigError("the model was built under deepspeed.zero.Init: build it normally (ZeRO-3 "
-                                       "partitions it in initialize()), the Nexus adapter does not support zero.Init yet")
-            dist.broadcast(t.data, src=0)
+            if t.device == device or device.type == "cpu":
+                dist.broadcast(t.data, src=0)
+            else:   # NCCL cannot broadcast CPU tensors: go through the accelerator
+                tmp = t.data.to(device)
+                dist.broadcast(tmp, src=0)
+                t.data.copy_(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -873,6 +882,9 @@ def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
     prepared = _prepared or prepare_ds_config(ds_config, world_size=_world_size(), micro_steps=micro_steps,
                                               layout=layout_config if layout is None else layout.cfg,
                                               nexus=nexus_config)
+    if lr_scheduler is not None and "scheduler" in prepared.ds:
+        raise NexusConfigError("ds_config 'scheduler' section and initialize(lr_scheduler=...) both given: DeepSpeed "
+                               "would silently use the latter; keep one")
     if prepared.k == 1:
         log.warning("Nexus with gradient_accumulation_steps=1 (k=1) is AdamW on the normalized gradient: there "
                     "is no inner loop and no alignment term; use k >= 2")
@@ -933,7 +945,7 @@ class DeepSpeedNexusEngine(Engine):
         self.nexus = initialize(model, None, optimizer=client,
                                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
                                 layout=layout, _prepared=prepared)
-        self.module = self.nexus.ds_engine
+        self.module = _OnDevice(self.nexus.ds_engine)
         self.layout = layout
 
     def backward(self, loss):
@@ -964,7 +976,7 @@ class DeepSpeedNexusEngine(Engine):
 
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
-        self.nexus.save_checkpoint(ckpt_root, tag=tag, client_state=client_state)
+        self.nexus.save_checkpoint(ckpt_root, tag=tag, client_state={_TRAINER_KEY: client_state})
         _engine_save_prune(ckpt_root, tag)
 
     def load(self, ckpt_root):
@@ -972,7 +984,28 @@ class DeepSpeedNexusEngine(Engine):
         if tag is None:
             return None
         _, client_state = self.nexus.load_checkpoint(ckpt_root, tag=tag)
-        return client_state
+        return client_state[_TRAINER_KEY]
+
+
+class _OnDevice:
+    """The trainer's ``engine.module``: DeepSpeed's engine, with tensor arguments moved to its device (the
+    trainer builds its batches on the CPU)."""
+
+    def __init__(self, ds_engine):
+        self.__dict__["_eng"] = ds_engine
+
+    def __call__(self, *args, **kwargs):
+        dev = self._eng.device
+        mv = (lambda v: v.to(dev) if torch.is_tensor(v) and v.device != dev else v)
+        return self._eng(*[mv(a) for a in args], **{k: mv(v) for k, v in kwargs.items()})
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_eng"], name)
+
+
+# The trainer's client_state has keys DeepSpeed reserves in its checkpoint dict ("optimizer": at stage 0 it
+# would overwrite the optimizer state), so the trainer engines store it under one key of their own.
+_TRAINER_KEY = "nexus_megatron_trainer_state"
 
 
 def _engine_save_prune(ckpt_root, tag, keep=2):
@@ -1001,7 +1034,7 @@ class DeepSpeedAdamWEngine(Engine):
         self.ds, self.opt, _, _ = deepspeed.initialize(
             model=model, optimizer=opt, config=copy.deepcopy(prepared.ds), mpu=NexusMPU(groups),
             lr_scheduler=lambda op: torch.optim.lr_scheduler.LambdaLR(op, lr_lambda))
-        self.module = self.ds
+        self.module = _OnDevice(self.ds)
         self.scale = 1.0
         if layout.mode == "source-parallel":
             self.scale = float(layout.weights[layout.my_source]) * layout.num_sources
@@ -1037,7 +1070,7 @@ class DeepSpeedAdamWEngine(Engine):
 
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
-        _atomic_save(self.ds, ckpt_root, tag, dict(client_state), True)
+        _atomic_save(self.ds, ckpt_root, tag, {_TRAINER_KEY: client_state}, True)
         _engine_save_prune(ckpt_root, tag)
 
     def load(self, ckpt_root):
@@ -1045,7 +1078,7 @@ class DeepSpeedAdamWEngine(Engine):
         if tag is None:
             return None
         _, client_state = self.ds.load_checkpoint(ckpt_root, tag=tag)
-        return client_state
+        return client_state[_TRAINER_KEY]
 
 
 def build_deepspeed_engine(cfg, model, layout, lr_lambda) -> Engine:

@@ -20,7 +20,7 @@ import difflib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ...errors import NexusConfigError
 from ...layout import LAYOUTS, LayoutConfig
