@@ -131,23 +131,25 @@ def evaluate(model, sources, names, cfg: RunConfig, rank: int, world: int) -> di
 
 def probe_gradients(model, params, sources, names, cfg: RunConfig, rank: int, world: int) -> dict:
     """Each source's full gradient at the current parameters on fixed validation batches; returns
-    ``gnorm/<source>``, ``cos/<a>|<b>`` and ``cos/mean``. Leaves no gradient behind."""
+    ``gnorm/<source>``, ``cos/<a>|<b>`` and ``cos/mean``. Uses torch.autograd.grad, so no ``.grad`` is
+    touched and no engine gradient hook fires (it runs between outer steps on any engine whose module
+    holds full parameters)."""
     B = cfg.data.micro_batch_size
     flats = []
     for name in names:
         sampler = sources[name].val
         n = min(cfg.train.probe_batches * B, sampler.windows)
         tokens = n * cfg.data.seq_len
-        for p in params:
-            p.grad = None
+        flat = None
         mine = list(range(rank, n, world))
         for s in range(0, len(mine), B):
             batch = torch.stack([sampler.batch(j, 1)[0] for j in mine[s:s + B]])
-            (lm_loss(model, batch, reduction="sum") / tokens).backward()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            gs = torch.autograd.grad(lm_loss(model, batch, reduction="sum") / tokens, params, allow_unused=True)
+            g = torch.cat([(t if t is not None else torch.zeros_like(p)).float().reshape(-1) for t, p in zip(gs, params)])
+            flat = g if flat is None else flat.add_(g)
+        if flat is None:
+            flat = torch.cat([torch.zeros_like(p, dtype=torch.float32).reshape(-1) for p in params])
         flats.append(_all_reduce(flat))
-    for p in params:
-        p.grad = None
     out, cos = {}, []
     norms = [float(torch.linalg.vector_norm(f, dtype=torch.float64)) for f in flats]
     for i, a in enumerate(names):
@@ -337,7 +339,8 @@ def train(cfg: RunConfig) -> dict:
             rec["grad_norm"] = info["grad_norm"]
         done = step + 1
         if tr.probe_every and engine.supports_probe and (done % tr.probe_every == 0 or done == tr.steps):
-            last_probe = probe_gradients(module, engine.params, sources, names, cfg, rank, world)
+            last_probe = probe_gradients(getattr(engine, "probe_module", module), engine.params, sources, names,
+                                         cfg, rank, world)
             rec.update(last_probe)
         if tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
             last_eval = do_eval(done)

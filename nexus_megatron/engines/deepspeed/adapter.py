@@ -947,6 +947,10 @@ class DeepSpeedNexusEngine(Engine):
                                 layout=layout, _prepared=prepared)
         self.module = _OnDevice(self.nexus.ds_engine)
         self.layout = layout
+        # the trainer's gradient probe needs full parameters on the module: ZeRO 0-2 (ZeRO-3 partitions them)
+        self.supports_probe = prepared.zero_stage <= 2
+        self.params = [p for p in self.nexus.ds_engine.module.parameters() if p.requires_grad]
+        self.probe_module = self.nexus.ds_engine.module   # bypasses the engine's backward bookkeeping
 
     def backward(self, loss):
         self.nexus.backward(loss)
@@ -1035,6 +1039,9 @@ class DeepSpeedAdamWEngine(Engine):
             model=model, optimizer=opt, config=copy.deepcopy(prepared.ds), mpu=NexusMPU(groups),
             lr_scheduler=lambda op: torch.optim.lr_scheduler.LambdaLR(op, lr_lambda))
         self.module = _OnDevice(self.ds)
+        self.supports_probe = prepared.zero_stage <= 2
+        self.params = [p for p in self.ds.module.parameters() if p.requires_grad]
+        self.probe_module = self.ds.module
         self.scale = 1.0
         if layout.mode == "source-parallel":
             self.scale = float(layout.weights[layout.my_source]) * layout.num_sources

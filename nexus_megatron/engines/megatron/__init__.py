@@ -21,7 +21,12 @@ check_megatron_core_version()
 from .groups import NexusGroups, build_nexus_groups, nexus_finalize_model_grads  # noqa: E402
 from .optimizer import NexusMegatronOptimizer, get_nexus_megatron_optimizer  # noqa: E402
 from .schedule import nexus_forward_backward  # noqa: E402
+from .data import (SourceRoutedIterator, SourceSpec, build_eval_samplers, build_source_iterator,  # noqa: E402
+                   make_megatron_batch, parse_data_path)
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 __all__ = ["NexusGroups", "build_nexus_groups", "nexus_finalize_model_grads", "NexusMegatronOptimizer",
            "get_nexus_megatron_optimizer", "nexus_forward_backward", "check_megatron_core_version",
-           "megatron_core_version"]
+           "megatron_core_version", "SourceRoutedIterator", "SourceSpec", "build_source_iterator",
+           "build_eval_samplers", "make_megatron_batch", "parse_data_path", "save_checkpoint", "load_checkpoint",
+           "latest_checkpoint"]

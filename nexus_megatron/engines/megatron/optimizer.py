@@ -133,6 +133,13 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self.children = _children(inner)
         self.is_stub_optimizer = all(getattr(c, "is_stub_optimizer", False) for c in self.children)
         self._validate()
+        if groups.source_parallel:
+            # Each source block holds a full replica of the sharded optimizer state (like an instance of
+            # Megatron's partial distributed optimizer); the instance id makes block 0 the main replica
+            # in dist_checkpointing (replica ids of the distributed optimizer's sharded state).
+            for child in self.children:
+                if isinstance(child, DistributedOptimizer):
+                    child.distributed_optimizer_instance_id = self.layout.my_source
         self._build_buffers()
         self.num_norm_params = self._count_norm_params()
         self.inner_steps = 0
@@ -142,6 +149,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self.stats = NexusStats()
         self._reset_step_stats()
         self.last_norms: Optional[torch.Tensor] = None
+        self._acc: Optional[torch.Tensor] = None   # only while lr == 0 in gamma_mode='update'
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -189,7 +197,13 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         mains = [p for c in self.children for p in _main_params(c)]
         self._mains = mains
         self.numel = sum(p.numel() for p in mains)
-        device = mains[0].device if mains else torch.device("cpu")
+        if mains:
+            device = mains[0].device
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        self._device = device   # small collectives (norms, counts) live here: NCCL needs device tensors
         self.anchor = torch.empty(self.numel, dtype=torch.float32, device=device)
         self._anchor_views = self._views(self.anchor)
         self.delta = torch.zeros(self.numel, dtype=torch.float32, device=device) if self.exact_displacement else None
@@ -214,7 +228,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             for p in _main_params(child):
                 if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group):
                     n += p.numel()
-            t = torch.tensor([float(n)], dtype=torch.float64)
+            t = torch.tensor([float(n)], dtype=torch.float64, device=self._device)
             group = child.get_grad_stats_parallel_group()
             if dist.is_initialized():
                 dist.all_reduce(t, group=group)
@@ -287,6 +301,11 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             raise RuntimeError(f"NexusMegatronOptimizer.inner_step() called {self.inner_steps + 1} times in one outer "
                                f"step but micro_steps={k}: call step() after every {k} inner steps")
         m = self.inner_steps
+        if self.poisoned:   # the outer step is lost already (the same on every rank): no collectives
+            self.inner_steps += 1
+            self.inner.zero_grad(set_to_none=True)
+            self._zero_grad_buffers()
+            return self.last_norms
         layout = self.layout
         sp = self.groups.source_parallel
         src = self.source_for(m) if source is None else int(source)
@@ -302,9 +321,10 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         if sp:
             present = torch.ones(K, dtype=torch.bool)
             flags = torch.tensor([1.0 if found_inf else 0.0], dtype=torch.float64)
-            vec = torch.cat([norms, flags])
+            vec = torch.cat([norms, flags]).to(self._device)
             if self.groups.cross_group is not None:
                 dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.groups.cross_group)
+            vec = vec.cpu()
             norms, found_inf = vec[:K], bool(vec[K] > 0) or not math.isfinite(float(vec[K]))
         else:
             present = torch.zeros(K, dtype=torch.bool)
@@ -323,7 +343,8 @@ class NexusMegatronOptimizer(MegatronOptimizer):
                 self.stats.step_norm_count[i] += 1
             if bool(active.any()):
                 self._move(float(coef[src]), sp)
-                self._publish()
+                if self.gamma_t:
+                    self._publish()
         # The gradient is consumed: clear main_param.grad / param.grad (FP32Optimizer points param.grad at
         # the DDP buffer; autograd would accumulate into it on the next backward) and the DDP buffers.
         self.inner.zero_grad(set_to_none=True)
@@ -335,7 +356,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         mains = self._mains
         if not mains:
             if sp and self.groups.cross_group is not None:   # still take part in the collective
-                dist.all_reduce(torch.zeros(0), group=self.groups.cross_group)
+                dist.all_reduce(torch.zeros(0, device=self._device), group=self.groups.cross_group)
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mains]
         gamma = self.gamma_t
@@ -348,6 +369,15 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         else:
             d = grads
             alpha = -gamma * c
+        if gamma == 0.0:
+            # lr = 0 (e.g. the first iteration of a warmup from 0) in gamma_mode='update': the inner steps
+            # do not move and G is the gamma -> 0 limit of -delta / (k gamma), the mean of the d_m. It is
+            # accumulated in a transient buffer that lives until the outer step.
+            if self._acc is None:
+                self._acc = torch.zeros(self.numel, dtype=torch.float32, device=mains[0].device)
+            scaled = sp and self.groups.cross_group is not None      # flat already holds coef * g
+            torch._foreach_add_(self._views(self._acc), list(d), alpha=1.0 if scaled else c)
+            return
         if self.delta is not None:
             torch._foreach_add_(self._delta_views, list(d), alpha=alpha)
             torch._foreach_copy_([p.data for p in mains], self._anchor_views)
@@ -366,18 +396,26 @@ class NexusMegatronOptimizer(MegatronOptimizer):
                                f"micro_steps={k}: call inner_step() after each forward/backward pass "
                                "(nexus_forward_backward does it)")
         if self.poisoned:
+            self._acc = None
             self._restore_anchor()
             self._publish()
             return True
-        scale = -1.0 / (k * self.gamma_t)
+        acc_views = self._views(self._acc) if self._acc is not None else None
+        scale = -1.0 / (k * self.gamma_t) if self.gamma_t else 1.0 / k
         for i, p in enumerate(self._mains):
             if p.grad is None or p.grad.dtype != torch.float32 or p.grad.shape != p.shape:
                 p.grad = torch.empty_like(p)
-            if self.delta is not None:
+            if not self.gamma_t:
+                if acc_views is None:
+                    p.grad.zero_()
+                else:
+                    torch.mul(acc_views[i], scale, out=p.grad)
+            elif self.delta is not None:
                 torch.mul(self._delta_views[i], scale, out=p.grad)
             else:
                 torch.sub(p.data, self._anchor_views[i], out=p.grad)
                 p.grad.mul_(scale)
+        self._acc = None
         self._restore_anchor()
         return False
 
@@ -529,6 +567,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self._check_between_steps("state_dict")
         return {"inner": self.inner.state_dict(), NEXUS_STATE_KEY: self.nexus_state_dict()}
 
+    @torch.no_grad()   # fp32 params + distributed optimizer: the main shards are views of the params
     def load_state_dict(self, state_dict):
         if isinstance(state_dict, dict) and NEXUS_STATE_KEY in state_dict:
             state_dict = dict(state_dict)
@@ -538,16 +577,51 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         else:
             inner = state_dict
         self.inner.load_state_dict(inner)
+        self._sync_adam_steps()
         self.inner_steps = 0
         self.poisoned = False
         self._load_anchor_from_main()
+
+    def _sync_adam_steps(self):
+        """DistributedOptimizer around torch's AdamW (no TE/Apex): its ``load_state_dict`` restores the
+        Adam step count into one ``step`` tensor shared by every parameter's state, then the sharded
+        param-state load copies the template's per-param ``step`` into it (megatron-core 0.16.1). Give every
+        parameter its own tensor holding the checkpoint's step."""
+        for child in self.children:
+            if not isinstance(child, DistributedOptimizer) or child.is_stub_optimizer:
+                continue
+            steps = {float(g["step"]) for g in child.optimizer.param_groups if "step" in g and g["params"]}
+            if len(steps) != 1:
+                continue
+            step = steps.pop()
+            for st in child.optimizer.state.values():
+                if "step" in st and torch.is_tensor(st["step"]):
+                    # one tensor per parameter: a step tensor shared by all of them (what the load leaves
+                    # behind) is incremented once per parameter by torch's foreach AdamW
+                    st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
         """Megatron's sharded optimizer state plus the Nexus counters (common, non-sharded state)."""
         if not is_loading:
             self._check_between_steps("sharded_state_dict")
+        else:
+            # A DistributedOptimizer around torch's AdamW (no TE/Apex) cannot describe its state before the
+            # first step (DistributedOptimizer.state_dict() reads the per-param 'step'); give it dummy
+            # state with Megatron's own helper. The values are replaced by the checkpoint's.
+            for child in self.children:
+                if (isinstance(child, DistributedOptimizer) and not child.is_stub_optimizer
+                        and len(child.optimizer.state) == 0):
+                    child._init_optimizer_states_with_dummy_values()
         sd = self.inner.sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
         return {"inner": sd, NEXUS_STATE_KEY: self.nexus_state_dict()}
+
+    def __getattr__(self, name):
+        # Anything else Megatron's training code asks of its optimizer (e.g. save_parameter_state helpers,
+        # data_parallel_group) is the wrapped optimizer's.
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def __repr__(self):
         return (f"NexusMegatronOptimizer(layout={self.layout.mode}, sources={list(self.layout.sources)}, "

@@ -22,9 +22,12 @@ from ...errors import NexusConfigError
 def _set_source(data_iterator, source: int, step: int, micro: int):
     its = data_iterator if isinstance(data_iterator, (list, tuple)) else [data_iterator]
     for it in its:
-        fn = getattr(it, "set_micro_step", None)
-        if fn is not None:
-            fn(source, step, micro)
+        for _ in range(8):   # look through wrappers such as Megatron-LM's RerunDataIterator(.iterable)
+            if it is None or hasattr(it, "set_micro_step"):
+                break
+            it = getattr(it, "iterable", None)
+        if it is not None and hasattr(it, "set_micro_step"):
+            it.set_micro_step(source, step, micro)
 
 
 def nexus_forward_backward(optimizer, forward_backward_func: Optional[Callable] = None) -> Callable:
@@ -54,6 +57,11 @@ def nexus_forward_backward(optimizer, forward_backward_func: Optional[Callable] 
         losses = []
         for m in range(k):
             _set_source(kwargs["data_iterator"], optimizer.source_for(m), optimizer.iteration, m)
+            if getattr(optimizer, "poisoned", False):
+                # NaN/Inf earlier in this outer step, on some rank: the step will be skipped whatever the
+                # remaining passes compute, so spare them (the data positions still advance).
+                optimizer.inner_step()
+                continue
             out = forward_backward_func(**dict(kwargs, num_microbatches=per))
             optimizer.inner_step()
             if out:
