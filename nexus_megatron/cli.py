@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", default="data/quickstart", help="prepared data directory")
     q.add_argument("--config", default=None, help="run config (default: configs/quickstart.yaml)")
     q.add_argument("--nproc", type=int, default=2)
+    q.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
+                   help="train through the deepspeed launcher (ZeRO-2, default) or plain torchrun")
+    q.add_argument("--ds-config", default=None, help="ds_config.json (default: configs/ds_config_zero2.json)")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.set_defaults(fn=cmd_quickstart)
     return p

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 from .cli import launch_torchrun
@@ -10,12 +12,31 @@ from .config import load_config
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def launch_deepspeed(nproc: int, argv: list) -> int:
+    """``deepspeed --num_gpus N --module nexus_megatron.cli ...`` (CPU processes with gloo when there is no GPU)."""
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")   # torch's all_gather_into_tensor deprecation, inside DeepSpeed
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(nproc),
+           "--master_port", env.get("MASTER_PORT", "29533"), "--module", "nexus_megatron.cli", *argv]
+    return subprocess.call(cmd, env=env)
+
+
 def quickstart(args) -> int:
     from .data.prepare import SIZE_PRESETS, prepare_data
     from .report import compare_runs
 
     config = args.config or os.path.join(REPO_CONFIGS, "quickstart.yaml")
-    common = [f"data.path={args.data}", "train.resume=false", *args.set]
+    common = [f"data.path={args.data}", "train.resume=false"]
+    if args.engine == "deepspeed":
+        common += ["train.engine=deepspeed",
+                   f"train.deepspeed_config={args.ds_config or os.path.join(REPO_CONFIGS, 'ds_config_zero2.json')}"]
+    common += list(args.set)
     cfg = load_config(config, common)      # validate before spending anything
     t0 = time.time()
     print(f"[1/4] preparing a small real mixture in {args.data} "
@@ -26,11 +47,12 @@ def quickstart(args) -> int:
     runs = []
     for i, name in enumerate(("adamw", "nexus")):
         run_dir = os.path.join(args.out, name)
-        print(f"[{i + 2}/4] training {name} on {args.nproc} processes -> {run_dir}", flush=True)
+        how = "the deepspeed launcher (ZeRO-2)" if args.engine == "deepspeed" else "torchrun"
+        print(f"[{i + 2}/4] training {name} on {args.nproc} processes with {how} -> {run_dir}", flush=True)
         argv = ["train", "--config", config]
         for s in common + [f"optim.name={name}", f"train.run_dir={run_dir}"]:
             argv += ["--set", s]
-        rc = launch_torchrun(args.nproc, argv)
+        rc = launch_deepspeed(args.nproc, argv) if args.engine == "deepspeed" else launch_torchrun(args.nproc, argv)
         if rc:
             print(f"quickstart: training {name} failed (exit {rc})")
             return rc
