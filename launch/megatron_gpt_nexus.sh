@@ -23,7 +23,7 @@ DATA_ARGS=(--data-path 0.5 "$WEB" 0.3 "$CODE" 0.2 "$MATH" --split 969,30,1)
 NEXUS_ARGS=(
   --optimizer nexus                     # was: --optimizer adam
   --nexus-layout source-parallel        # or sequential (the paper's layout); source-parallel needs DP % 3 == 0
-  --nexus-gamma 1.0 --nexus-gamma-mode update
+  --nexus-gamma 0.25 --nexus-gamma-mode update
 )
 # source-parallel with 3 sources needs a data-parallel size divisible by 3: use 6 of the 8 GPUs, or sequential.
 if [ "${NEXUS_LAYOUT:-}" = sequential ] || [ $((GPUS % 3)) -ne 0 ]; then NEXUS_ARGS[3]=sequential; fi

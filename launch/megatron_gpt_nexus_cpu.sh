@@ -14,6 +14,6 @@ OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node 2 launch/pretrai
   --micro-batch-size 2 --global-batch-size 8 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 2 \
   --train-iters 20 --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95 --use-distributed-optimizer \
   --data-path 0.5 "$DATA/web" 0.3 "$DATA/code" 0.2 "$DATA/math" \
-  --optimizer nexus --nexus-layout sequential --nexus-gamma 1.0 \
+  --optimizer nexus --nexus-layout sequential --nexus-gamma 0.25 \
   --hidden-dropout 0 --attention-dropout 0 --log-interval 5 --eval-interval 10 --eval-iters 4 \
   --save /tmp/nexus_megatron_smoke_ckpt --save-interval 10

@@ -5,7 +5,7 @@ Takes Megatron-LM's usual ``pretrain_gpt.py`` arguments (the subset listed by ``
 Megatron-LM flags are accepted and ignored with a warning) plus::
 
     --optimizer nexus                    # instead of adam: Nexus, with Adam as the outer optimizer
-    --nexus-gamma 1.0                    # inner step (gamma_mode=update: a multiple of the lr-scaled step)
+    --nexus-gamma 0.25                    # inner step (gamma_mode=update: a multiple of the lr-scaled step)
     --nexus-gamma-mode update|absolute
     --nexus-layout sequential|source-parallel
     --nexus-micro-steps K                # inner steps per iteration (default: see --help)
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--eval-iters", type=int, default=100)
 
     n = p.add_argument_group("nexus")
-    n.add_argument("--nexus-gamma", type=float, default=1.0,
-                   help="inner step size; gamma_mode=update: gamma_t = g * lr_t * sqrt(P) / K (default 1.0)")
+    n.add_argument("--nexus-gamma", type=float, default=0.25,
+                   help="inner step size; gamma_mode=update: gamma_t = g * lr_t * sqrt(P) / K (default 0.25, see docs/quickstart.md)")
     n.add_argument("--nexus-gamma-mode", choices=["update", "absolute"], default="update")
     n.add_argument("--nexus-layout", choices=["sequential", "source-parallel"], default="sequential")
     n.add_argument("--nexus-micro-steps", type=int, default=None,
