@@ -10,6 +10,9 @@ from typing import Optional
 
 import torch
 
+from .errors import CheckpointError
+from .faults import fault_point
+
 
 def _fsync_dir(path: str) -> None:
     try:
@@ -44,6 +47,7 @@ def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2) -> st
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("checkpoint", step)
     atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps({"step": step}))
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -63,7 +67,10 @@ def latest_checkpoint(ckpt_root: str) -> Optional[str]:
     with open(pointer) as f:
         name = f.read().strip()
     path = os.path.join(ckpt_root, name)
-    return path if os.path.isfile(os.path.join(path, "state.pt")) else None
+    if not os.path.isfile(os.path.join(path, "state.pt")):
+        raise CheckpointError(f"{pointer} names {name!r} but {path}/state.pt does not exist: point 'latest' at an "
+                           "existing step_* directory, or start a new run_dir (train.resume=false starts over)")
+    return path
 
 
 def load_checkpoint(path: str) -> dict:
@@ -71,5 +78,5 @@ def load_checkpoint(path: str) -> dict:
         with open(os.path.join(path, "state.pt"), "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or corrupted file
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and point "
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and point "
                            "'latest' at an earlier step_* directory, or start a new run_dir") from e

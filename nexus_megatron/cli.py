@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from .errors import DataError, NexusConfigError, NexusNonFiniteError
+from .errors import CheckpointError, DataError, NexusConfigError, NexusNonFiniteError
 
 
 def _under_launcher() -> bool:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (NexusConfigError, DataError, NexusNonFiniteError) as e:
+    except (NexusConfigError, DataError, NexusNonFiniteError, CheckpointError) as e:
         print(f"nexus-megatron: error: {e}", file=sys.stderr)
         return 2
 

@@ -115,6 +115,8 @@ class TrainConfig:
     """ds_config.json used when ``engine: deepspeed`` (default: ZeRO-2, fp32). Its
     ``gradient_accumulation_steps`` must equal ``train.micro_steps``, ``train_micro_batch_size_per_gpu``
     ``data.micro_batch_size``; an optional ``nexus`` section must agree with this YAML (docs/deepspeed.md)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait for a peer before the rank fails (torch.distributed timeout)."""
     threads: int = 0
     """torch threads per process (0 = leave torch's default)."""
     progress: bool = True
@@ -270,6 +272,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         v = getattr(t, name)
         if not (isinstance(v, int) and v >= 0):
             raise NexusConfigError(f"train.{name}={v!r}: must be an integer >= 0")
+    _number(t.collective_timeout_s, "train.collective_timeout_s", 0, lo_open=True)
     _positive_int(t.eval_batches, "train.eval_batches")
     _positive_int(t.probe_batches, "train.probe_batches")
     if t.engine not in ENGINES:

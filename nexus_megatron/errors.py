@@ -11,3 +11,7 @@ class NexusNonFiniteError(RuntimeError):
 
 class DataError(ValueError):
     """Missing, empty or too-small data, found before training starts."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (truncated, corrupted, or a ``latest`` naming nothing)."""

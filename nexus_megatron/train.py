@@ -20,6 +20,7 @@ from .checkpoint import atomic_write_text
 from .config import RunConfig, to_dict
 from .data.shards import open_sources
 from .errors import DataError, NexusConfigError
+from .faults import fault_point, inject_loss
 from .layout import LayoutConfig, build_layout
 from .models import build_model, count_params, lm_loss
 
@@ -239,7 +240,7 @@ def build_engine(cfg: RunConfig, model, layout):
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) one training run; returns the summary (rank 0 also writes it to summary.json)."""
     t_start = time.time()
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.collective_timeout_s)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = cfg.train.run_dir
@@ -315,11 +316,13 @@ def train(cfg: RunConfig) -> dict:
             for s, r in present:
                 consumed[s] += r * B
             if not engine.poisoned:   # a poisoned step is skipped anyway: keep the data order, spare the compute
-                loss = lm_loss(module, batch)
+                loss = inject_loss(lm_loss(module, batch), step + 1)
                 engine.backward(loss)
                 loss_acc[src, 0] += float(loss.detach())
                 loss_acc[src, 1] += 1
             engine.micro_step(src)
+            if m == 0:
+                fault_point("step", step + 1)
         info = engine.outer_step()
         tokens += world * k * B * L
         _all_reduce(loss_acc)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..faults import check_token_range
 from ..layout import hash_seed
 
 
@@ -37,6 +38,9 @@ class TokenShard:
         if size == 0 or size % itemsize:
             raise DataError(f"source {name!r}: {path} is empty or truncated ({size} bytes); re-run prepare-data")
         self.tokens = np.memmap(path, dtype=dtype, mode="r")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        check_token_range(self.path, self.tokens, vocab_size, self.name)
 
     def __len__(self):
         return len(self.tokens)
@@ -90,6 +94,7 @@ def open_sources(path: str, names, ood, seq_len: int, seed: int):
     missing or empty sources."""
     manifest = load_manifest(path)
     known = manifest.get("sources", {})
+    vocab = manifest.get("vocab_size")
     out = {}
     for i, name in enumerate(list(names) + list(ood)):
         if name not in known:
@@ -103,11 +108,15 @@ def open_sources(path: str, names, ood, seq_len: int, seed: int):
         train = None
         if is_train:
             shard = TokenShard(os.path.join(path, name, "train.bin"), info["dtype"], name)
+            if vocab:
+                shard.check_vocab(int(vocab))
             train = SourceSampler(shard, seq_len, seed, i)
             if train.windows == 0:
                 raise DataError(f"source {name!r} has {len(shard)} training tokens, fewer than one sequence of "
                                 f"data.seq_len+1={seq_len + 1}: prepare more data or lower data.seq_len")
         vshard = TokenShard(os.path.join(path, name, "val.bin"), info["dtype"], name)
+        if vocab:
+            vshard.check_vocab(int(vocab))
         val = SourceSampler(vshard, seq_len, seed, i, shuffle=False)
         if val.windows == 0:
             raise DataError(f"source {name!r} has {len(vshard)} validation tokens, fewer than one sequence of "

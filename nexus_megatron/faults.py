@@ -1,0 +1,86 @@
+"""Fault handling helpers: a token-range check for prepared data (an out-of-vocabulary id is an error
+before compute, not an index error or a CUDA device-side assert mid-run), and a fault-injection hook
+used only by the tests (tests/test_faults.py, tests/test_bad_inputs.py).
+
+The hook is driven by the environment variable ``NEXUS_FAULT_INJECT``, a comma-separated list of
+``key=value``; unset (the normal case) it costs one dictionary lookup. Keys:
+
+* ``kill_rank=R,step=S,phase=P``: the process of global rank ``R`` sends itself SIGKILL when it reaches
+  the named point ``P`` of outer step ``S`` (1-based): ``phase=step`` is in the middle of the outer step
+  (after its first micro-step), ``phase=checkpoint`` is in the middle of writing checkpoint ``S`` (the
+  state file is written and fsynced into the temporary directory, not yet renamed into place).
+* ``nan_steps=S1:S2:...`` (optionally ``nan_rank=R``): the training loss of outer steps S1, S2, ... is
+  replaced by NaN (on rank R only when given), so their gradients are NaN.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Optional
+
+import numpy as np
+
+from .errors import DataError
+
+ENV = "NEXUS_FAULT_INJECT"
+
+
+def parse_spec(spec: Optional[str]) -> dict:
+    out = {}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"{ENV}={spec!r}: write key=value pairs separated by commas")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def fault_point(phase: str, step: int) -> None:
+    """Named point ``phase`` of outer step ``step``: SIGKILL this process if NEXUS_FAULT_INJECT asks for it."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    f = parse_spec(spec)
+    if "kill_rank" not in f or f.get("phase") != phase or int(f.get("step", -1)) != int(step):
+        return
+    if int(f["kill_rank"]) != _rank():
+        return
+    sig = signal.SIGSTOP if f.get("action") == "stop" else signal.SIGKILL
+    sys.stderr.write(f"[{ENV}] rank {_rank()} (pid {os.getpid()}): {sig.name} at phase={phase} step={step}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), sig)
+
+
+def inject_loss(loss, step: int):
+    """The training loss of outer step ``step`` (1-based), replaced by NaN if NEXUS_FAULT_INJECT asks."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return loss
+    f = parse_spec(spec)
+    steps = {int(s) for s in f.get("nan_steps", "").split(":") if s}
+    if int(step) in steps and ("nan_rank" not in f or int(f["nan_rank"]) == _rank()):
+        return loss * float("nan")
+    return loss
+
+
+def check_token_range(path: str, tokens: np.ndarray, vocab_size: int, name: str, chunk: int = 1 << 24) -> None:
+    """Every token id of ``tokens`` (a memmap) is below ``vocab_size``, else a DataError naming the file,
+    the first offending position and id. Reads the file once, in chunks (about 1 s per GB)."""
+    if np.iinfo(tokens.dtype).max < vocab_size:
+        return   # the dtype cannot hold an out-of-range id
+    for s in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[s:s + chunk])
+        if part.size and int(part.max()) >= vocab_size:
+            pos = int(np.argmax(part >= vocab_size))
+            raise DataError(
+                f"source {name!r}: {path} holds token id {int(part[pos])} at position {s + pos}, outside the "
+                f"tokenizer vocabulary (manifest.json vocab_size={vocab_size}): the file is corrupted or was "
+                "written with another tokenizer; re-run `nexus-megatron prepare-data`")

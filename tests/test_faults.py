@@ -1,0 +1,160 @@
+"""Process faults on the real CLI (`nexus-megatron train --nproc 2`, i.e. torchrun, gloo on CPU):
+kill -9 one rank in the middle of an outer step and the checkpoint writer in the middle of a checkpoint
+write, and stop (hang) one rank. Every process exits promptly with a non-zero status and a message
+naming the failed rank; the restart resumes from the last good checkpoint and ends with the parameters
+and metrics of an uninterrupted run. Faults are injected with NEXUS_FAULT_INJECT
+(nexus_megatron/faults.py)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from nexus_megatron.checkpoint import latest_checkpoint, load_checkpoint
+from tests.conftest import ROOT, write_synthetic_data
+from tests.distributed import free_port
+
+EXIT_BOUND_S = 60.0
+
+CONFIG = {
+    "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+    "data": {"sources": ["web", "code", "math"], "ood": ["poetry"], "seq_len": 16, "micro_batch_size": 2},
+    "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+    "train": {"steps": 6, "micro_steps": 2, "eval_every": 3, "probe_every": 3, "eval_batches": 2,
+              "probe_batches": 2, "checkpoint_every": 2, "progress": False, "threads": 1},
+}
+
+
+def write_config(tmp, data, run_dir, **train):
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["data"]["path"] = str(data)
+    cfg["train"].update(run_dir=str(run_dir), **train)
+    path = os.path.join(str(tmp), f"{os.path.basename(str(run_dir))}.yaml")
+    with open(path, "w") as f:
+        json.dump(cfg, f)   # JSON is YAML
+    return path
+
+
+def launch(config, fault=None, timeout=240):
+    """Run the CLI under torchrun with 2 ranks; returns (rc, output, seconds from the injected fault to exit)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    env.pop("NEXUS_FAULT_INJECT", None)
+    if fault:
+        env["NEXUS_FAULT_INJECT"] = fault
+    proc = subprocess.Popen([sys.executable, "-m", "nexus_megatron.cli", "train", "--nproc", "2", "--config", config],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, fault_at = [], []
+
+    def pump():
+        for line in proc.stdout:
+            if "[NEXUS_FAULT_INJECT]" in line and not fault_at:
+                fault_at.append(time.time())
+            lines.append(line)
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise AssertionError("the run hung:\n" + "".join(lines[-60:]))
+    end = time.time()
+    reader.join(timeout=10)
+    return rc, "".join(lines), (end - fault_at[0]) if fault_at else None
+
+
+def no_stray_workers(config):
+    """No process still runs this config (torchrun took its workers down)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if config in l and "ps -eo" not in l]
+
+
+def failed_rank_named(out, rank, exitcode):
+    """torchrun's failure summary names the rank and its exit code (-9: SIGKILL) as the root cause."""
+    root = out.split("Root Cause")[-1]
+    return re.search(rf"rank\s*:\s*{rank} \(local_rank: {rank}\)\s*\n\s*exitcode\s*:\s*{exitcode}\b", root)
+
+
+def final_state(run_dir):
+    return load_checkpoint(latest_checkpoint(os.path.join(str(run_dir), "checkpoints")))
+
+
+def metrics(run_dir):
+    with open(os.path.join(str(run_dir), "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")} for l in f]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every restart must reproduce."""
+    tmp = tmp_path_factory.mktemp("faults")
+    data = write_synthetic_data(str(tmp / "data"))
+    run = tmp / "reference"
+    rc, out, _ = launch(write_config(tmp, data, run))
+    assert rc == 0, out[-3000:]
+    return tmp, data, final_state(run), metrics(run)
+
+
+def assert_resumed_equal(tmp, data, run, reference, resumed_from):
+    _, _, ref_state, ref_metrics = reference
+    rc, out, _ = launch(write_config(tmp, data, run))
+    assert rc == 0, out[-3000:]
+    state = final_state(run)
+    assert state["client_state"]["step"] == 6
+    for k, v in ref_state["model"].items():
+        assert torch.equal(v, state["model"][k]), k
+    assert state["client_state"]["consumed"] == ref_state["client_state"]["consumed"]
+    assert metrics(run) == ref_metrics
+    return state
+
+
+def test_kill9_rank_mid_outer_step_then_resume(reference):
+    tmp, data, _, _ = reference
+    run = tmp / "kill_step"
+    config = write_config(tmp, data, run)
+    rc, out, exit_s = launch(config, "kill_rank=1,step=3,phase=step")
+    print(f"kill -9 rank 1 mid-step 3: all ranks exited {exit_s:.1f}s later, rc={rc}")
+    assert rc != 0 and exit_s is not None and exit_s < EXIT_BOUND_S
+    assert failed_rank_named(out, 1, -9), out[-3000:]
+    assert not no_stray_workers(config)
+    assert os.path.basename(latest_checkpoint(str(run / "checkpoints"))) == "step_00000002"
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert_resumed_equal(tmp, data, run, reference, 2)
+
+
+def test_kill9_writer_mid_checkpoint_then_resume(reference):
+    tmp, data, _, _ = reference
+    run = tmp / "kill_ckpt"
+    config = write_config(tmp, data, run)
+    rc, out, exit_s = launch(config, "kill_rank=0,step=4,phase=checkpoint")
+    print(f"kill -9 rank 0 while writing checkpoint 4: all ranks exited {exit_s:.1f}s later, rc={rc}")
+    assert rc != 0 and exit_s is not None and exit_s < EXIT_BOUND_S
+    assert failed_rank_named(out, 0, -9), out[-3000:]
+    assert not no_stray_workers(config)
+    root = run / "checkpoints"
+    assert any(d.startswith(".tmp-step_00000004") for d in os.listdir(root))   # the write was cut short ...
+    assert os.path.basename(latest_checkpoint(str(root))) == "step_00000002"  # ... and latest still the old one
+    assert load_checkpoint(latest_checkpoint(str(root)))["client_state"]["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]      # logged, but resume truncates to step 2
+    assert_resumed_equal(tmp, data, run, reference, 2)
+
+
+def test_hung_rank_hits_collective_timeout(reference):
+    """A rank that stops (SIGSTOP: alive, silent) is noticed through train.collective_timeout_s: the waiting
+    rank fails, torchrun takes the stopped one down, the command exits non-zero."""
+    tmp, data, _, _ = reference
+    run = tmp / "hang"
+    config = write_config(tmp, data, run, collective_timeout_s=5)
+    rc, out, exit_s = launch(config, "kill_rank=1,step=2,phase=step,action=stop")
+    print(f"SIGSTOP rank 1 mid-step 2 (collective_timeout_s=5): all ranks exited {exit_s:.1f}s later, rc={rc}")
+    assert rc != 0 and exit_s is not None and exit_s < EXIT_BOUND_S
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)", out.split("Root Cause")[-1]), out[-3000:]
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+    assert not no_stray_workers(config)
