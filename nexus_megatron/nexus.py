@@ -157,16 +157,43 @@ def norm_segments(params, counts_in_norm: Optional[Callable] = None):
 
 @dataclass
 class NexusStats:
-    """Counters of the run (all ranks hold the same values)."""
+    """Counters of the run (all ranks hold the same values), and the per-outer-step norm averages that
+    every adapter logs as ``nexus/gnorm/<source>``."""
 
     outer_steps: int = 0
     skipped_steps: int = 0
     skipped_sources: int = 0
     consecutive_skips: int = 0
-    # per outer step (reset at every step()):
+    # per outer step (reset by pop_step()):
     step_norm_sum: list = field(default_factory=list)
     step_norm_count: list = field(default_factory=list)
     step_skipped_sources: int = 0
+
+    def reset_step(self, num_sources: int) -> None:
+        self.step_norm_sum = [0.0] * num_sources
+        self.step_norm_count = [0] * num_sources
+        self.step_skipped_sources = 0
+
+    def record_micro_step(self, norms: torch.Tensor, present: torch.Tensor, active: torch.Tensor) -> None:
+        """Count the sources dropped in one (finite) micro-step and add the norms of those present."""
+        skipped = int((present & ~active).sum())
+        self.skipped_sources += skipped
+        self.step_skipped_sources += skipped
+        for i in torch.nonzero(present).flatten().tolist():
+            self.step_norm_sum[i] += float(norms[i])
+            self.step_norm_count[i] += 1
+
+    def pop_step(self, sources) -> dict:
+        """``nexus/gnorm/<source>`` (mean over the step's micro-steps) and ``nexus/step_skipped_sources``
+        of the last outer step; resets them."""
+        out = {f"nexus/gnorm/{name}": self.step_norm_sum[i] / c
+               for i, name in enumerate(sources) if (c := self.step_norm_count[i])}
+        out["nexus/step_skipped_sources"] = self.step_skipped_sources
+        self.reset_step(len(sources))
+        return out
+
+    def counters(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("step_")}
 
 
 class Nexus:
@@ -237,18 +264,12 @@ class Nexus:
         self.poisoned = False
         self.gamma_t: Optional[float] = None
         self.stats = NexusStats()
-        self._reset_step_stats()
+        self.stats.reset_step(layout.num_sources)
         self.pre_outer_step: Optional[Callable] = None
         """Called as ``fn(self)`` after the pseudo-gradient is in ``p.grad`` (params at theta_t) and before
         the outer optimizer steps; it must leave parameters, gradients and optimizer state as it found them."""
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _reset_step_stats(self):
-        K = self.layout.num_sources
-        self.stats.step_norm_sum = [0.0] * K
-        self.stats.step_norm_count = [0] * K
-        self.stats.step_skipped_sources = 0
-
     @torch.no_grad()
     def _load_anchor_from_params(self):
         torch._foreach_copy_(self._anchor_views, [p.detach() for p in self.params])
@@ -287,12 +308,7 @@ class Nexus:
             self.poisoned = True
         if self.poisoned:
             return red
-        skipped = int((red.present & ~red.active).sum())
-        self.stats.skipped_sources += skipped
-        self.stats.step_skipped_sources += skipped
-        for i in torch.nonzero(red.present).flatten().tolist():
-            self.stats.step_norm_sum[i] += float(red.norms[i])
-            self.stats.step_norm_count[i] += 1
+        self.stats.record_micro_step(red.norms, red.present, red.active)
         if bool(red.active.any()):
             inner_update(self.delta, self.flat_grad, self.gamma_t)
             torch.add(self.anchor, self.delta, out=self.flat_grad)  # reuse the buffer: params = theta + delta
@@ -343,14 +359,7 @@ class Nexus:
 
     def step_stats(self) -> dict:
         """Per-source mean inner gradient norm and skipped-source count of the last outer step."""
-        out = {}
-        for i, name in enumerate(self.layout.sources):
-            c = self.stats.step_norm_count[i]
-            if c:
-                out[f"nexus/gnorm/{name}"] = self.stats.step_norm_sum[i] / c
-        out["nexus/step_skipped_sources"] = self.stats.step_skipped_sources
-        self._reset_step_stats()
-        return out
+        return self.stats.pop_step(self.layout.sources)
 
     def zero_grad(self, set_to_none: bool = True):
         for p in self.params:
@@ -365,7 +374,7 @@ class Nexus:
             "inner_steps": self.inner_steps,
             "poisoned": self.poisoned,
             "gamma_t": self.gamma_t,
-            "stats": {k: v for k, v in asdict(self.stats).items() if not k.startswith("step_")},
+            "stats": self.stats.counters(),
             "layout": self.layout.describe(),
             "config": asdict(self.config),
         }

@@ -10,7 +10,6 @@ import os
 import random
 import time
 from datetime import timedelta
-from typing import Optional
 
 import numpy as np
 import torch
@@ -114,7 +113,7 @@ def check_data_budget(cfg: RunConfig, layout, sources) -> None:
 def evaluate(model, sources, names, cfg: RunConfig, rank: int, world: int) -> dict:
     """Mean per-token loss of each source's validation split (first eval_batches*B sequences)."""
     model.eval()
-    B, L = cfg.data.micro_batch_size, cfg.data.seq_len
+    B = cfg.data.micro_batch_size
     sums = torch.zeros(len(names), 2, dtype=torch.float64)
     for i, name in enumerate(names):
         sampler = sources[name].val

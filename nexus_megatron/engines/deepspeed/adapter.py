@@ -319,7 +319,7 @@ class _NexusCore:
         self.last = False
         self.loaded = False
         self.stats = NexusStats()
-        self._reset_step_stats()
+        self.stats.reset_step(self.K)
 
     # -- binding ---------------------------------------------------------------------------------
     def bind(self, ds_engine, client: NexusAdamW):
@@ -457,12 +457,7 @@ class _NexusCore:
         if nonfinite:
             self.poisoned = True
             return
-        skipped = int((present & ~active).sum())
-        self.stats.skipped_sources += skipped
-        self.stats.step_skipped_sources += skipped
-        for i in torch.nonzero(present).flatten().tolist():
-            self.stats.step_norm_sum[i] += float(norms[i])
-            self.stats.step_norm_count[i] += 1
+        self.stats.record_micro_step(norms, present, active)
         self.coef = float(coef[src])
 
     def _local_sq(self, current) -> torch.Tensor:
@@ -554,20 +549,8 @@ class _NexusCore:
                           "pseudo_grad_norm": gnorm, "clip_scale": scale}
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def _reset_step_stats(self):
-        self.stats.step_norm_sum = [0.0] * self.K
-        self.stats.step_norm_count = [0] * self.K
-        self.stats.step_skipped_sources = 0
-
     def step_stats(self) -> dict:
-        out = {}
-        for i, name in enumerate(self.layout.sources):
-            c = self.stats.step_norm_count[i]
-            if c:
-                out[f"nexus/gnorm/{name}"] = self.stats.step_norm_sum[i] / c
-        out["nexus/step_skipped_sources"] = self.stats.step_skipped_sources
-        self._reset_step_stats()
-        return out
+        return self.stats.pop_step(self.layout.sources)
 
     def state_dict(self) -> dict:
         return {
@@ -579,7 +562,7 @@ class _NexusCore:
             "poisoned": self.poisoned,
             "gamma": self.gamma,
             "k": self.k,
-            "stats": {k: v for k, v in asdict(self.stats).items() if not k.startswith("step_")},
+            "stats": self.stats.counters(),
             "layout": self.layout.describe(),
             "config": asdict(self.cfg),
         }

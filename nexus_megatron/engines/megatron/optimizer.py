@@ -147,7 +147,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self.gamma_t: Optional[float] = None
         self.iteration = 0
         self.stats = NexusStats()
-        self._reset_step_stats()
+        self.stats.reset_step(self.layout.num_sources)
         self.last_norms: Optional[torch.Tensor] = None
         self._acc: Optional[torch.Tensor] = None   # only while lr == 0 in gamma_mode='update'
 
@@ -282,12 +282,6 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         src = self.source_for(micro)
         return self.layout.readers(src, self.iteration, micro)
 
-    def _reset_step_stats(self):
-        K = self.layout.num_sources
-        self.stats.step_norm_sum = [0.0] * K
-        self.stats.step_norm_count = [0] * K
-        self.stats.step_skipped_sources = 0
-
     # ------------------------------------------------------------------------------------------
     # the algorithm
     # ------------------------------------------------------------------------------------------
@@ -335,12 +329,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         if nonfinite or found_inf:
             self.poisoned = True
         if not self.poisoned:
-            skipped = int((present & ~active).sum())
-            self.stats.skipped_sources += skipped
-            self.stats.step_skipped_sources += skipped
-            for i in torch.nonzero(present).flatten().tolist():
-                self.stats.step_norm_sum[i] += float(norms[i])
-                self.stats.step_norm_count[i] += 1
+            self.stats.record_micro_step(norms, present, active)
             if bool(active.any()):
                 self._move(float(coef[src]), sp)
                 if self.gamma_t:
@@ -465,17 +454,11 @@ class NexusMegatronOptimizer(MegatronOptimizer):
 
     def step_stats(self) -> dict:
         """Per-source mean inner gradient norm of the last outer step, gamma, counters (then reset)."""
-        out = {}
-        for i, name in enumerate(self.layout.sources):
-            c = self.stats.step_norm_count[i]
-            if c:
-                out[f"nexus/gnorm/{name}"] = self.stats.step_norm_sum[i] / c
-        out["nexus/step_skipped_sources"] = self.stats.step_skipped_sources
+        out = self.stats.pop_step(self.layout.sources)
         out["nexus/skipped_steps"] = self.stats.skipped_steps
         out["nexus/skipped_sources"] = self.stats.skipped_sources
         if self.gamma_t is not None:
             out["nexus/gamma"] = self.gamma_t
-        self._reset_step_stats()
         return out
 
     # -- delegation ------------------------------------------------------------------------------
@@ -547,7 +530,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
                                "outer steps (after optimizer.step())")
 
     def nexus_state_dict(self) -> dict:
-        stats = {k: v for k, v in asdict(self.stats).items() if not k.startswith("step_")}
+        stats = self.stats.counters()
         return {"iteration": self.iteration, "stats": stats, "gamma_t": self.gamma_t,
                 "layout": self.layout.describe(), "micro_steps": self.micro_steps,
                 "config": asdict(self.nexus_config)}
