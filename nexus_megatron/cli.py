@@ -57,6 +57,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sharpness(args) -> int:
+    from .sharpness_cli import run_sharpness
+
+    run_sharpness(args)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from .quickstart import quickstart
 
@@ -85,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", help="run directories")
     c.add_argument("--plot", help="write a PNG plot here")
     c.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("sharpness", help="critical sharpness of a pretrained checkpoint (transformers directory "
+                                         "or GGUF) along an accumulated AdamW direction, per data source")
+    from .sharpness_cli import add_sharpness_arguments
+    add_sharpness_arguments(s)
+    s.set_defaults(fn=cmd_sharpness)
 
     q = sub.add_parser("quickstart", help="prepare a small real mixture, train AdamW and Nexus on 2 CPU "
                                           "processes, print the comparison and write a plot")

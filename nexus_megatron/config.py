@@ -13,6 +13,7 @@ import yaml
 from .errors import NexusConfigError
 from .layout import LAYOUTS
 from .nexus import GAMMA_MODES
+from .sharpness import SharpnessConfig, validate_sharpness_config
 
 OPTIMIZERS = ("nexus", "adamw")
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -130,6 +131,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     nexus: NexusSection = field(default_factory=NexusSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    """Critical sharpness, measured inside the outer step (docs/sharpness.md); off by default."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,7 +162,8 @@ def _from_dict(cls, d: Any, where: str):
 
 
 _SECTIONS = {(RunConfig, "model"): ModelConfig, (RunConfig, "data"): DataConfig, (RunConfig, "optim"): OptimConfig,
-             (RunConfig, "nexus"): NexusSection, (RunConfig, "train"): TrainConfig, (TrainConfig, "wandb"): WandbConfig}
+             (RunConfig, "nexus"): NexusSection, (RunConfig, "train"): TrainConfig, (TrainConfig, "wandb"): WandbConfig,
+             (RunConfig, "sharpness"): SharpnessConfig}
 
 
 def _set_override(raw: dict, assignment: str) -> None:
@@ -282,6 +286,10 @@ def validate_run_config(cfg: RunConfig) -> None:
                                "(or leave it unset for the ZeRO-2 fp32 default)")
     if t.wandb.mode not in WANDB_MODES:
         raise NexusConfigError(f"train.wandb.mode={t.wandb.mode!r}: use one of {', '.join(WANDB_MODES)}")
+    validate_sharpness_config(cfg.sharpness)
+    if cfg.sharpness.enabled and t.engine != "plain":
+        raise NexusConfigError(f"sharpness.enabled=true runs on train.engine=plain only for now (got {t.engine!r}); "
+                               "set sharpness.enabled=false")
     if o.warmup_steps >= t.steps and o.schedule != "constant":
         raise NexusConfigError(
             f"optim.warmup_steps={o.warmup_steps} is not below train.steps={t.steps}: the schedule would never "

@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 from .errors import NexusConfigError
 
-SPLITS = ("val", "train")
+SPLITS = ("step", "val", "train")
+STEP = "__step__"   # the probe-set key of the outer step's own training micro-batches
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,9 +60,14 @@ class SharpnessConfig:
     """Cap on the doublings (or halvings) of the exponential phase; reported as ``cap_hit``."""
     batches: int = 1
     """Probe batches of ``data.micro_batch_size`` sequences per source (split over the ranks)."""
-    split: str = "val"
-    """Where the fixed probe batches come from: ``val`` (default) or ``train`` (the first sequences of
-    each source's training order)."""
+    split: str = "step"
+    """The batches of the mixture loss L: ``step`` (default: the outer step's own training micro-batches,
+    the batch that produced u, as in the paper; the trainer passes them with ``hook.begin_step``),
+    ``val`` (fixed validation sequences of every source, weighted by the source weights) or ``train``
+    (fixed: the first sequences of each source's training order). The relative (per-source, OOD) losses
+    always use fixed sequences: validation ones, or training ones with ``train``. See docs/sharpness.md
+    for the measured difference (``val`` is noisier and can hit the cap when u does not descend the
+    held-out batch)."""
     relative: bool = True
     """Also measure lambda_c(mixture -> source) for every training source and the OOD set."""
 
@@ -278,7 +284,7 @@ def critical_step(loss_at: Callable[[float], float], eta0: float, *, loss0: Opti
         if lo is None:
             cap_hit = True
             return CriticalStep(hi, 2.0 / hi, len(trace), True, 0.0, hi, loss0, trace)
-    while (hi - lo) / lo > eps:
+    while hi - lo > eps * lo * (1 + 1e-12):      # (slack: a bracket of exactly eps*lo may round up)
         mid = 0.5 * (lo + hi)
         if _rises(f(mid), loss0):
             hi = mid
@@ -319,8 +325,8 @@ class PlainHost:
     * ``end()``: parameters <- theta, bitwise (a copy, never a subtraction);
     * ``all_reduce(t)``: sum ``t`` over the data-parallel ranks (identical result on every rank).
 
-    ``master``: tensors equal to the parameters at ``begin`` (e.g. Nexus's fp32 anchor), used instead
-    of a saved copy: then the only extra buffer is ``u``.
+    ``begin(u, master)``: ``master`` are tensors equal to the parameters at ``begin`` (e.g. Nexus's fp32
+    anchor), used instead of a saved copy: then the only extra buffer is ``u``.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], group=None):
@@ -348,8 +354,16 @@ class PlainHost:
         self._theta = self._u = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel group, in place; ``t`` may live on the CPU (NCCL reduces a copy on
+        the parameters' device)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            dev = self.params[0].device if self.params else t.device
+            if dev.type != "cpu" and t.device != dev:
+                buf = t.to(dev)
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+                t.copy_(buf)
+            else:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
 
@@ -365,14 +379,21 @@ def lm_loss_sum(model, batch: torch.Tensor):
 
 @dataclass
 class ProbeSet:
-    """Fixed probe batches, the same at every measurement: ``batches[name]`` is this rank's share
-    (a list of LongTensors [b, L+1]) of the probe sequences of loss ``name``. ``mixture`` maps the
-    training sources to their weights (the mixture loss is sum_i w_i L_i); ``ood`` lists the held-out
-    sources (their mean loss is the OOD loss)."""
+    """Probe batches: ``batches[name]`` is this rank's share (a list of LongTensors [b, L+1]) of the
+    sequences of loss ``name`` (mean per-token loss over all ranks' sequences). ``mixture`` maps probe
+    sets to weights: the mixture loss is sum w_name L_name (the training sources with their weights, or
+    ``{STEP: 1}`` for the outer step's own batches). ``sources`` are the training sources measured
+    relatively (default: the mixture's names) and ``ood`` the held-out ones (their mean loss is the OOD
+    loss)."""
 
     batches: Dict[str, List[torch.Tensor]]
     mixture: Dict[str, float]
     ood: List[str] = field(default_factory=list)
+    sources: Optional[List[str]] = None
+
+    def __post_init__(self):
+        if self.sources is None:
+            self.sources = [n for n in self.mixture if n != STEP]
 
     @classmethod
     def from_sources(cls, sources: dict, names: Sequence[str], ood: Sequence[str], weights: Sequence[float],
@@ -388,7 +409,7 @@ class ProbeSet:
             out[name] = [torch.stack([sampler.batch(j, 1)[0] for j in mine[s:s + micro_batch_size]])
                          for s in range(0, len(mine), micro_batch_size)]
         tot = float(sum(weights))
-        return cls(out, {n: float(w) / tot for n, w in zip(names, weights)}, list(ood))
+        return cls(out, {n: float(w) / tot for n, w in zip(names, weights)}, list(ood), list(names))
 
 
 @contextlib.contextmanager
@@ -436,26 +457,25 @@ class SharpnessMeter:
     def _mixture(self, per: Dict[str, float]) -> float:
         return sum(w * per[n] for n, w in self.probe.mixture.items())
 
-    def _ood(self, per: Dict[str, float]) -> float:
-        return sum(per[n] for n in self.probe.ood) / len(self.probe.ood)
-
     # -- one measurement ---------------------------------------------------------------------------
     def measure(self, u: Sequence[torch.Tensor], eta0: float, master=None) -> dict:
         """Run the searches along ``u`` (first time from ``eta0``, e.g. the current lr; afterwards from
         the previous eta_c of each loss). Parameters are bitwise restored on return. Returns
         {"mixture": CriticalStep, "<source>": CriticalStep, ..., "ood": CriticalStep}."""
         host, probe = self.host, self.probe
-        train_names, ood = list(probe.mixture), list(probe.ood)
+        mix_names, ood = list(probe.mixture), list(probe.ood)
+        rel_names = list(probe.sources) if self.relative else []
         results = {}
         with probe_mode(self.model):
             host.begin(u, master)
             try:
                 host.move(0.0)
-                base = self.losses(train_names + ood)          # every L0 from one pass over the probe set
+                everything = list(dict.fromkeys(mix_names + rel_names + (ood if self.relative else [])))
+                base = self.losses(everything)                  # every L0 from one pass over the probe sets
 
                 def mix_at(eta):
                     host.move(eta)
-                    return self._mixture(self.losses(train_names))
+                    return self._mixture(self.losses(mix_names))
 
                 results["mixture"] = r = critical_step(
                     mix_at, self._start("mixture", eta0), loss0=self._mixture(base), eps=self.eps,
@@ -463,7 +483,7 @@ class SharpnessMeter:
                 r.forward_passes += 1                           # the L0 pass
                 targets = []
                 if self.relative:
-                    targets = [(n, [n]) for n in train_names] + ([("ood", ood)] if ood else [])
+                    targets = [(n, [n]) for n in rel_names] + ([("ood", ood)] if ood else [])
                 for key, group in targets:
                     def rel_at(eta, group=group):
                         host.move(eta)
@@ -529,17 +549,41 @@ class SharpnessHook:
     def __init__(self, meter: SharpnessMeter, every: int = 1):
         self.meter = meter
         self.every = int(every)
+        self.step: Optional[int] = None
+        """The trainer's 1-based number of the outer step about to be applied (set it before
+        ``engine.outer_step()``); if None, the optimizer's completed outer steps + 1 are used (these do not
+        count steps skipped for NaN/Inf)."""
         self._pending: dict = {}
         self.last: dict = {}
         self.history: list = []      # (outer step, metrics) of this process's measurements
 
+    def begin_step(self, step: int, batches: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Called by the trainer before ``engine.outer_step()``: the 1-based step number and (for
+        ``sharpness.split=step``) this rank's training micro-batches of the step."""
+        self.step = int(step)
+        if self.meter.probe.mixture.keys() == {STEP}:
+            self.meter.probe.batches[STEP] = list(batches) if batches is not None else []
+
+    def _step_number(self, opt) -> int:
+        return int(self.step) if self.step is not None else int(opt.stats.outer_steps) + 1
+
     def due(self, opt) -> bool:
-        n = int(opt.stats.outer_steps) + 1          # the outer step about to be applied (1-based)
-        return n % self.every == 0
+        return self._step_number(opt) % self.every == 0
 
     def __call__(self, opt) -> None:
-        if not self.due(opt):
-            return
+        probe = self.meter.probe
+        step_mode = probe.mixture.keys() == {STEP}
+        try:
+            if self.due(opt):
+                if step_mode and not probe.batches.get(STEP):
+                    raise NexusConfigError("sharpness.split=step needs the step's training batches: the trainer "
+                                           "must call hook.begin_step(step, batches) before engine.outer_step()")
+                self._measure(opt)
+        finally:
+            if step_mode:
+                probe.batches[STEP] = []        # never reuse a stale step's batches
+
+    def _measure(self, opt) -> None:
         t0 = time.perf_counter()
         outer = opt.outer
         u = adamw_direction(outer, opt.params, [p.grad for p in opt.params])
@@ -553,12 +597,20 @@ class SharpnessHook:
         m["sharpness/time_s"] = time.perf_counter() - t0
         self._pending = m
         self.last = m
-        self.history.append((int(opt.stats.outer_steps) + 1, m))
+        self.history.append((self._step_number(opt), m))
 
     def pop_metrics(self) -> dict:
         """The metrics of the measurement made in the last outer step ({} if none)."""
         out, self._pending = self._pending, {}
         return out
+
+    def state_dict(self) -> dict:
+        """The warm starts (for exact resume: the next measurement starts where it would have)."""
+        return {"prev": dict(self.meter.prev), "measurements": self.meter.measurements}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.meter.prev = dict(sd.get("prev", {}))
+        self.meter.measurements = int(sd.get("measurements", 0))
 
 
 def _anchor_views(opt) -> Optional[List[torch.Tensor]]:
@@ -585,8 +637,11 @@ def build_sharpness_hook(scfg: SharpnessConfig, engine, sources: dict, names: Se
     if not hasattr(engine, "opt") or not hasattr(engine.opt, "pre_outer_step"):
         raise NexusConfigError(f"sharpness.enabled=true is supported on train.engine=plain only for now "
                                f"(got {getattr(engine, 'name', type(engine).__name__)}); set sharpness.enabled=false")
-    probe = ProbeSet.from_sources(sources, names, ood, weights, split=scfg.split, batches=scfg.batches,
-                                  micro_batch_size=micro_batch_size, rank=rank, world=world)
+    probe = ProbeSet.from_sources(sources, names, ood, weights, split="train" if scfg.split == "train" else "val",
+                                  batches=scfg.batches, micro_batch_size=micro_batch_size, rank=rank, world=world)
+    if scfg.split == "step":
+        probe.mixture = {STEP: 1.0}
+        probe.batches[STEP] = []
     host = PlainHost(engine.params)
     meter = SharpnessMeter(engine.module, probe, host, eps=scfg.eps, max_doublings=scfg.max_doublings,
                            relative=scfg.relative)

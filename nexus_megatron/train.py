@@ -22,6 +22,7 @@ from .errors import DataError, NexusConfigError
 from .faults import fault_point, inject_loss
 from .layout import LayoutConfig, build_layout
 from .models import build_model, count_params, lm_loss
+from .sharpness import build_sharpness_hook
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,6 +267,8 @@ def train(cfg: RunConfig) -> dict:
         model.to(local_device())
     model.train()
     engine = build_engine(cfg, model, layout)
+    sharp = build_sharpness_hook(cfg.sharpness, engine, sources, names, ood, layout.weights.tolist(),
+                                 micro_batch_size=d.micro_batch_size, rank=rank, world=world)
     consumed = [0] * len(names)
     start_step, tokens = 0, 0
 
@@ -275,6 +278,8 @@ def train(cfg: RunConfig) -> dict:
             raise NexusConfigError(f"{ckpt_root} holds a run of optim.name={client['optimizer']!r}, this run "
                                    f"has {cfg.optim.name!r}: use another train.run_dir or set train.resume=false")
         start_step, tokens, consumed = client["step"], client["tokens"], list(client["consumed"])
+        if sharp is not None and "sharpness" in client:
+            sharp.load_state_dict(client["sharpness"])
         torch.set_rng_state(client["rng"]["torch"])
         np.random.set_state(client["rng"]["numpy"])
         random.setstate(client["rng"]["python"])
@@ -301,17 +306,20 @@ def train(cfg: RunConfig) -> dict:
             "step": step, "tokens": tokens, "consumed": list(consumed), "optimizer": cfg.optim.name,
             "config": to_dict(cfg),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            **({"sharpness": sharp.state_dict()} if sharp is not None else {}),
         })
 
     for step in range(start_step, tr.steps):
         t0 = time.time()
         lr = engine.lr()
         loss_acc = torch.zeros(len(names), 2, dtype=torch.float64)
+        step_batches = []
         for m in range(k):
             present = layout.present(step, m)
             src = layout.source_for(step, m)
             reader, readers = layout.readers(src, step, m)
             batch = sources[names[src]].train.batch(consumed[src] + reader * B, B)
+            step_batches.append(batch)
             for s, r in present:
                 consumed[s] += r * B
             if not engine.poisoned:   # a poisoned step is skipped anyway: keep the data order, spare the compute
@@ -322,6 +330,8 @@ def train(cfg: RunConfig) -> dict:
             engine.micro_step(src)
             if m == 0:
                 fault_point("step", step + 1)
+        if sharp is not None:
+            sharp.begin_step(step + 1, step_batches)
         info = engine.outer_step()
         tokens += world * k * B * L
         _all_reduce(loss_acc)
@@ -333,6 +343,8 @@ def train(cfg: RunConfig) -> dict:
                 rec[f"loss/{n}"] = float(loss_acc[i, 0] / loss_acc[i, 1])
         rec.update(engine.step_stats())
         rec.update(engine.counters())
+        if sharp is not None:
+            rec.update(sharp.pop_metrics())
         if info.get("gamma") is not None:
             rec["nexus/gamma"] = info["gamma"]
         if "pseudo_grad_norm" in info:
