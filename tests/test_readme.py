@@ -11,9 +11,10 @@ def test_readme_example_runs_and_learns():
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     torch, model, micro_batch = ns["torch"], ns["model"], ns["micro_batch"]
-    losses = [float(torch.nn.functional.mse_loss(model(x), y)) for x, y in (micro_batch(s, 999, 0) for s in (0, 1))]
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
-    before = [float(torch.nn.functional.mse_loss(fresh(x), y)) for x, y in (micro_batch(s, 999, 0) for s in (0, 1))]
+    with torch.no_grad():
+        losses = [float(torch.nn.functional.mse_loss(model(x), y)) for x, y in (micro_batch(s, 999, 0) for s in (0, 1))]
+        before = [float(torch.nn.functional.mse_loss(fresh(x), y)) for x, y in (micro_batch(s, 999, 0) for s in (0, 1))]
     assert ns["opt"].stats.outer_steps == 100
     assert all(a < b / 5 for a, b in zip(losses, before)), (losses, before)
 

@@ -25,11 +25,28 @@ def load_manifest(path: str) -> dict:
         return json.load(f)
 
 
-class TokenShard:
+class FlatTokens:
+    """A flat array of token ids, read as windows of seq_len + 1 tokens (inputs and shifted targets)."""
+
+    def __init__(self, tokens: np.ndarray, name: str):
+        self.tokens, self.name = tokens, name
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def num_windows(self, seq_len: int) -> int:
+        """Non-overlapping windows of seq_len + 1 tokens."""
+        return max((len(self.tokens) - 1) // seq_len, 0)
+
+    def window(self, i: int, seq_len: int) -> np.ndarray:
+        s = i * seq_len
+        return self.tokens[s:s + seq_len + 1]
+
+
+class TokenShard(FlatTokens):
     """One split (train or val) of one source: a flat uint16/uint32 memmap of token ids."""
 
     def __init__(self, path: str, dtype: str, name: str):
-        self.name = name
         self.path = path
         if not os.path.isfile(path):
             raise DataError(f"source {name!r}: {path} is missing; re-run `nexus-megatron prepare-data`")
@@ -37,21 +54,10 @@ class TokenShard:
         itemsize = np.dtype(dtype).itemsize
         if size == 0 or size % itemsize:
             raise DataError(f"source {name!r}: {path} is empty or truncated ({size} bytes); re-run prepare-data")
-        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        super().__init__(np.memmap(path, dtype=dtype, mode="r"), name)
 
     def check_vocab(self, vocab_size: int) -> None:
         check_token_range(self.path, self.tokens, vocab_size, self.name)
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def num_windows(self, seq_len: int) -> int:
-        """Non-overlapping windows of seq_len + 1 tokens (inputs and shifted targets)."""
-        return max((len(self.tokens) - 1) // seq_len, 0)
-
-    def window(self, i: int, seq_len: int) -> np.ndarray:
-        s = i * seq_len
-        return self.tokens[s:s + seq_len + 1]
 
 
 class SourceSampler:

@@ -30,29 +30,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ...data.shards import SourceSampler, TokenShard, load_manifest
+from ...data.shards import FlatTokens, SourceSampler, TokenShard, load_manifest
 from ...errors import DataError
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
-
-
-class _FlatTokens:
-    """TokenShard-like view of a contiguous window range of a flat token array."""
-
-    def __init__(self, tokens: np.ndarray, name: str):
-        self.tokens, self.name = tokens, name
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def num_windows(self, seq_len: int) -> int:
-        return max((len(self.tokens) - 1) // seq_len, 0)
-
-    def window(self, i: int, seq_len: int) -> np.ndarray:
-        s = i * seq_len
-        return self.tokens[s:s + seq_len + 1]
 
 
 def open_indexed_tokens(prefix: str) -> np.ndarray:
@@ -80,11 +63,11 @@ def parse_split(split: str) -> list:
     return [p / total for p in parts]
 
 
-def _split_windows(tokens: np.ndarray, seq_len: int, split, which: int, name: str) -> _FlatTokens:
+def _split_windows(tokens: np.ndarray, seq_len: int, split, which: int, name: str) -> FlatTokens:
     n_win = max((len(tokens) - 1) // seq_len, 0)
     bounds = np.cumsum([0.0] + list(split)) * n_win
     lo, hi = int(round(bounds[which])), int(round(bounds[which + 1]))
-    return _FlatTokens(tokens[lo * seq_len: hi * seq_len + 1], name)
+    return FlatTokens(tokens[lo * seq_len: hi * seq_len + 1], name)
 
 
 class SourceSpec:
