@@ -43,3 +43,22 @@ def write_synthetic_data(path, train_tokens=20000, val_tokens=2000, sources=("we
 @pytest.fixture
 def synthetic_data(tmp_path):
     return write_synthetic_data(str(tmp_path / "data"))
+
+
+@pytest.fixture
+def crash_after_checkpoint(monkeypatch):
+    """crash_after_checkpoint(step): the plain engine's next checkpoint at `step` is written completely,
+    then the run dies (KeyboardInterrupt), like a process killed right after a save."""
+    import nexus_megatron.engines.plain as plain
+
+    def arm(crash_step):
+        orig = plain.save_checkpoint
+
+        def save_then_crash(root, step, state, keep=2):
+            out = orig(root, step, state, keep)
+            if step == crash_step:
+                monkeypatch.setattr(plain, "save_checkpoint", orig)
+                raise KeyboardInterrupt("simulated crash")
+            return out
+        monkeypatch.setattr(plain, "save_checkpoint", save_then_crash)
+    return arm

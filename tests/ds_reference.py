@@ -4,6 +4,7 @@ Written from ALGORITHMS.md §1.1 like tests/nexus_reference.py (whose toy proble
 import torch
 
 from nexus_megatron.layout import LayoutConfig, SequentialLayout, hash_seed
+from tests.nexus_reference import set_flat, source_grad
 
 SOURCES = ("web", "code", "math")
 IN, HID, OUT = 6, 16, 3
@@ -38,23 +39,8 @@ def flat_params(model):
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
 
 
-def _set_flat(model, flat):
-    off = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            p.copy_(flat[off:off + n].view_as(p))
-            off += n
-
-
 def _source_grad(model, source, step, micro, readers):
-    params = list(model.parameters())
-    total = None
-    for r in range(readers):
-        x, y = batch(source, step, micro, r)
-        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model, x, y), params)])
-        total = g if total is None else total + g
-    return total / readers
+    return source_grad(model, source, step, micro, readers, batch_fn=batch, loss=loss_fn)
 
 
 def reference_run(mode, num_sources, world, steps, k, gamma, lr=1e-2, weights=None, layout_seed=0, wd=0.1,
@@ -72,7 +58,7 @@ def reference_run(mode, num_sources, world, steps, k, gamma, lr=1e-2, weights=No
         theta = flat_params(model)
         delta = torch.zeros_like(theta)
         for m in range(k):
-            _set_flat(model, theta + delta)
+            set_flat(model, theta + delta)
             present = [seq.source_for(t, m)] if mode == "sequential" else list(range(num_sources))
             readers = world if mode == "sequential" else world // num_sources
             grads = {i: _source_grad(model, i, t, m, readers) for i in present}
@@ -87,7 +73,7 @@ def reference_run(mode, num_sources, world, steps, k, gamma, lr=1e-2, weights=No
             c = (float(G.double().norm()) + 1e-6) / clip
             if c > 1:
                 G = G / c
-        _set_flat(model, theta)
+        set_flat(model, theta)
         off = 0
         for p in model.parameters():
             n = p.numel()

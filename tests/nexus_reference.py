@@ -1,7 +1,6 @@
 """A single-process reference of Nexus (ALGORITHMS.md §1.1), written straight from the spec, and the
 toy problem the distributed tests share with it. Every source gradient is computed here in one process
 on exactly the micro-batches the ranks read."""
-import math
 
 import torch
 
@@ -35,13 +34,15 @@ def flat_params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def source_grad(model, source, step, micro, readers):
-    """Mean over the readers' micro-batches of the gradient of each reader's mean loss."""
+def source_grad(model, source, step, micro, readers, batch_fn=None, loss=None):
+    """Mean over the readers' micro-batches of the gradient of each reader's mean loss
+    (``batch_fn``/``loss`` default to this module's toy problem)."""
+    batch_fn, loss = batch_fn or batch, loss or loss_fn
     params = list(model.parameters())
     total = None
     for r in range(readers):
-        x, y = batch(source, step, micro, r)
-        gs = torch.autograd.grad(loss_fn(model, x, y), params)
+        x, y = batch_fn(source, step, micro, r)
+        gs = torch.autograd.grad(loss(model, x, y), params)
         g = torch.cat([t.reshape(-1) for t in gs])
         total = g if total is None else total + g
     return total / readers

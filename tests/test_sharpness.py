@@ -585,10 +585,9 @@ def test_trainer_logs_sharpness_on_two_ranks(synthetic_data, tmp_path):
         load_config(None, ["sharpness.every=0"])
 
 
-def test_trainer_resume_keeps_sharpness_metrics(synthetic_data, tmp_path):
+def test_trainer_resume_keeps_sharpness_metrics(synthetic_data, tmp_path, crash_after_checkpoint):
     """6 steps straight == 3 steps, crash, resume to 6: the same parameters and the same sharpness numbers
     (the warm starts travel in the checkpoint)."""
-    import nexus_megatron.engines.plain as T
     from nexus_megatron.config import load_config
     from nexus_megatron.train import train
     base = json.loads(json.dumps(TINY))
@@ -598,19 +597,9 @@ def test_trainer_resume_keeps_sharpness_metrics(synthetic_data, tmp_path):
         return load_config(None, [f"data.path={synthetic_data}", f"train.run_dir={tmp_path / run}",
                                   "sharpness.enabled=true", "sharpness.every=1", *extra], base=base)
     train(cfg("a"))
-    orig = T.save_checkpoint
-
-    def crash_after_3(root, step, state, keep=2):
-        out = orig(root, step, state, keep)
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return out
-    T.save_checkpoint = crash_after_3
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg("b", "train.checkpoint_every=3"))
-    finally:
-        T.save_checkpoint = orig
+    crash_after_checkpoint(3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("b", "train.checkpoint_every=3"))
     train(cfg("b", "train.checkpoint_every=3"))
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/") and k != "sharpness/time_s"}
     read = lambda run: [strip(json.loads(line)) for line in open(tmp_path / run / "metrics.jsonl")]

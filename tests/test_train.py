@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nexus_megatron.config import load_config
-from nexus_megatron.errors import DataError, NexusConfigError
+from nexus_megatron.errors import DataError
 from tests.distributed import run_distributed
 
 TINY = {
@@ -70,7 +70,7 @@ def test_loss_decreases(synthetic_data, tmp_path):
     assert last < first - 0.5, (first, last)
 
 
-def test_resume_continues_bitwise(synthetic_data, tmp_path):
+def test_resume_continues_bitwise(synthetic_data, tmp_path, crash_after_checkpoint):
     """6 steps straight == 3 steps, stop, resume to 6 (parameters, optimizer state, metrics)."""
     from nexus_megatron.checkpoint import latest_checkpoint, load_checkpoint
     from nexus_megatron.train import train
@@ -78,20 +78,9 @@ def test_resume_continues_bitwise(synthetic_data, tmp_path):
     train(full)
     part = tiny_config(synthetic_data, tmp_path / "b", **{"train.steps": 6, "train.eval_every": 3,
                                                           "train.checkpoint_every": 3})
-    # run 3 steps by stopping after the step-3 checkpoint: simulate the crash by truncating the run
-    import nexus_megatron.engines.plain as T
-    orig = T.save_checkpoint
-    def crash_after_3(root, step, state, keep=2):
-        out = orig(root, step, state, keep)
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return out
-    T.save_checkpoint = crash_after_3
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(part)
-    finally:
-        T.save_checkpoint = orig
+    crash_after_checkpoint(3)   # the run dies right after writing its step-3 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(part)
     train(part)   # resumes from step 3
     a = load_checkpoint(latest_checkpoint(str(tmp_path / "a" / "checkpoints")))
     b = load_checkpoint(latest_checkpoint(str(tmp_path / "b" / "checkpoints")))
