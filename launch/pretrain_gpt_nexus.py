@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--nexus-log-file", type=str, default=None, help="JSON lines of the training log (rank 0)")
     n.add_argument("--cpu-test-shim", action="store_true",
                    help="CPU smoke runs only: apply tests/mcore_cpu_shim.py (fakes CUDA for megatron-core) and gloo")
+    from nexus_megatron.engines.megatron.megatron_lm import add_sharpness_args   # --sharpness-*
+    add_sharpness_args(p)
     return p
 
 
@@ -156,6 +158,12 @@ def parse_args(argv=None):
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.fp16:
         parser.error("--fp16 is not supported with this launcher (Nexus needs no loss scale): use --bf16")
+    from nexus_megatron.engines.megatron.megatron_lm import sharpness_config_from_args
+    from nexus_megatron.errors import NexusConfigError
+    try:
+        args.sharpness = sharpness_config_from_args(args)
+    except NexusConfigError as e:
+        parser.error(str(e))
     return args
 
 
@@ -324,6 +332,22 @@ def evaluate(args, model, fb_eval, forward_step, val_samplers, names, dp_rank, d
     return out
 
 
+def build_sharpness(args, scfg, opt, model, specs, data, val, fb_eval, eod):
+    """(hook, data iterator): the critical-sharpness hook with per-source probe batches from the data
+    routing (and --sharpness-ood-data-path), and the iterator wrapped to keep each iteration's micro-batches.
+    (None, data) when --sharpness-every is 0."""
+    if not scfg.enabled:
+        return None, data
+    from nexus_megatron.engines.megatron.megatron_lm import ood_samplers
+    from nexus_megatron.engines.megatron.sharpness import RecordingIterator, build_megatron_sharpness_hook
+    hook = build_megatron_sharpness_hook(
+        scfg, opt, model, train_samplers=data.samplers, val_samplers=val, names=[s.name for s in specs],
+        weights=[s.weight for s in specs], micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+        ood_samplers=ood_samplers(args.sharpness_ood_data_path, args.seq_length, args.seed, args.split), eod=eod,
+        mask_eod=args.eod_mask_loss, forward_backward_func=fb_eval)
+    return hook, RecordingIterator(data)
+
+
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
@@ -345,6 +369,7 @@ def main(argv=None) -> dict:
                                                  get_nexus_megatron_optimizer, load_checkpoint,
                                                  megatron_core_version, nexus_finalize_model_grads,
                                                  nexus_forward_backward, parse_data_path, save_checkpoint)
+    from nexus_megatron.engines.megatron.optimizer import step_with_pre_update
     from nexus_megatron.layout import LayoutConfig
     from nexus_megatron.nexus import NexusConfig
 
@@ -364,6 +389,7 @@ def main(argv=None) -> dict:
                          f"({args.micro_batch_size} x {dp_size})")
     n_mb = gbs // (args.micro_batch_size * dp_size)
 
+    scfg = args.sharpness
     specs = parse_data_path(args.data_path)
     names = [s.name for s in specs]
     nexus = args.optimizer == "nexus"
@@ -420,6 +446,7 @@ def main(argv=None) -> dict:
     forward_step = make_forward_step(names)
     base_fb = get_forward_backward_func()
     fb = nexus_forward_backward(opt, base_fb) if nexus else base_fb
+    hook, data = build_sharpness(args, scfg, opt, model, specs, data, val, base_fb, eod)
 
     start = 0
     if args.load:
@@ -427,6 +454,8 @@ def main(argv=None) -> dict:
         if info is not None:
             start = info["iteration"]
             data.load_state_dict(info["client_state"]["data"])
+            if hook is not None and "sharpness" in info["client_state"]:
+                hook.load_state_dict(info["client_state"]["sharpness"])
             log0(f"[pretrain_gpt_nexus] resumed from {info['path']} at iteration {start}")
 
     log_f = open(args.nexus_log_file, "a") if (args.nexus_log_file and dist.get_rank() == 0) else None
@@ -449,7 +478,9 @@ def main(argv=None) -> dict:
         lr = opt.param_groups[0]["lr"]
         losses = fb(forward_step_func=forward_step, data_iterator=data, model=model, num_microbatches=n_mb,
                     seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False)
-        ok, grad_norm, _ = opt.step()
+        if hook is not None:      # the iteration's own micro-batches (the mixture loss of --sharpness-split step)
+            hook.begin_step(it + 1, data.take())
+        ok, grad_norm, _ = opt.step() if nexus else step_with_pre_update(opt, hook)
         if ok:
             sched.step(increment=1)
         per_src = reduce_losses(losses, len(names), device)
@@ -462,11 +493,16 @@ def main(argv=None) -> dict:
                 rec[f"loss/{nme}"] = v
         if nexus:
             rec.update(opt.step_stats())
+        if hook is not None:
+            rec.update(hook.pop_metrics())
         done = it + 1
         if args.eval_interval and (done % args.eval_interval == 0 or done == args.train_iters):
             rec.update(evaluate(args, model, base_fb, forward_step, val, names, dp_rank, dp_size, device))
         if args.save and args.save_interval and (done % args.save_interval == 0 or done == args.train_iters):
-            save_checkpoint(args.save, done, model, opt, sched, client_state={"data": data.state_dict()})
+            client = {"data": data.state_dict()}
+            if hook is not None:
+                client["sharpness"] = hook.state_dict()
+            save_checkpoint(args.save, done, model, opt, sched, client_state=client)
             rec["saved"] = True
         if log_f:
             log_f.write(json.dumps(rec) + "\n")

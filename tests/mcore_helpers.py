@@ -227,10 +227,11 @@ def run_steps(ddp, opt, sched, groups, steps, M=1, record=None):
 # ---------------------------------------------------------------------------------------------------
 
 def reference_run(model, *, mode, num_sources, dp, steps, k, M=1, weights=None, clip=0.0, gamma=GAMMA,
-                  layout_seed=0, one_buffer=True, concat_check=False, concat_errors=None):
+                  layout_seed=0, one_buffer=True, concat_check=False, concat_errors=None, pre_outer_step=None):
     """Nexus written from the spec on one unsharded GPTModel (``one_buffer=False``: delta accumulated
     separately, the spec's arithmetic = the adapter's ``exact_displacement=True``; ``one_buffer=True``: the
-    point ``theta + delta`` is the only state and delta = point - theta, the adapter's default). Returns (params after each outer step as
+    point ``theta + delta`` is the only state and delta = point - theta, the adapter's default).
+    ``pre_outer_step(t, outer, params)`` is called with G in ``p.grad`` right before each AdamW step. Returns (params after each outer step as
     {name: tensor}, per-micro-step source norms [{source: norm}])."""
     from nexus_megatron.layout import LayoutConfig, SequentialLayout
     from nexus_megatron.nexus import source_coefficients
@@ -317,6 +318,8 @@ def reference_run(model, *, mode, num_sources, dp, steps, k, M=1, weights=None, 
         for p in params:
             p.grad = G[off:off + p.numel()].view_as(p).clone()
             off += p.numel()
+        if pre_outer_step is not None:
+            pre_outer_step(t, outer, params)
         outer.step()
         for p in params:
             p.grad = None

@@ -22,17 +22,26 @@ What each replacement does:
   (:func:`~.schedule.nexus_forward_backward`); evaluation passes through.
 * ``finalize_model_grads``: Megatron's, with the layout's groups.
 
+With ``--sharpness-every N`` the Nexus optimizer also gets the critical-sharpness hook
+(:mod:`.sharpness`, docs/sharpness.md) as its ``pre_outer_step``, with per-source probe batches from
+``--data-path`` (validation split) and ``--sharpness-ood-data-path``; the measurements go to Megatron-LM's
+TensorBoard and W&B writers under ``sharpness/...``.
+
 This module is plumbing only; it is exercised in the tests against a stand-in ``megatron.training.training``
 module with the same four names (Megatron-LM itself is not installed in the test environment).
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ...errors import NexusConfigError
 from ...layout import LayoutConfig
 from ...nexus import NexusConfig
+from ...sharpness import SharpnessConfig
 
 
 @dataclass
@@ -48,6 +57,11 @@ class NexusSettings:
     min_grad_norm: float = 1e-8
     max_consecutive_skips: int = 10
     exact_displacement: bool = False
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    """Critical sharpness (off by default); needs ``probe_data``."""
+    probe_data: dict = field(default_factory=dict)
+    """Where the sharpness probe batches come from: ``data_path`` (Megatron-LM's --data-path), ``seq_length``,
+    ``micro_batch_size``, ``split``, ``seed``, ``ood_data_path`` (list or None), ``eod``, ``mask_eod``."""
     state: dict = field(default_factory=dict)
 
     def layout_config(self) -> LayoutConfig:
@@ -98,6 +112,8 @@ def enable_nexus(settings: NexusSettings, training_module=None):
                                            micro_steps=k, config_overrides=config_overrides,
                                            exact_displacement=settings.exact_displacement, **kw)
         settings.state["optimizer"] = opt
+        if settings.sharpness.enabled:
+            settings.state["sharpness"] = build_sharpness_hook_from_settings(settings, opt, model_chunks)
         return opt
 
     def get_forward_backward_func(*args, **kwargs):
@@ -107,7 +123,22 @@ def enable_nexus(settings: NexusSettings, training_module=None):
             opt = settings.state.get("optimizer")
             if opt is None or kw.get("forward_only", False):
                 return base(**kw)
-            return nexus_forward_backward(opt, base)(**kw)
+            hook = settings.state.get("sharpness")
+            if hook is None:
+                return nexus_forward_backward(opt, base)(**kw)
+            from .sharpness import RecordingIterator
+            it = kw["data_iterator"]
+            if isinstance(it, (list, tuple)):
+                if settings.sharpness.split == "step":
+                    raise NexusConfigError("--sharpness-split step with virtual pipeline stages (one data iterator per "
+                                           "model chunk) is not supported: use --sharpness-split val")
+                out = nexus_forward_backward(opt, base)(**kw)
+                hook.begin_step(opt.iteration + 1)
+                return out
+            rec = RecordingIterator(it)
+            out = nexus_forward_backward(opt, base)(**dict(kw, data_iterator=rec))
+            hook.begin_step(opt.iteration + 1, rec.take())    # the iteration's own micro-batches
+            return out
         return run
 
     def finalize_model_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
@@ -124,8 +155,107 @@ def enable_nexus(settings: NexusSettings, training_module=None):
 # Megatron-LM argument plumbing
 # ---------------------------------------------------------------------------------------------------
 
+def add_sharpness_args(parser):
+    """The --sharpness-* flags (Megatron-LM style; also used by launch/pretrain_gpt_nexus.py)."""
+    s = parser.add_argument_group("critical sharpness")
+    s.add_argument("--sharpness-every", type=int, default=0,
+                   help="measure lambda_c along the update in every N-th iteration (0: off)")
+    s.add_argument("--sharpness-batches", type=int, default=1,
+                   help="fixed probe batches of --micro-batch-size sequences per source (dealt over the DP ranks)")
+    s.add_argument("--sharpness-split", choices=["step", "val", "train"], default="step",
+                   help="batches of the mixture loss: the iteration's own micro-batches (step), or fixed "
+                        "validation / training windows of every source")
+    s.add_argument("--sharpness-eps", type=float, default=0.0625, help="relative bisection tolerance")
+    s.add_argument("--sharpness-max-doublings", type=int, default=12)
+    s.add_argument("--sharpness-no-relative", action="store_false", dest="sharpness_relative",
+                   help="skip the per-source and OOD relative sharpness")
+    s.add_argument("--sharpness-ood-data-path", nargs="+", default=None,
+                   help="held-out sets for sharpness/lambda_c/ood: indexed-dataset prefixes or prepared source "
+                        "directories (their validation split; a prepared root = its OOD sources)")
+    return parser
+
+
+def sharpness_config_from_args(args) -> SharpnessConfig:
+    """The --sharpness-* flags as a SharpnessConfig, with errors naming the flag."""
+    if args.sharpness_every < 0:
+        raise NexusConfigError(f"--sharpness-every {args.sharpness_every}: give N >= 1 to measure every N "
+                               "iterations, or 0 for off")
+    if args.sharpness_every == 0:
+        return SharpnessConfig(enabled=False)
+    for flag, v in (("--sharpness-batches", args.sharpness_batches),
+                    ("--sharpness-max-doublings", args.sharpness_max_doublings)):
+        if v < 1:
+            raise NexusConfigError(f"{flag} {v}: must be an integer >= 1")
+    if not 0 < args.sharpness_eps < 1:
+        raise NexusConfigError(f"--sharpness-eps {args.sharpness_eps}: the relative bisection tolerance must be in "
+                               "(0, 1), e.g. 0.0625")
+    return SharpnessConfig(enabled=True, every=args.sharpness_every, eps=args.sharpness_eps,
+                           max_doublings=args.sharpness_max_doublings, batches=args.sharpness_batches,
+                           split=args.sharpness_split, relative=args.sharpness_relative)
+
+
+def parse_ood_path(paths) -> list:
+    """--sharpness-ood-data-path: prefixes / prepared source directories; a prepared root = its OOD sources."""
+    from ...data.shards import load_manifest
+    from .data import SourceSpec
+    out = []
+    for p in paths or []:
+        p = p.rstrip("/")
+        if os.path.isfile(os.path.join(p, "manifest.json")):
+            man = load_manifest(p)
+            out += [SourceSpec(n, 1.0, os.path.join(p, n)) for n, info in man["sources"].items()
+                    if info.get("kind") == "ood"]
+        else:
+            out.append(SourceSpec(os.path.basename(p), 1.0, p))
+    return out
+
+
+def ood_samplers(paths, seq_length: int, seed: int, split: str) -> dict:
+    """{name: validation sampler} of the OOD sets (prepared: val.bin; indexed: the --split validation range)."""
+    from .data import build_eval_samplers
+    specs = parse_ood_path(paths)
+    return {s.name: v for s, v in zip(specs, build_eval_samplers(specs, seq_length, seed=seed, split=split))}
+
+
+def writer_sink(step: int, metrics: dict) -> None:
+    """Megatron-LM's TensorBoard / W&B writers (where this rank has them), finite values only."""
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+    except ImportError:
+        return
+    finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    tb, wb = get_tensorboard_writer(), get_wandb_writer()
+    if tb is not None:
+        for k, v in finite.items():
+            tb.add_scalar(k, v, step)
+    if wb is not None:
+        wb.log(finite, step)
+
+
+def build_sharpness_hook_from_settings(settings: NexusSettings, opt, model_chunks, sink=writer_sink):
+    """The critical-sharpness hook for a Nexus optimizer built by the patched ``get_megatron_optimizer``."""
+    from ...data.shards import SourceSampler
+    from .data import build_eval_samplers, open_source, parse_data_path
+    from .sharpness import build_megatron_sharpness_hook
+    d = settings.probe_data
+    missing = [k for k in ("data_path", "seq_length", "micro_batch_size") if d.get(k) is None]
+    if missing:
+        raise NexusConfigError(f"critical sharpness: NexusSettings.probe_data lacks {missing} (settings_from_args "
+                               "fills them from Megatron-LM's arguments)")
+    seq, seed, split = int(d["seq_length"]), int(d.get("seed", 1234)), d.get("split", "969,30,1")
+    specs = parse_data_path(d["data_path"])
+    train = [SourceSampler(open_source(s, seq, split, "train"), seq, seed, i) for i, s in enumerate(specs)]
+    return build_megatron_sharpness_hook(
+        settings.sharpness, opt, model_chunks, train_samplers=train,
+        val_samplers=build_eval_samplers(specs, seq, seed=seed, split=split), names=[s.name for s in specs],
+        weights=[s.weight for s in specs], micro_batch_size=int(d["micro_batch_size"]), seq_length=seq,
+        ood_samplers=ood_samplers(d.get("ood_data_path"), seq, seed, split), eod=d.get("eod"),
+        mask_eod=bool(d.get("mask_eod", False)), sink=sink)
+
+
 def add_nexus_args(parser):
-    """``extra_args_provider`` for Megatron-LM's ``pretrain()``: the --nexus-* flags."""
+    """``extra_args_provider`` for Megatron-LM's ``pretrain()``: the --nexus-* and --sharpness-* flags."""
+    add_sharpness_args(parser)
     g = parser.add_argument_group("nexus")
     g.add_argument("--nexus", action="store_true", help="train with Nexus (outer optimizer: --optimizer adam)")
     g.add_argument("--nexus-gamma", type=float, default=1.0)
@@ -140,10 +270,15 @@ def add_nexus_args(parser):
 def settings_from_args(args) -> NexusSettings:
     from .data import parse_data_path
     specs = parse_data_path(args.data_path)
+    probe = {"data_path": args.data_path, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+             "split": args.split, "seed": args.seed, "ood_data_path": getattr(args, "sharpness_ood_data_path", None),
+             "mask_eod": getattr(args, "eod_mask_loss", False)}
     return NexusSettings(sources=[s.name for s in specs], weights=[s.weight for s in specs], layout=args.nexus_layout,
                          gamma=args.nexus_gamma, gamma_mode=args.nexus_gamma_mode, micro_steps=args.nexus_micro_steps,
                          layout_seed=args.seed, min_grad_norm=args.nexus_min_grad_norm,
-                         exact_displacement=args.nexus_exact_displacement)
+                         exact_displacement=args.nexus_exact_displacement,
+                         sharpness=sharpness_config_from_args(args) if hasattr(args, "sharpness_every")
+                         else SharpnessConfig(), probe_data=probe)
 
 
 _SETTINGS: dict = {}

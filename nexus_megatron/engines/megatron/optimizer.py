@@ -32,8 +32,17 @@ The outer step (``step``), after ``k`` micro-steps::
 
     main.grad <- G = -(main - anchor) / (k * gamma)     # the pseudo-gradient
     main      <- anchor                                 # restore theta_t
-    clip G (OptimizerConfig.clip_grad, Megatron's clip) ; Adam step on G ; main -> model (+ all-gather)
+    clip G (OptimizerConfig.clip_grad, Megatron's clip)
+    pre_outer_step(self)                                # optional seam (critical sharpness), see below
+    Adam step on G ; main -> model (+ all-gather)
     anchor    <- main
+
+The seam ``pre_outer_step`` (``fn(optimizer)``, like :class:`nexus_megatron.nexus.Nexus`'s) runs with the
+main params at theta_t (= the anchor), the clipped G in ``main.grad`` and the Adam state before the step;
+when the callback is due (``fn.due(optimizer)``, if it has one) the model params are first set to theta_t
+on every rank (main -> model + param all-gather), so model and main params agree, as in the plain adapter.
+It must leave all of that as it found it. :func:`step_with_pre_update` gives a plain Megatron (AdamW)
+optimizer the same seam.
 
 Memory: the anchor is one fp32 buffer shaped like this rank's main params: with the distributed
 optimizer that is one extra fp32 *shard* (4/d bytes per parameter), without it one fp32 copy (4 bytes per
@@ -83,6 +92,41 @@ def _children(inner) -> list:
     if isinstance(inner, ChainedOptimizer):
         return list(inner.chained_optimizers)
     return [inner]
+
+
+@torch.no_grad()
+def publish_main_params(children) -> None:
+    """Main params -> model params, and the param all-gather of the distributed optimizer: what Megatron's
+    ``step_with_ready_grads`` does after Adam (``children``: the non-chained Megatron optimizers)."""
+    for child in children:
+        if isinstance(child, MixedPrecisionOptimizer) and not child.is_stub_optimizer:
+            child._copy_main_params_to_model_params()
+        if isinstance(child, DistributedOptimizer):
+            for mc in child.model_chunks:
+                mc.start_param_sync()
+
+
+def step_with_pre_update(optimizer: MegatronOptimizer, fn=None):
+    """``optimizer.step()`` of a Megatron optimizer (FP32Optimizer, Float16OptimizerWithFloat16Params,
+    DistributedOptimizer, ChainedOptimizer) with ``fn(optimizer)`` called right before the Adam update:
+    after ``prepare_grads`` (the reduced gradient in ``main_param.grad``), the clipping and the zero count,
+    i.e. Megatron's own ``step()`` with the call injected in front of ``step_with_ready_grads``. Not called
+    when the step is skipped (inf/NaN found by the grad scaler). Returns what ``step()`` returns."""
+    if fn is None:
+        return optimizer.step()
+    if isinstance(optimizer, NexusMegatronOptimizer):
+        raise TypeError("step_with_pre_update: NexusMegatronOptimizer has its own seam, set "
+                        "optimizer.pre_outer_step instead")
+    real = optimizer.step_with_ready_grads
+
+    def with_seam():
+        fn(optimizer)
+        return real()
+    optimizer.step_with_ready_grads = with_seam          # an instance attribute, for this call only
+    try:
+        return optimizer.step()
+    finally:
+        del optimizer.step_with_ready_grads
 
 
 def _main_params(child) -> List[torch.Tensor]:
@@ -150,6 +194,9 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self.stats.reset_step(self.layout.num_sources)
         self.last_norms: Optional[torch.Tensor] = None
         self._acc: Optional[torch.Tensor] = None   # only while lr == 0 in gamma_mode='update'
+        self.pre_outer_step = None
+        """``fn(self)`` right before the outer Adam update (see the module docstring), e.g. the
+        critical-sharpness hook (:mod:`.sharpness`)."""
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -252,16 +299,10 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         if self.delta is not None:
             self.delta.zero_()
 
-    @torch.no_grad()
     def _publish(self):
         """Main params -> model params, and the param all-gather of the distributed optimizer (what
         ``step_with_ready_grads`` does after Adam)."""
-        for child in self.children:
-            if isinstance(child, MixedPrecisionOptimizer) and not child.is_stub_optimizer:
-                child._copy_main_params_to_model_params()
-            if isinstance(child, DistributedOptimizer):
-                for mc in child.model_chunks:
-                    mc.start_param_sync()
+        publish_main_params(self.children)
 
     def _zero_grad_buffers(self):
         for mc in self.model_chunks:
@@ -431,6 +472,14 @@ class NexusMegatronOptimizer(MegatronOptimizer):
                 clip_grad_by_total_norm_fp32(params, max_norm=child.config.clip_grad, total_norm=grad_norm,
                                              use_decoupled_grad=child.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
         num_zeros = self.inner.count_zeros() if self.config.log_num_zeros_in_grad else None
+        hook = self.pre_outer_step
+        if hook is not None:
+            due = getattr(hook, "due", None)
+            if due is None or due(self):
+                # The model params still hold the last inner point: give the callback theta_t everywhere.
+                # (step_with_ready_grads overwrites them after Adam anyway, so this changes nothing else.)
+                self._publish()
+            hook(self)
         ok = self.step_with_ready_grads()
         self._end_step(skipped=False)
         return ok, grad_norm, num_zeros
