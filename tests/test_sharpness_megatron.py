@@ -256,30 +256,82 @@ def _adam_run(hooked, *, distopt, bf16):
     return out
 
 
-def _worker(rank, world):
-    import time
-    T = [time.time()]
+def _megatron_lm_run(data):
+    """Megatron-LM's seams patched by enable_nexus with --sharpness-every 1, driven the way train() drives
+    them (a stand-in for megatron.training.training, as in tests/test_megatron.py)."""
+    import types
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from nexus_megatron.engines.megatron.megatron_lm import NexusSettings, enable_nexus
+    from nexus_megatron.sharpness import SharpnessConfig
+
+    T = types.SimpleNamespace(DDP=DistributedDataParallel, get_megatron_optimizer=get_megatron_optimizer,
+                              get_forward_backward_func=get_forward_backward_func,
+                              finalize_model_grads=finalize_model_grads)
+    probe = {"data_path": ["0.5", os.path.join(data, "web"), "0.5", os.path.join(data, "code")], "seq_length": H.SEQ,
+             "micro_batch_size": H.MBS, "ood_data_path": [data]}
+    settings = enable_nexus(NexusSettings(sources=NAMES, gamma=H.GAMMA, gamma_mode="absolute", micro_steps=K,
+                                          sharpness=SharpnessConfig(enabled=True, every=1), probe_data=probe), T)
+    model, cfg = H.build_model()
+    ddp = T.DDP(config=cfg, ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                                                     grad_reduce_in_fp32=True), module=model)
+    opt = T.get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=H.LR, min_lr=H.LR, weight_decay=H.WD,
+                                                   adam_beta1=0.9, adam_beta2=0.95, adam_eps=H.EPS,
+                                                   use_distributed_optimizer=True), [ddp],
+                                   config_overrides=None, use_gloo_process_groups=True)
+    sched = H.scheduler(opt, H.LR)
+    cfg.finalize_model_grads_func = T.finalize_model_grads
+    fb = T.get_forward_backward_func()
+    it = H.TestIterator(opt.layout)
+    for _ in range(2):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        fb(forward_step_func=H.forward_step, data_iterator=it, model=[ddp], num_microbatches=K, seq_length=H.SEQ,
+           micro_batch_size=H.MBS, forward_only=False)
+        assert opt.step()[0]
+        sched.step(1)
+    hook = settings.state["sharpness"]
+    return {"history": hook.history, "installed": opt.pre_outer_step is hook,
+            "probe_sizes": {k: [int(b["tokens"].shape[0]) for b in v] for k, v in hook.meter.probe.batches.items()}}
+
+
+def _refused_settings():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from nexus_megatron.engines.megatron.sharpness import MegatronHost
+    from nexus_megatron.errors import NexusConfigError
+    model, cfg = H.build_model()
+    ddp = DistributedDataParallel(config=cfg, module=model, ddp_config=DistributedDataParallelConfig(
+        use_distributed_optimizer=True, overlap_param_gather=True, overlap_grad_reduce=True))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [ddp])
+    try:
+        MegatronHost(opt)
+    except NexusConfigError as e:
+        return {"overlap_param_gather": str(e)}
+    return {}
+
+
+def _worker(rank, world, data):
     H.init_megatron()                     # DP=2
     out = {"ref_dp2": _reference(dp=2), "ref_dp1": _reference(dp=1)}
-    T.append(time.time())
     for hooked in (True, False):
         out[f"nexus_dp2_{hooked}"] = _nexus_run(hooked)
-        T.append(time.time())
         out[f"adam_bf16_distopt_{hooked}"] = _adam_run(hooked, distopt=True, bf16=True)
-        T.append(time.time())
         out[f"adam_fp32_{hooked}"] = _adam_run(hooked, distopt=False, bf16=False)
-        T.append(time.time())
     out["total_numel"] = sum(p.numel() for p in H.build_model()[0].parameters())
+    out["megatron_lm"] = _megatron_lm_run(data)
+    out["errors"] = _refused_settings()
     H.init_megatron(tp=2)                 # the same two processes as TP=2 (DP=1)
     out["nexus_tp2_True"] = _nexus_run(True, tp=2)
-    T.append(time.time())
-    out["times"] = [b - a for a, b in zip(T, T[1:])]
     return out
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return run_distributed(_worker, 2, timeout=600)
+def runs(tmp_path_factory):
+    data = write_synthetic_data(str(tmp_path_factory.mktemp("sharp_mcore") / "d"))
+    return run_distributed(_worker, 2, data, timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,6 +419,87 @@ def test_direction_is_shard_sized_under_the_distributed_optimizer(runs):
         tp = r["nexus_tp2_True"]
         assert tp["u_numel"][0] == tp["shard_numel"] < total              # TP shard (DP=1)
     assert sum(r["nexus_dp2_True"]["u_numel"][0] for r in runs) >= total
+
+
+def test_megatron_lm_seams_measure_with_the_iterations_batches(runs):
+    for r in runs:
+        res = r["megatron_lm"]
+        assert res["installed"] and [s for s, _ in res["history"]] == [1, 2]
+        for _, m in res["history"]:
+            for key in ("sharpness/lambda_c", "sharpness/lambda_c/web", "sharpness/lambda_c/code",
+                        "sharpness/lambda_c/ood"):
+                assert math.isfinite(m[key]) and m[key] > 0, key
+        # fixed probes: 1 batch of MBS sequences per source, dealt over 2 ranks; the mixture: the step's batches
+        assert res["probe_sizes"]["web"] == [1] and res["probe_sizes"]["poetry"] == [1]
+    strip = lambda hist: [{k: v for k, v in m.items() if k != "sharpness/time_s"} for _, m in hist]  # noqa: E731
+    assert strip(runs[0]["megatron_lm"]["history"]) == strip(runs[1]["megatron_lm"]["history"])
+
+
+def test_refused_settings(runs):
+    assert "--overlap-param-gather" in runs[0]["errors"]["overlap_param_gather"]
+
+
+class FusedFormatAdam(torch.optim.Optimizer):
+    """Transformer Engine's FusedAdam bookkeeping (the step count in the param group, ``adam_w_mode``,
+    ``bias_correction``) with its documented update written out in torch: Megatron's Adam on GPUs."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, adam_w_mode=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=True))
+        self.adam_w_mode = 1 if adam_w_mode else 0
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            g["step"] = g.get("step", 0) + 1
+            (b1, b2), t, wd = g["betas"], g["step"], g["weight_decay"]
+            for p in g["params"]:
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                grad = p.grad if self.adam_w_mode else p.grad + wd * p
+                m = st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
+                v = st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                upd = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + g["eps"])
+                if self.adam_w_mode:
+                    upd = upd + wd * p
+                p.add_(upd, alpha=-g["lr"])
+
+
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_fused_adam_format_direction(adam_w_mode):
+    from nexus_megatron.engines.megatron.sharpness import child_direction
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))
+    opt = FusedFormatAdam([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=3e-2,
+                          betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, adam_w_mode=adam_w_mode)
+    x = torch.randn(8, 6)
+    for i in range(4):
+        opt.zero_grad()
+        ((x @ w + b).tanh() ** 2).mean().backward()
+        if i < 3:
+            opt.step()
+    state = {k: v.clone() for p in (w, b) for k, v in opt.state[p].items()}
+    theta = [w.detach().clone(), b.detach().clone()]
+    u = child_direction(opt, [w, b])
+    assert all(torch.equal(v, opt.state[p][k]) for p in (w, b) for k, v in opt.state[p].items() if k in state)
+    assert [g["step"] for g in opt.param_groups] == [3, 3]                 # reads, never writes
+    opt.step()
+    for p, t, d in zip((w, b), theta, u):
+        torch.testing.assert_close(p.detach(), t - 3e-2 * d, rtol=1e-6, atol=1e-7)
+
+
+def test_launcher_refuses_bad_sharpness_flags(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    from pretrain_gpt_nexus import parse_args
+    base = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--data-path", "x"]
+    assert not parse_args(base).sharpness.enabled
+    for flags, name in ((["--sharpness-every", "-1"], "--sharpness-every"),
+                        (["--sharpness-every", "2", "--sharpness-batches", "0"], "--sharpness-batches"),
+                        (["--sharpness-every", "2", "--sharpness-eps", "1.5"], "--sharpness-eps")):
+        with pytest.raises(SystemExit):
+            parse_args(base + flags)
+        assert name in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
