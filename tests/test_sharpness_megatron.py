@@ -187,9 +187,9 @@ def _nexus_steps(ddp, opt, sched, groups, hook):
         sched.step(1)
 
 
-def _nexus_run(hooked, *, tp=1, distopt=True):
+def _nexus_run(hooked, *, tp=1, pp=1, distopt=True):
     from megatron.core import parallel_state as ps
-    model, cfg = H.build_model(tp=tp)
+    model, cfg = H.build_model(tp=tp, pp=pp)
     ddp, opt, sched, groups = H.build_nexus(model, cfg, mode="sequential", num_sources=len(NAMES), distopt=distopt, k=K)
     out = {"inner": [type(c).__name__ for c in opt.children], "shard_numel": opt.numel,
            "local_numel": sum(p.numel() for p in model.parameters())}
@@ -207,6 +207,7 @@ def _nexus_run(hooked, *, tp=1, distopt=True):
     out["state"] = [v.clone() for c in opt.children for st in c.optimizer.state.values() for v in st.values()
                     if torch.is_tensor(v)]
     out["tp"] = ps.get_tensor_model_parallel_world_size()
+    out["pp"] = ps.get_pipeline_model_parallel_world_size()
     return out
 
 
@@ -325,6 +326,8 @@ def _worker(rank, world, data):
     out["errors"] = _refused_settings()
     H.init_megatron(tp=2)                 # the same two processes as TP=2 (DP=1)
     out["nexus_tp2_True"] = _nexus_run(True, tp=2)
+    H.init_megatron(pp=2)                 # and as two pipeline stages
+    out["nexus_pp2_True"] = _nexus_run(True, pp=2)
     return out
 
 
@@ -360,9 +363,10 @@ def _compare_search(got: dict, want: dict, label: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name,ref", [("nexus_dp2_True", "ref_dp2"), ("nexus_tp2_True", "ref_dp1")])
+@pytest.mark.parametrize("name,ref", [("nexus_dp2_True", "ref_dp2"), ("nexus_tp2_True", "ref_dp1"),
+                                      ("nexus_pp2_True", "ref_dp1")])
 def test_sharded_runs_match_one_process(runs, name, ref):
-    """DP=2 with the distributed optimizer, and TP=2 (3 outer steps, measured at each, warm-started): the
+    """DP=2 with the distributed optimizer, TP=2 and PP=2 (3 outer steps, measured at each, warm-started): the
     searches take the same decisions on the same losses as the unsharded single-process reference on the same
     probe batches along its own AdamW direction; both ranks log identical numbers."""
     want = runs[0][ref]
@@ -384,10 +388,10 @@ def test_sharded_runs_match_one_process(runs, name, ref):
         a, b = dict(a), dict(b)
         a.pop("sharpness/time_s"), b.pop("sharpness/time_s")
         assert a == b                                  # identical decisions and values on both ranks
-    assert runs[0][name]["tp"] == (2 if "tp2" in name else 1)
+    assert runs[0][name]["tp"] == (2 if "tp2" in name else 1) and runs[0][name]["pp"] == (2 if "pp2" in name else 1)
 
 
-@pytest.mark.parametrize("name", ["nexus_dp2", "adam_bf16_distopt", "adam_fp32", "nexus_tp2"])
+@pytest.mark.parametrize("name", ["nexus_dp2", "adam_bf16_distopt", "adam_fp32", "nexus_tp2", "nexus_pp2"])
 def test_measurement_restores_everything_bitwise(runs, name):
     """Around every measurement: model params, main params, main grads, Adam state, param groups and the
     Nexus anchor are bitwise what they were; and u is the step the optimizer then took."""
@@ -510,11 +514,11 @@ def test_launcher_logs_sharpness(tmp_path):
     log = str(tmp_path / "log.jsonl")
     args = ["--cpu-test-shim", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
-            "--lr-warmup-iters", "1", "--train-iters", "3", "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--lr-warmup-iters", "1", "--train-iters", "2", "--weight-decay", "0.1", "--clip-grad", "1.0",
             "--data-path", "0.6", os.path.join(data, "web"), "0.4", os.path.join(data, "code"),
             "--split", "969,30,1", "--use-distributed-optimizer", "--optimizer", "adam",
             "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "0",
-            "--sharpness-every", "2", "--sharpness-batches", "2", "--sharpness-ood-data-path",
+            "--sharpness-every", "1", "--sharpness-batches", "2", "--sharpness-ood-data-path",
             os.path.join(data, "poetry"), "--nexus-log-file", log]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -522,11 +526,11 @@ def test_launcher_logs_sharpness(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     recs = [json.loads(line) for line in open(log)]
-    assert [x["iteration"] for x in recs] == [1, 2, 3]
-    assert not any(k.startswith("sharpness/") for k in recs[0]) and not any(k.startswith("sharpness/") for k in recs[2])
-    m = recs[1]
-    for key in ("sharpness/lambda_c", "sharpness/eta_c", "sharpness/forward_passes", "sharpness/threshold",
-                "sharpness/lambda_c/web", "sharpness/lambda_c/code", "sharpness/lambda_c/ood"):
-        assert key in m and math.isfinite(m[key]), key
-    assert m["sharpness/lambda_c"] == pytest.approx(2 / m["sharpness/eta_c"])
-    assert m["sharpness/threshold"] == pytest.approx(38 / m["lr"] - 0.1 * 19, rel=1e-6)
+    assert [x["iteration"] for x in recs] == [1, 2]
+    for m in recs:
+        for key in ("sharpness/lambda_c", "sharpness/eta_c", "sharpness/forward_passes", "sharpness/lambda_c/web",
+                    "sharpness/lambda_c/code", "sharpness/lambda_c/ood"):
+            assert key in m and math.isfinite(m[key]) and m[key] > 0, key
+        assert m["sharpness/lambda_c"] == pytest.approx(2 / m["sharpness/eta_c"])
+    assert recs[0]["lr"] == 0 and recs[0]["sharpness/threshold"] == math.inf     # warmup from 0: no threshold
+    assert recs[1]["sharpness/threshold"] == pytest.approx(38 / recs[1]["lr"] - 0.1 * 19, rel=1e-6)
