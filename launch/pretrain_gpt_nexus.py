@@ -278,10 +278,12 @@ def default_micro_steps(n_mb: int, pp: int) -> int:
     return max(d for d in range(1, cap + 1) if n_mb % d == 0)
 
 
-def make_forward_step(source_names):
+def make_forward_step(source_names, on_batch=None):
     import torch
 
     def forward_step(data_iterator, model):
+        if on_batch is not None:
+            on_batch()
         b = next(data_iterator)
         dev = next(model.parameters()).device
         b = {k: v.to(dev) for k, v in b.items()}
@@ -370,6 +372,7 @@ def main(argv=None) -> dict:
                                                  megatron_core_version, nexus_finalize_model_grads,
                                                  nexus_forward_backward, parse_data_path, save_checkpoint)
     from nexus_megatron.engines.megatron.optimizer import step_with_pre_update
+    from nexus_megatron.faults import fault_point
     from nexus_megatron.layout import LayoutConfig
     from nexus_megatron.nexus import NexusConfig
 
@@ -443,7 +446,16 @@ def main(argv=None) -> dict:
                                  per_pass if nexus else n_mb, seed=args.seed, split=args.split, eod=eod,
                                  mask_eod=args.eod_mask_loss)
     val = build_eval_samplers(specs, args.seq_length, seed=args.seed, split=args.split)
-    forward_step = make_forward_step(names)
+    # fault-injection hook (tests; NEXUS_FAULT_INJECT unset: no-op): the middle of iteration `it` is the
+    # forward of its first micro-batch after the first Nexus inner step (Adam: after the first micro-batch)
+    fault = {"it": 0, "batch": 0, "at": per_pass if (nexus and k > 1) else min(1, n_mb - 1)}
+
+    def on_batch():
+        if fault["batch"] == fault["at"]:
+            fault_point("step", fault["it"])
+        fault["batch"] += 1
+
+    forward_step = make_forward_step(names, on_batch)
     base_fb = get_forward_backward_func()
     fb = nexus_forward_backward(opt, base_fb) if nexus else base_fb
     hook, data = build_sharpness(args, scfg, opt, model, specs, data, val, base_fb, eod)
@@ -476,6 +488,7 @@ def main(argv=None) -> dict:
         if not nexus:
             data.begin_iteration(it)
         lr = opt.param_groups[0]["lr"]
+        fault.update(it=it + 1, batch=0)
         losses = fb(forward_step_func=forward_step, data_iterator=data, model=model, num_microbatches=n_mb,
                     seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False)
         if hook is not None:      # the iteration's own micro-batches (the mixture loss of --sharpness-split step)

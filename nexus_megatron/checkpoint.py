@@ -1,6 +1,9 @@
-"""Atomic checkpoints: a checkpoint is written to a temporary directory, fsynced, then renamed into
-place, and the ``latest`` pointer is replaced atomically afterwards. A crash at any point leaves the
-previous checkpoint loadable."""
+"""Atomic, durable checkpoints. A checkpoint directory is written under a temporary name, every file in
+it and the directory itself are fsynced, it is renamed into place (and the parent directory fsynced), and
+the ``latest`` pointer is replaced atomically afterwards. A crash at any point leaves the previous
+checkpoint loadable, and a published checkpoint survives a power loss. The plain engine's checkpoints
+(:func:`save_checkpoint`), DeepSpeed's (``engines/deepspeed/adapter.py``) and Megatron's
+(``engines/megatron/checkpoint.py``) all go through :func:`publish_dir` and :func:`atomic_write_text`."""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,11 @@ from .errors import CheckpointError
 from .faults import fault_point
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush one file's (or directory's) data and metadata to stable storage. A directory whose file
+    system cannot fsync directories (EINVAL on some network file systems) is skipped; a file's error is
+    raised (its data may not be on disk)."""
+    is_dir = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -22,7 +29,27 @@ def _fsync_dir(path: str) -> None:
         finally:
             os.close(fd)
     except OSError:
-        pass
+        if not is_dir:
+            raise
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file under ``root``, then every directory, deepest first (``root`` last)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in sorted(filenames):
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+
+
+def publish_dir(tmp: str, final: str) -> None:
+    """Make the fully written directory ``tmp`` durable and rename it to ``final`` (replacing an older
+    ``final``, e.g. one written before a crash but never named by ``latest``), then fsync the parent so the
+    rename itself is durable. Call it once every writer has finished (after a barrier)."""
+    fsync_tree(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(os.path.dirname(os.path.abspath(final)))
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -32,7 +59,7 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2) -> str:
@@ -45,14 +72,10 @@ def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2) -> st
     os.makedirs(tmp)
     with open(os.path.join(tmp, "state.pt"), "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
     fault_point("checkpoint", step)
-    atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps({"step": step}))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": step}, f)
+    publish_dir(tmp, final)
     atomic_write_text(os.path.join(ckpt_root, "latest"), name)
     done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
     for old in done[:-keep] if keep else []:

@@ -1,14 +1,18 @@
 """Fault handling helpers: a token-range check for prepared data (an out-of-vocabulary id is an error
 before compute, not an index error or a CUDA device-side assert mid-run), and a fault-injection hook
-used only by the tests (tests/test_faults.py, tests/test_bad_inputs.py).
+used only by the tests (tests/test_faults.py, tests/test_faults_engines.py, tests/test_bad_inputs.py).
 
 The hook is driven by the environment variable ``NEXUS_FAULT_INJECT``, a comma-separated list of
 ``key=value``; unset (the normal case) it costs one dictionary lookup. Keys:
 
-* ``kill_rank=R,step=S,phase=P``: the process of global rank ``R`` sends itself SIGKILL when it reaches
-  the named point ``P`` of outer step ``S`` (1-based): ``phase=step`` is in the middle of the outer step
-  (after its first micro-step), ``phase=checkpoint`` is in the middle of writing checkpoint ``S`` (the
-  state file is written and fsynced into the temporary directory, not yet renamed into place).
+* ``kill_rank=R,step=S,phase=P[,action=A]``: the process of global rank ``R`` sends itself SIGKILL when it
+  reaches the named point ``P`` of outer step ``S`` (1-based). ``phase=step`` is in the middle of the outer
+  step (after its first inner step). ``phase=checkpoint`` is in the middle of writing checkpoint ``S``, in
+  its temporary directory before it is published: plain engine, after ``state.pt``; DeepSpeed, after the
+  first file this rank writes (rank 0: the model states, before its optimizer shard); Megatron, after
+  rank 0's ``common.pt`` and before any rank writes its tensor shards. ``action=stop`` sends SIGSTOP
+  instead (the process is frozen, as in an uninterruptible kernel wait); ``action=hang`` sleeps forever
+  (a rank blocked for good, e.g. in a collective that never completes; it still dies on SIGTERM).
 * ``nan_steps=S1:S2:...`` (optionally ``nan_rank=R``): the training loss of outer steps S1, S2, ... is
   replaced by NaN (on rank R only when given), so their gradients are NaN.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -53,10 +58,16 @@ def fault_point(phase: str, step: int) -> None:
         return
     if int(f["kill_rank"]) != _rank():
         return
-    sig = signal.SIGSTOP if f.get("action") == "stop" else signal.SIGKILL
-    sys.stderr.write(f"[{ENV}] rank {_rank()} (pid {os.getpid()}): {sig.name} at phase={phase} step={step}\n")
+    action = f.get("action", "kill")
+    if action not in ("kill", "stop", "hang"):
+        raise ValueError(f"{ENV}: action={action!r}: use kill, stop or hang")
+    what = {"kill": "SIGKILL", "stop": "SIGSTOP", "hang": "hang (sleep forever)"}[action]
+    sys.stderr.write(f"[{ENV}] rank {_rank()} (pid {os.getpid()}): {what} at phase={phase} step={step}\n")
     sys.stderr.flush()
-    os.kill(os.getpid(), sig)
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 def inject_loss(loss, step: int):

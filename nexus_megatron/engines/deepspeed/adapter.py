@@ -59,8 +59,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ...checkpoint import atomic_write_text
-from ...errors import NexusConfigError, NexusNonFiniteError
+from ... import checkpoint as _ckpt
+from ...errors import CheckpointError, NexusConfigError, NexusNonFiniteError
+from ...faults import fault_point
 from ...layout import LayoutConfig, SourceLayout, build_layout
 from ...nexus import NexusConfig, NexusStats, inner_gamma, inner_update, pseudo_gradient, source_coefficients
 from ..base import Engine
@@ -640,14 +641,46 @@ class _OuterStepScheduler:
         return getattr(self.__dict__["real"], name)
 
 
-def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, **kw):
-    """DeepSpeed's save_checkpoint, with ``latest`` written (atomically) only after every rank has written its
-    files: DeepSpeed itself writes ``latest`` from rank 0 before the other ranks' optimizer files are known to
-    be complete, so a job killed in between would point ``latest`` at a partial checkpoint."""
-    ok = ds_engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kw)
+def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None, **kw):
+    """DeepSpeed's save_checkpoint, published atomically and durably. Every rank writes its files into
+    ``save_dir/.tmp-<tag>/`` and fsyncs each one as soon as it is written; after a barrier (every rank's
+    files exist) the publishing rank fsyncs the directory, renames it to ``save_dir/<tag>/`` and then
+    replaces ``latest`` atomically. (DeepSpeed alone writes into ``<tag>/`` directly and writes ``latest``
+    from rank 0 before the other ranks' optimizer files are known to be complete, so a job killed in between
+    would leave a partial checkpoint under a loadable name.) ``step``: the outer step, for the fault hook."""
+    ce = ds_engine.checkpoint_engine
+    if ce.is_decoupled():
+        raise NexusConfigError("the ds_config's checkpoint writer (checkpoint.writer.decoupled=true, or datastates) "
+                               "writes files in the background after save_checkpoint returns, so the checkpoint cannot "
+                               "be published atomically: remove it from the ds_config")
+    tag = str(tag)
+    tmp = os.path.join(save_dir, f".tmp-{tag}")
+    # DeepSpeed's own choice of writer rank: the first rank of each node with node-local storage
+    publisher = (ds_engine.local_rank if ds_engine.use_node_local_storage() else dist.get_rank()) == 0
+    if publisher:
+        shutil.rmtree(tmp, ignore_errors=True)   # a previous attempt killed mid-write
     dist.barrier()
-    if save_latest and dist.get_rank() == 0:
-        atomic_write_text(os.path.join(save_dir, "latest"), str(tag))
+    written = []
+    real_save = ce.save
+
+    def save_and_fsync(state_dict, path):
+        real_save(state_dict, path)
+        _ckpt.fsync_path(path)
+        written.append(path)
+        if step is not None and len(written) == 1:
+            fault_point("checkpoint", step)
+
+    ce.save = save_and_fsync
+    try:
+        ok = ds_engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=client_state,
+                                       save_latest=False, **kw)
+    finally:
+        del ce.save   # the engine's own method again
+    dist.barrier()
+    if publisher:
+        _ckpt.publish_dir(tmp, os.path.join(save_dir, tag))
+        if save_latest:
+            _ckpt.atomic_write_text(os.path.join(save_dir, "latest"), tag)
     dist.barrier()
     return ok
 
@@ -814,7 +847,8 @@ class NexusDeepSpeedEngine:
         Default tag: ``global_step<outer steps>``."""
         if tag is None:
             tag = f"global_step{self._core.step_index}"
-        return _atomic_save(self._ds, save_dir, tag, dict(client_state or {}), save_latest, **kwargs)
+        return _atomic_save(self._ds, save_dir, tag, dict(client_state or {}), save_latest,
+                            step=self._core.step_index, **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed."""
@@ -906,7 +940,11 @@ def _latest_tag(ckpt_root) -> Optional[str]:
         return None
     with open(pointer) as f:
         tag = f.read().strip()
-    return tag if tag and os.path.isdir(os.path.join(ckpt_root, tag)) else None
+    if not tag or not os.path.isdir(os.path.join(ckpt_root, tag)):
+        raise CheckpointError(f"{pointer} names {tag!r} but {os.path.join(ckpt_root, tag)} does not exist: point "
+                              "'latest' at an existing step_* directory, or start a new run_dir (train.resume=false "
+                              "starts over)")
+    return tag
 
 
 def _outer_param_groups(cfg, model):
@@ -1060,7 +1098,7 @@ class DeepSpeedAdamWEngine(Engine):
 
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
-        _atomic_save(self.ds, ckpt_root, tag, {_TRAINER_KEY: client_state}, True)
+        _atomic_save(self.ds, ckpt_root, tag, {_TRAINER_KEY: client_state}, True, step=step)
         _engine_save_prune(ckpt_root, tag)
 
     def load(self, ckpt_root):

@@ -7,20 +7,29 @@ default), plus the Nexus counters as common state), the lr scheduler, the iterat
 ``client_state`` (e.g. the per-source data positions of :class:`~.data.SourceRoutedIterator`).
 
 The Nexus anchor is not stored separately: checkpoints are taken between outer steps, where the anchor
-equals the fp32 main params (see :mod:`.optimizer`). A checkpoint directory is written to
-``<root>/iter_<n>.tmp`` and renamed to ``<root>/iter_<n>`` after every rank finished, then
-``<root>/latest`` is replaced atomically, so a crash leaves the previous checkpoint loadable.
+equals the fp32 main params and the displacement is zero (see :mod:`.optimizer`). Every rank's RNG states
+(torch, CUDA, Megatron's model-parallel RNG tracker, numpy, random) are saved as one sharded object per rank
+and restored on load when the number of ranks is unchanged, so dropout continues the same stream.
+
+Atomic and durable: the checkpoint is written to ``<root>/.tmp-iter_<n>``; after every rank finished,
+rank 0 fsyncs every file in it and the directory (:func:`nexus_megatron.checkpoint.publish_dir`), renames
+it to ``<root>/iter_<n>`` and then replaces ``<root>/latest`` atomically, so a crash at any point leaves
+the previous checkpoint loadable and a published one survives a power loss.
 """
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from ...checkpoint import atomic_write_text
+from ... import checkpoint as _ckpt
+from ...errors import CheckpointError
+from ...faults import fault_point
 
 
 def _unwrap(chunk):
@@ -48,17 +57,47 @@ def _barrier():
         dist.barrier()
 
 
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _rng_states() -> dict:
+    from megatron.core import tensor_parallel
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+          "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_states(st: dict) -> None:
+    from megatron.core import tensor_parallel
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["random"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(st["tracker"])
+
+
+def _rng_sharded(data):
+    """This rank's RNG states as a sharded object (one per rank; resuming on another number of ranks skips it)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    rank, world = _rank_world()
+    return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
+
+
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler=None,
                     client_state: Optional[dict] = None, metadata: Optional[dict] = None) -> str:
     """Collective. Write checkpoint ``iteration`` under ``root`` and return its directory."""
     from megatron.core import dist_checkpointing
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = _rank_world()
     final = os.path.join(root, f"iter_{iteration:07d}")
-    tmp = final + ".tmp"
+    tmp = os.path.join(root, f".tmp-iter_{iteration:07d}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)   # a previous attempt killed mid-write
         os.makedirs(tmp)
     _barrier()
     sd = _model_sharded_state_dict(model_chunks)
@@ -67,25 +106,34 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["iteration"] = iteration
     sd["client_state"] = client_state or {}
-    sd["rng_state"] = {"torch": torch.get_rng_state()}
-    dist_checkpointing.save(sd, tmp)
+    sd["rng_world_size"] = world
+    sd["rng_state"] = _rng_sharded(_rng_states())
+    # dist_checkpointing.save(...) is async_save(...).execute_sync() plus metadata.json; split, so that the
+    # fault hook sits inside the write: rank 0's common.pt is on disk, no rank has written its shards.
+    request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+    fault_point("checkpoint", iteration)
+    request.execute_sync()   # every rank's shards (fsynced by megatron-core), .metadata, metadata.json
     _barrier()
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, "latest"), os.path.basename(final))
+        _ckpt.publish_dir(tmp, final)
+        _ckpt.atomic_write_text(os.path.join(root, "latest"), os.path.basename(final))
     _barrier()
     return final
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
+    """The directory ``<root>/latest`` names; None if there is no ``latest``; CheckpointError if it names
+    a directory that does not exist (rather than silently starting over)."""
     pointer = os.path.join(root, "latest")
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
-        path = os.path.join(root, f.read().strip())
-    return path if os.path.isdir(path) else None
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not name or not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{pointer} names {name!r} but {path} is not a complete checkpoint: point 'latest' at "
+                              "an existing iter_* directory, or start over without --load")
+    return path
 
 
 @torch.no_grad()
@@ -101,6 +149,9 @@ def load_checkpoint(root_or_dir: str, model_chunks, optimizer, scheduler=None,
         return None
     sd = _model_sharded_state_dict(model_chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=metadata or DEFAULT_METADATA)
+    same_world = dist_checkpointing.load_common_state_dict(path).get("rng_world_size") == _rank_world()[1]
+    if same_world:
+        sd["rng_state"] = _rng_sharded(_rng_states())   # the structure to load into
     loaded = dist_checkpointing.load(sd, path)
     if len(model_chunks) == 1:
         _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
@@ -110,4 +161,6 @@ def load_checkpoint(root_or_dir: str, model_chunks, optimizer, scheduler=None,
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_world:
+        _set_rng_states(loaded["rng_state"])
     return {"iteration": int(loaded["iteration"]), "client_state": loaded.get("client_state", {}), "path": path}
