@@ -243,7 +243,10 @@ def _set(cfg, path, value):
     (("zero_optimization", "offload_optimizer"), {"device": "cpu"}, "offload_optimizer.device='cpu'"),
     (("bf16", "enabled"), "auto", "bf16.enabled='auto'"),
     (("zero_optimization", "elastic_checkpoint"), True, "elastic_checkpoint"),
-], ids=["optimizer", "fp16", "gas", "unknown-nexus-key", "layout-conflict", "batch", "offload", "auto", "elastic"])
+    (("checkpoint", "writer"), {"decoupled": True}, "checkpoint.writer.decoupled=true"),
+    (("datastates_ckpt",), {"host_cache_size": 1}, "datastates_ckpt"),
+], ids=["optimizer", "fp16", "gas", "unknown-nexus-key", "layout-conflict", "batch", "offload", "auto", "elastic",
+        "decoupled-writer", "datastates"])
 def test_bad_ds_config_fails_before_deepspeed(monkeypatch, path, value, needle):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = realistic_ds_config()

@@ -234,6 +234,13 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
     if z.get("cpu_offload") or z.get("cpu_offload_params"):
         raise NexusConfigError("ds_config zero_optimization.cpu_offload: ZeRO-Offload is not supported by the "
                                "Nexus adapter yet; remove it")
+    writer = (cfg.get("checkpoint") or {}).get("writer") if isinstance(cfg.get("checkpoint"), dict) else None
+    ds_states = cfg.get("datastates_ckpt")
+    if (isinstance(writer, dict) and writer.get("decoupled")) or (ds_states is not None and ds_states is not False):
+        raise NexusConfigError("ds_config checkpoint.writer.decoupled=true / datastates_ckpt: these checkpoint writers "
+                               "finish writing in the background after save_checkpoint returns, so the checkpoint "
+                               "cannot be published atomically (a crash could leave a partial one under a loadable "
+                               "name); remove them from the ds_config")
     if z.get("elastic_checkpoint"):
         raise NexusConfigError("ds_config zero_optimization.elastic_checkpoint=true: the elastic format drops the "
                                "client optimizer's state (the Nexus anchor); set it to false")
