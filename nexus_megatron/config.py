@@ -287,8 +287,8 @@ def validate_run_config(cfg: RunConfig) -> None:
     if t.wandb.mode not in WANDB_MODES:
         raise NexusConfigError(f"train.wandb.mode={t.wandb.mode!r}: use one of {', '.join(WANDB_MODES)}")
     validate_sharpness_config(cfg.sharpness)
-    if cfg.sharpness.enabled and t.engine != "plain":
-        raise NexusConfigError(f"sharpness.enabled=true runs on train.engine=plain only for now (got {t.engine!r}); "
+    if cfg.sharpness.enabled and t.engine not in ("plain", "deepspeed"):
+        raise NexusConfigError(f"sharpness.enabled=true runs on train.engine=plain or deepspeed (got {t.engine!r}); "
                                "set sharpness.enabled=false")
     if o.warmup_steps >= t.steps and o.schedule != "constant":
         raise NexusConfigError(

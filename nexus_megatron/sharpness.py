@@ -18,13 +18,14 @@ The whole algorithm is in this file:
   product oracle for small models);
 * a *host* (:class:`PlainHost`): the small interface that moves the parameters to ``theta - eta u``,
   restores them bitwise and reduces losses over the data-parallel ranks. Plain PyTorch / DDP keeps the
-  whole model on every rank; a DeepSpeed or Megatron host (later) moves the fp32 master shard and
-  re-gathers, with the same four methods;
+  whole model on every rank; a sharded host (DeepSpeed: :mod:`nexus_megatron.engines.deepspeed.sharpness`)
+  moves the fp32 master shard and re-gathers, with the same four methods;
 * :class:`ProbeSet` (fixed probe batches per source) and :class:`SharpnessMeter` (mixture, per-source
   and OOD line searches with warm starts);
 * :class:`SharpnessHook`, the ``pre_outer_step`` callback of :class:`~nexus_megatron.nexus.Nexus` and
   :class:`~nexus_megatron.baseline.MixtureAdamW`, and :func:`build_sharpness_hook` that installs it
-  on the plain engine.
+  on the plain engine, or through an engine's ``sharpness_seam()`` (:class:`SharpnessSeam`: its host, its
+  direction at the seam, its probe module).
 """
 from __future__ import annotations
 
@@ -546,9 +547,11 @@ class SharpnessHook:
     optimizer has an fp32 anchor at theta_t (Nexus does), one copy of the parameters to restore from.
     """
 
-    def __init__(self, meter: SharpnessMeter, every: int = 1):
+    def __init__(self, meter: SharpnessMeter, every: int = 1, direction: Optional[Callable] = None):
         self.meter = meter
         self.every = int(every)
+        self.direction = direction if direction is not None else optimizer_direction
+        """``direction(opt) -> (u, master, lr, beta1, weight_decay)`` at the seam (default: the plain engines')."""
         self.step: Optional[int] = None
         """The trainer's 1-based number of the outer step about to be applied (set it before
         ``engine.outer_step()``); if None, the optimizer's completed outer steps + 1 are used (these do not
@@ -585,15 +588,10 @@ class SharpnessHook:
 
     def _measure(self, opt) -> None:
         t0 = time.perf_counter()
-        outer = opt.outer
-        u = adamw_direction(outer, opt.params, [p.grad for p in opt.params])
-        group = _main_group(outer)
-        lr = float(group["lr"])
-        master = _anchor_views(opt)
+        u, master, lr, beta1, weight_decay = self.direction(opt)
         results = self.meter.measure(u, eta0=lr, master=master)
-        del u
-        m = sharpness_metrics(results, lr=lr, beta1=float(group["betas"][0]),
-                              weight_decay=float(group.get("weight_decay", 0.0)))
+        del u, master
+        m = sharpness_metrics(results, lr=lr, beta1=beta1, weight_decay=weight_decay)
         m["sharpness/time_s"] = time.perf_counter() - t0
         self._pending = m
         self.last = m
@@ -613,6 +611,33 @@ class SharpnessHook:
         self.meter.measurements = int(sd.get("measurements", 0))
 
 
+def optimizer_direction(opt) -> tuple:
+    """The plain engines' seam (:class:`~nexus_megatron.nexus.Nexus`, :class:`~nexus_megatron.baseline.MixtureAdamW`):
+    (u from ``opt.outer`` with ``p.grad``, the fp32 anchor to restore from or None, and the lr, beta1 and
+    weight decay of the param group holding most parameters)."""
+    outer = opt.outer
+    u = adamw_direction(outer, opt.params, [p.grad for p in opt.params])
+    group = _main_group(outer)
+    return (u, _anchor_views(opt), float(group["lr"]), float(group["betas"][0]),
+            float(group.get("weight_decay", 0.0)))
+
+
+@dataclass
+class SharpnessSeam:
+    """What an engine with its own parameter layout hands :func:`build_sharpness_hook` from its
+    ``sharpness_seam()`` method (DeepSpeed: ``engines/deepspeed/sharpness.py``)."""
+
+    host: object
+    """begin / move / end / all_reduce on the engine's (sharded) parameters, like :class:`PlainHost`."""
+    direction: Callable
+    """``direction(ctx) -> (u, master, lr, beta1, weight_decay)``: u and theta in the host's layout."""
+    model: object
+    """The module the probe forward passes call (``lm_loss(model, batch)``)."""
+    install: Callable
+    """``install(hook)``: the engine calls ``hook(ctx)`` right before its outer AdamW update; ``ctx`` has
+    ``stats.outer_steps`` (completed outer steps) and is what ``direction`` reads."""
+
+
 def _anchor_views(opt) -> Optional[List[torch.Tensor]]:
     """Nexus keeps theta_t as an fp32 flat anchor and the parameters equal it bitwise when
     ``pre_outer_step`` runs: restore from it instead of saving a copy."""
@@ -630,18 +655,27 @@ def _anchor_views(opt) -> Optional[List[torch.Tensor]]:
 def build_sharpness_hook(scfg: SharpnessConfig, engine, sources: dict, names: Sequence[str],
                          ood: Sequence[str], weights: Sequence[float], *, micro_batch_size: int,
                          rank: int = 0, world: int = 1) -> Optional[SharpnessHook]:
-    """Build the hook for the plain engine and install it as ``engine.opt.pre_outer_step``
-    (returns None when ``sharpness.enabled`` is false)."""
+    """Build the hook and install it: on the plain engine as ``engine.opt.pre_outer_step``; on an engine with
+    a ``sharpness_seam()`` method (DeepSpeed) through its :class:`SharpnessSeam` (returns None when
+    ``sharpness.enabled`` is false)."""
     if not scfg.enabled:
         return None
-    if not hasattr(engine, "opt") or not hasattr(engine.opt, "pre_outer_step"):
-        raise NexusConfigError(f"sharpness.enabled=true is supported on train.engine=plain only for now "
+    seam_of = getattr(engine, "sharpness_seam", None)
+    if seam_of is None and (not hasattr(engine, "opt") or not hasattr(engine.opt, "pre_outer_step")):
+        raise NexusConfigError(f"sharpness.enabled=true is supported on train.engine=plain and deepspeed "
                                f"(got {getattr(engine, 'name', type(engine).__name__)}); set sharpness.enabled=false")
     probe = ProbeSet.from_sources(sources, names, ood, weights, split="train" if scfg.split == "train" else "val",
                                   batches=scfg.batches, micro_batch_size=micro_batch_size, rank=rank, world=world)
     if scfg.split == "step":
         probe.mixture = {STEP: 1.0}
         probe.batches[STEP] = []
+    if seam_of is not None:
+        seam = seam_of()
+        meter = SharpnessMeter(seam.model, probe, seam.host, eps=scfg.eps, max_doublings=scfg.max_doublings,
+                               relative=scfg.relative)
+        hook = SharpnessHook(meter, every=scfg.every, direction=seam.direction)
+        seam.install(hook)
+        return hook
     host = PlainHost(engine.params)
     meter = SharpnessMeter(engine.module, probe, host, eps=scfg.eps, max_doublings=scfg.max_doublings,
                            relative=scfg.relative)

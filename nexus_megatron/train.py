@@ -322,6 +322,8 @@ def train(cfg: RunConfig) -> dict:
             step_batches.append(batch)
             for s, r in present:
                 consumed[s] += r * B
+            if sharp is not None and m == k - 1:   # before the last micro-step: DeepSpeed updates inside it
+                sharp.begin_step(step + 1, step_batches)
             if not engine.poisoned:   # a poisoned step is skipped anyway: keep the data order, spare the compute
                 loss = inject_loss(lm_loss(module, batch), step + 1)
                 engine.backward(loss)
@@ -330,8 +332,6 @@ def train(cfg: RunConfig) -> dict:
             engine.micro_step(src)
             if m == 0:
                 fault_point("step", step + 1)
-        if sharp is not None:
-            sharp.begin_step(step + 1, step_batches)
         info = engine.outer_step()
         tokens += world * k * B * L
         _all_reduce(loss_acc)

@@ -321,6 +321,11 @@ class _NexusCore:
         self.loaded = False
         self.stats = NexusStats()
         self.stats.reset_step(self.K)
+        self.clip_scale = 1.0
+        self.pre_outer_step = None
+        """Called as ``fn(self)`` in the outer step, right before the AdamW update: every master partition holds
+        its final delta, the anchors theta_t, ``clip_scale`` the pseudo-gradient's clipping factor (critical
+        sharpness, engines/deepspeed/sharpness.py); it must leave all of them as it found them."""
 
     # -- binding ---------------------------------------------------------------------------------
     def bind(self, ds_engine, client: NexusAdamW):
@@ -526,6 +531,9 @@ class _NexusCore:
             c = (gnorm + 1e-6) / self.clip
             if c > 1:
                 scale = 1.0 / c
+        self.clip_scale = scale
+        if self.pre_outer_step is not None:
+            self.pre_outer_step(self)
         buf = None
         for i, ((p, gi), a) in enumerate(zip(self.parts, self.anchors)):
             if i in current:
@@ -999,6 +1007,11 @@ class DeepSpeedNexusEngine(Engine):
     def step_stats(self):
         return self.nexus.step_stats()
 
+    def sharpness_seam(self):
+        """Critical sharpness inside the outer step (engines/deepspeed/sharpness.py)."""
+        from .sharpness import nexus_seam
+        return nexus_seam(self)
+
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
         self.nexus.save_checkpoint(ckpt_root, tag=tag, client_state={_TRAINER_KEY: client_state})
@@ -1095,6 +1108,11 @@ class DeepSpeedAdamWEngine(Engine):
 
     def counters(self):
         return {"skipped_steps": int(self.ds.skipped_steps), "skipped_sources": 0}
+
+    def sharpness_seam(self):
+        """Critical sharpness right before DeepSpeed's AdamW update (engines/deepspeed/sharpness.py)."""
+        from .sharpness import adamw_seam
+        return adamw_seam(self)
 
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
