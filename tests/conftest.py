@@ -62,3 +62,17 @@ def crash_after_checkpoint(monkeypatch):
             return out
         monkeypatch.setattr(plain, "save_checkpoint", save_then_crash)
     return arm
+
+
+def config_with(base: dict, data, run_dir, **over):
+    """A RunConfig from ``base`` (a dict of sections) with data.path, train.run_dir and ``over`` set
+    (keys ``section.key``, as on the command line)."""
+    from nexus_megatron.config import load_config
+    sets = [f"data.path={data}", f"train.run_dir={run_dir}"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, sets, base=json.loads(json.dumps(base)))
+
+
+def read_metrics(run_dir):
+    """The records of ``run_dir/metrics.jsonl``."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nexus_megatron.checkpoint import latest_checkpoint, load_checkpoint
-from nexus_megatron.errors import CheckpointError, DataError, NexusConfigError, NexusNonFiniteError
+from nexus_megatron.errors import CheckpointError, DataError, NexusConfigError
 from tests.conftest import VOCAB, write_synthetic_data
 from tests.test_train import read_metrics, tiny_config
 

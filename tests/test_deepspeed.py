@@ -26,6 +26,7 @@ from tests.distributed import run_distributed  # noqa: E402
 from tests.ds_reference import SOURCES, make_model, reference_run  # noqa: E402
 from tests.ds_workers import (GAMMA, K, LR, STEPS, WARMUP, WD, ds_config, matrix_worker, num_sources,  # noqa: E402
                               realistic_ds_config, resume_worker, trainer_worker)
+from tests.conftest import config_with, read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P = sum(p.numel() for p in make_model().parameters())
@@ -313,13 +314,10 @@ TINY = {
 
 
 def _cfg(data, run_dir, **over):
-    sets = [f"data.path={data}", f"train.run_dir={run_dir}"] + [f"{k}={v}" for k, v in over.items()]
-    return load_config(None, sets, base=json.loads(json.dumps(TINY)))
+    return config_with(TINY, data, run_dir, **over)
 
 
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+_metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from nexus_megatron.config import load_config  # noqa: E402
 from nexus_megatron.errors import NexusConfigError  # noqa: E402
 from nexus_megatron.sharpness import (PlainHost, SharpnessConfig, SharpnessMeter, adamw_direction,  # noqa: E402
                                       build_sharpness_hook)
 from tests.distributed import run_distributed  # noqa: E402
 from tests.ds_sharpness_workers import TINY, all_worker, probe_setup, results_of  # noqa: E402
 from tests.test_sharpness import TEXTS, _prepared_dir, _tiny_hf_model  # noqa: E402
+from tests.conftest import config_with, read_metrics  # noqa: E402
 
 STAGES = [{"name": "zero0", "stage": 0},      # replicated, and the partition the forward reads is the master
           {"name": "zero1", "stage": 1}, {"name": "zero2", "stage": 2},
@@ -33,13 +33,10 @@ KEYS = ("sharpness/lambda_c", "sharpness/eta_c", "sharpness/forward_passes", "sh
 
 
 def _cfg(data, run_dir, **over):
-    sets = [f"data.path={data}", f"train.run_dir={run_dir}"] + [f"{k}={v}" for k, v in over.items()]
-    return load_config(None, sets, base=json.loads(json.dumps(TINY)))
+    return config_with(TINY, data, run_dir, **over)
 
 
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+_metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from nexus_megatron.config import load_config
 from nexus_megatron.errors import DataError
 from tests.distributed import run_distributed
+from tests.conftest import config_with, read_metrics  # noqa: E402
 
 TINY = {
     "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
@@ -20,19 +20,13 @@ TINY = {
 
 
 def tiny_config(data, run_dir, **over):
-    sets = [f"data.path={data}", f"train.run_dir={run_dir}"] + [f"{k}={v}" for k, v in over.items()]
-    return load_config(None, sets, base=json.loads(json.dumps(TINY)))
+    return config_with(TINY, data, run_dir, **over)
 
 
 def _train_worker(rank, world, cfg):
     from nexus_megatron.train import train
     summary = train(cfg)
     return summary
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(l) for l in f]
 
 
 @pytest.mark.parametrize("optim,layout", [("nexus", "sequential"), ("adamw", "sequential"),

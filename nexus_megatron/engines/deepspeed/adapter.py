@@ -179,6 +179,23 @@ class NexusMPU:
 # ---------------------------------------------------------------------------------------------------
 # the client optimizer
 
+def init_adamw_state(opt, p, group) -> None:
+    """torch's lazy AdamW state for ``p`` (identical values), created now so DeepSpeed links it at its first
+    step. No-op when the state exists."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    st = opt.state[p]
+    if st:
+        return
+    fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
+    st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
+                  if capturable or fused else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if group.get("amsgrad"):
+        st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 class NexusAdamW(torch.optim.AdamW):
     """DeepSpeed's client optimizer under Nexus: a ``torch.optim.AdamW`` (the outer optimizer, stepped once
     per outer step on the pseudo-gradient) whose ``step()``, called by DeepSpeed after every micro-step,
@@ -220,18 +237,7 @@ class NexusAdamW(torch.optim.AdamW):
     def init_state(self, p, group):
         """AdamW's state for ``p``, created now instead of at the first step (same values as torch's lazy
         initialisation), so the state exists, and is linked by DeepSpeed, before the first outer step."""
-        from torch.optim.optimizer import _get_scalar_dtype
-
-        st = self.state[p]
-        if st:
-            return
-        fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
-        st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
-                      if capturable or fused else torch.tensor(0.0, dtype=_get_scalar_dtype()))
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group.get("amsgrad"):
-            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_adamw_state(self, p, group)
 
     def state_dict(self):
         sd = super().state_dict()

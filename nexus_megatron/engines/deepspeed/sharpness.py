@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ...errors import NexusConfigError
 from ...nexus import pseudo_gradient
 from ...sharpness import SharpnessSeam, _adam_hyper
+from .adapter import init_adamw_state
 
 CHUNK = 1 << 22   # elements per chunk of the direction's temporaries (16 MiB in fp32)
 
@@ -296,7 +297,7 @@ class AdamWSeam:
         self._measuring = False
         self.pending: dict = {}         # id(master) -> (grad, group dict)
         for m, gi in zip(parts.masters, parts.group_index):     # the state exists before DeepSpeed links it
-            _init_adamw_state(self.opt, m, self.opt.param_groups[gi])
+            init_adamw_state(self.opt, m, self.opt.param_groups[gi])
 
         def step(closure=None):
             return self._step(closure)
@@ -360,21 +361,6 @@ class AdamWSeam:
                     P.lps[i].copy_(m)
                 elif P.kind == "zero3":
                     P.ds_opt._reassign_or_swap_out_partitioned_parameters(i)
-
-
-def _init_adamw_state(opt, p, group):
-    """torch's lazy AdamW state, created now (identical values), so DeepSpeed links it at its first step."""
-    from torch.optim.optimizer import _get_scalar_dtype
-    st = opt.state[p]
-    if st:
-        return
-    fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
-    st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
-                  if capturable or fused else torch.tensor(0.0, dtype=_get_scalar_dtype()))
-    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if group.get("amsgrad"):
-        st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 @torch.no_grad()
