@@ -386,6 +386,9 @@ def add_bench_arguments(a) -> None:
     a.add_argument("--sources", type=int, default=2, help="number of (synthetic) data sources K")
     a.add_argument("--steps", type=int, default=3, help="timed outer steps per run")
     a.add_argument("--warmup", type=int, default=1, help="untimed outer steps before them")
+    a.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole set of runs this many times, interleaved (the median is over every "
+                        "timed step of every round: on a shared machine, load drifts hit all runs alike)")
     a.add_argument("--bucket-size", type=int, default=1_000_000, help="elements per gradient bucket")
     a.add_argument("--ds-zero-set", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed: set zero_optimization.KEY (JSON value), e.g. use_multi_rank_bucket_allreduce=false")
@@ -403,6 +406,7 @@ def bench_argv(args) -> list:
         argv += ["--set", s]
     argv += ["--engine", args.engine, "--zero", str(args.zero), "--layouts", args.layouts, "--overlap", args.overlap,
              "--sources", str(args.sources), "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--rounds", str(args.rounds),
              "--bucket-size", str(args.bucket_size), "--threads", str(args.threads),
              "--sharpness" if args.sharpness else "--no-sharpness"]
     if args.bf16:
@@ -427,7 +431,7 @@ def check_bench_args(args) -> dict:
     from .config import load_config, to_dict
     from .layout import LAYOUTS
 
-    for name in ("sources", "steps", "nproc", "bucket_size"):
+    for name in ("sources", "steps", "nproc", "bucket_size", "rounds"):
         v = getattr(args, name)
         if not (isinstance(v, int) and v >= 1):
             raise NexusConfigError(f"bench --{name.replace('_', '-')}={v!r}: must be an integer >= 1")
@@ -578,7 +582,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
     B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
     module = engine.module
     consumed = [0] * len(names)
-    times, hook_s, hook_passes = [], [], []
+    times, cpu_times, hook_s, hook_passes = [], [], [], []
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
     COUNTER.take()
@@ -596,7 +600,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
         _sync(device)
         _quiet_barrier()
         COUNTER.active = timed
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for src, batch in micro:
             loss = lm_loss(module, batch)
             engine.backward(loss)
@@ -605,10 +609,11 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
             hook.begin_step(step + 1, [b for _, b in micro])
         engine.outer_step()
         _sync(device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         COUNTER.active = False
         if timed:
             times.append(dt)
+            cpu_times.append(dc)
             if hook is not None:
                 mm = hook.pop_metrics()
                 hook_s.append(mm.get("sharpness/time_s", math.nan))
@@ -617,9 +622,11 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
     state = account_engine(engine)
     peak = mem.peak()
     times = _max_over_ranks(times, device)
+    cpu_times = _max_over_ranks(cpu_times, device)
     P = count_params(model) if cfg.train.engine == "plain" else _ds_num_params(engine)
     row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
            "engine": cfg.train.engine, "step_s": statistics.median(times), "step_times": times,
+           "cpu_times": cpu_times, "cpu_s": statistics.median(cpu_times),
            "tokens_per_s": world * k * B * L / statistics.median(times), "state": state, "peak_bytes": peak,
            "peak_what": mem.what, "comm": comm, "params": P, "flat_numel": _flat_numel(engine)}
     if hook is not None:
@@ -634,6 +641,24 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
     del engine, model, module, hook
     gc.collect()
     return row
+
+
+def time_allreduce(numel: int, device, repeats: int = 5) -> Optional[float]:
+    """Median seconds of one fp32 all-reduce of ``numel`` elements over all ranks (uncounted): the unit
+    of communication of the issue's targets, on this machine, now."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    buf = torch.zeros(numel, dtype=torch.float32, device=device if device.type == "cuda" else "cpu")
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        _quiet_barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(_max_over_ranks(times, device))
 
 
 def _ds_num_params(engine) -> int:
@@ -695,11 +720,13 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
     lines = [f"nexus-megatron bench: {how}, {world} rank(s) ({backend}, {device.type}), Llama {P / 1e6:.2f}M params "
              f"(hidden {m['hidden_size']}, {m['num_layers']} layers, vocab {m['vocab_size']}), k = {k}, micro batch "
              f"{d['micro_batch_size']} x {d['seq_len']} tokens per rank, {args.sources} sources, median of {args.steps} "
-             f"timed steps after {args.warmup} warm-up, buckets of {args.bucket_size:,} elements",
+             f"timed steps after {args.warmup} warm-up" + (f" x {args.rounds} interleaved rounds" if args.rounds > 1
+                                                           else "") + f", buckets of {args.bucket_size:,} elements",
              "",
-             "| optimizer | layout | overlap | step s | tokens/s | x AdamW | state MB/rank | x AdamW | extra B/param "
-             "| peak MB | bus MB/step | bus MB/micro-step | x one grad all-reduce | plan bus MB/step | calls/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| optimizer | layout | overlap | step s | (min-max) | tokens/s | x AdamW | CPU s/step | x AdamW "
+             "| state MB/rank | x AdamW | extra B/param | peak MB | bus MB/step | bus MB/micro-step "
+             "| x one grad all-reduce | plan bus MB/step | calls/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in rows:
         if r["optim"] == "adamw" and not r["sharpness"]:
@@ -711,15 +738,20 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
         c = r["comm"]
         pred = r.get("plan", {})
         x_step = r["step_s"] / a["step_s"] if a else math.nan
+        x_cpu = r["cpu_s"] / a["cpu_s"] if a else math.nan
         x_state = r["state"]["total"] / a["state"]["total"] if a else math.nan
         extra = (r["state"]["total"] - a["state"]["total"]) / P if a else math.nan
         x_ar = c["bus_per_micro"] / grad_ar if grad_ar else math.nan
         lines.append(
             f"| {r['optim']} | {r['layout']} | {'on' if r['overlap'] else 'off'} | {r['step_s']:.3f} | "
-            f"{r['tokens_per_s']:.0f} | {x_step:.3f} | {_mb(r['state']['total'])} | {x_state:.3f} | {extra:.2f} | "
+            f"{min(r['step_times']):.2f}-{max(r['step_times']):.2f} | "
+            f"{r['tokens_per_s']:.0f} | {x_step:.3f} | {r['cpu_s']:.3f} | {x_cpu:.3f} | "
+            f"{_mb(r['state']['total'])} | {x_state:.3f} | {extra:.2f} | "
             f"{_mb(r['peak_bytes'])} | {c['bus_per_step'] / 2**20:.2f} | {c['bus_per_micro'] / 2**20:.2f} | "
             f"{x_ar:.3f} | {pred.get('bus_per_step', math.nan) / 2**20:.2f} | {c['calls_per_step']:.0f} |")
-    lines += ["", f"state = every tensor storage the engine holds between outer steps (exact); peak = "
+    lines += ["", "step s = median wall time of the slowest rank; CPU s/step = median CPU time (all threads) of the "
+                  "busiest rank; "
+                  f"state = every tensor storage the engine holds between outer steps (exact); peak = "
                   f"{rows[0]['peak_what']} during the run; bus bytes = ring bytes sent per rank "
                   f"(one fp32 gradient all-reduce over {world} ranks = {grad_ar / 2**20:.2f} MB)"]
     lines.append("state by category, MB per rank:")
@@ -773,21 +805,47 @@ def run_bench(args) -> int:
     if rank == 0:
         print(f"bench: priming ({specs[0].label}, 1 step, discarded)", flush=True)
     run_one(raw, specs[0], args, sources, rank, world, device, steps=1, warmup=0)   # one-time allocations
-    for spec in specs:
-        if rank == 0:
-            print(f"bench: {spec.label}", flush=True)
-        row = run_one(raw, spec, args, sources, rank, world, device)
-        if not spec.sharpness:
-            pred = predicted(row, raw, args, world, device.type)
-            row["plan"] = {"bus_per_step": pred["bus_per_step"], "payload_per_step": pred["payload_per_step"],
-                           "state": pred["state"]}
-        rows.append(row)
+    for rnd in range(args.rounds):
+        for i, spec in enumerate(specs):
+            if spec.sharpness and rnd:
+                continue
+            if rank == 0:
+                print(f"bench: {spec.label}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""),
+                      flush=True)
+            row = run_one(raw, spec, args, sources, rank, world, device)
+            if rnd:   # the same engine again: the timed steps join the first round's
+                first = rows[i]
+                first["step_times"] += row["step_times"]
+                first["step_s"] = statistics.median(first["step_times"])
+                first["cpu_times"] += row["cpu_times"]
+                first["cpu_s"] = statistics.median(first["cpu_times"])
+                first["tokens_per_s"] = world * raw["train"]["micro_steps"] * raw["data"]["micro_batch_size"] * \
+                    raw["data"]["seq_len"] / first["step_s"]
+                peaks = [x for x in (first["peak_bytes"], row["peak_bytes"]) if x is not None]
+                first["peak_bytes"] = max(peaks) if peaks else None
+                continue
+            if not spec.sharpness:
+                pred = predicted(row, raw, args, world, device.type)
+                row["plan"] = {"bus_per_step": pred["bus_per_step"], "payload_per_step": pred["payload_per_step"],
+                               "state": pred["state"]}
+            rows.append(row)
+    ar = time_allreduce(rows[0]["params"], device)
     if rank == 0:
         print(format_table(rows, raw, args, world, device), flush=True)
+        if ar is not None:
+            k = raw["train"]["micro_steps"]
+            for r in rows:
+                if r["optim"] == "adamw" and not r["sharpness"] and not r["overlap"]:
+                    C = (r["step_s"] - ar) / k
+                    print(f"one fp32 gradient all-reduce ({rows[0]['params'] / 1e6:.2f}M elements, {world} ranks): "
+                          f"{ar:.4f} s (median of 5, measured after the runs); compute per micro-step ~ (AdamW step "
+                          f"- one all-reduce) / k = {C:.3f} s ({r['layout']}); compute/comm ~ {C / ar:.1f}", flush=True)
+                    break
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump({"world": world, "device": device.type, "engine": args.engine, "zero": args.zero,
+                           "allreduce_s": ar,
                            "bf16": args.bf16, "config": raw, "rows": rows}, f, indent=1, default=str)
     if dist.is_initialized():
         dist.barrier()

@@ -510,6 +510,11 @@ def plan(p: PlanInput) -> dict:
     return out
 
 
+def global_batch_tokens(p: PlanInput) -> int:
+    """Tokens per outer step over the whole job: DP x k x accum x micro batch x sequence length."""
+    return p.dp * p.k * p.accum * p.micro_batch * p.seq_len
+
+
 def _gb(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
@@ -520,8 +525,9 @@ def format_plan(res: dict) -> str:
            "deepspeed": f"DeepSpeed ZeRO-{p.zero}",
            "megatron": "Megatron " + ("distributed optimizer" if p.dist_opt else "DDP (no distributed optimizer)")}[p.engine]
     lines = [f"plan: {p.params / 1e9:.2f}B parameters on {p.nodes} node(s) x {p.gpus_per_node} GPUs = {p.gpus}; "
-             f"TP {p.tp} x PP {p.pp} x DP {p.dp}; {how}, {p.dtype}; micro batch {p.micro_batch} x {p.seq_len} tokens, "
-             f"k = {p.k}, {p.sources} sources; links {p.intra_bw:g} GB/s in a node, {p.inter_bw:g} GB/s per GPU between "
+             f"TP {p.tp} x PP {p.pp} x DP {p.dp}; {how}, {p.dtype}; micro batch {p.micro_batch} x {p.seq_len} tokens"
+             f"{f' x {p.accum} per micro-step' if p.accum > 1 else ''}, k = {p.k} (global batch "
+             f"{global_batch_tokens(p) / 1e6:.2f}M tokens), {p.sources} sources; links {p.intra_bw:g} GB/s in a node, {p.inter_bw:g} GB/s per GPU between "
              f"nodes; {p.gpu_tflops:g} TFLOP/s x MFU {p.mfu:g}",
              "",
              "| optimizer | layout | params GB | grads GB | optimizer GB | nexus GB | activations GB | total GB "
@@ -634,23 +640,24 @@ def input_from_args(args) -> PlanInput:
 
 def table(base: PlanInput, gpu_counts=(8, 64, 256, 1024)) -> str:
     """One line per (model, GPUs, optimizer/layout): the docs table."""
-    lines = ["| model | GPUs | TP x PP x DP | optimizer | layout | GB/GPU | Nexus extra GB | bus GB/step "
+    lines = ["| model | GPUs | TP x PP x DP | tokens/step | optimizer | layout | GB/GPU | Nexus extra GB | bus GB/step "
              "| comm s | step s (no ov.) | x AdamW | step s (ov.) | x AdamW | compute/comm |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in gpu_counts:
         q = replace(base, nodes=max(1, n // base.gpus_per_node), gpus_per_node=min(n, base.gpus_per_node), dp=None)
         res = plan(q)
         q = res["input"]
         a = res["rows"][0]
+        tok = f"{global_batch_tokens(q) / 1e6:.2f}M"
         for r in res["rows"]:
             name = f"{q.params / 1e9:.1f}B"
             if r.problem:
-                lines.append(f"| {name} | {n} | {q.tp}x{q.pp}x{q.dp} | {r.optim} | {r.layout} | n/a: {r.problem} |"
-                             + " |" * 8)
+                lines.append(f"| {name} | {n} | {q.tp}x{q.pp}x{q.dp} | {tok} | {r.optim} | {r.layout} | "
+                             f"n/a: {r.problem} |" + " |" * 8)
                 continue
             t, ta = r.times, a.times
             lines.append(
-                f"| {name} | {n} | {q.tp}x{q.pp}x{q.dp} | {r.optim} | {r.layout} | {_gb(r.memory['total'])} | "
+                f"| {name} | {n} | {q.tp}x{q.pp}x{q.dp} | {tok} | {r.optim} | {r.layout} | {_gb(r.memory['total'])} | "
                 f"{_gb(r.memory['total'] - a.memory['total'])} | {r.bus_bytes / 1e9:.1f} | {t['no_overlap']['comm']:.2f} | "
                 f"{t['no_overlap']['step']:.2f} | {t['no_overlap']['step'] / ta['no_overlap']['step']:.3f} | "
                 f"{t['overlap']['step']:.2f} | {t['overlap']['step'] / ta['overlap']['step']:.3f} | "

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "model.hidden_size=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
         "--set", "model.vocab_size=64", "--set", "data.seq_len=16", "--set", "data.micro_batch_size=2",
         "--set", "train.micro_steps=2", "--steps", "1", "--warmup", "1", "--sources", "2"]
-COLUMNS = ["optimizer", "layout", "overlap", "step s", "tokens/s", "x AdamW", "state MB/rank", "extra B/param",
+COLUMNS = ["optimizer", "layout", "overlap", "step s", "(min-max)", "tokens/s", "x AdamW", "CPU s/step", "state MB/rank", "extra B/param",
            "peak MB", "bus MB/step", "bus MB/micro-step", "x one grad all-reduce", "plan bus MB/step", "calls/step"]
 
 

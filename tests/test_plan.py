@@ -142,3 +142,13 @@ def test_cli(capsys):
     assert "--params" in capsys.readouterr().err
     assert main(["plan", "--params", "7e9", "--nodes", "1", "--gpus-per-node", "8", "--tp", "2", "--dp", "2"]) == 2
     assert "TP * PP * DP = 2 * 1 * 2 = 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_threshold_closed_forms_plain_engine(k):
+    """Without overlap Nexus adds (k-1) all-reduces per step: ratio <= 1.05 iff C/c >= (k - 1.05) / (0.05 k).
+    With overlap both reductions hide behind backward: C/c >= (k - 1.05) / (1.05 k - 0.7 - k/3)."""
+    from nexus_megatron.plan import ratio_threshold
+    p = validate(PlanInput(params=10 ** 8, engine="plain", nodes=1, gpus_per_node=8, k=k, latency_us=0.0))
+    assert ratio_threshold(p, "sequential", False) == pytest.approx((k - 1.05) / (0.05 * k), rel=1e-3)
+    assert ratio_threshold(p, "sequential", True) == pytest.approx((k - 1.05) / (1.05 * k - 0.7 - k / 3), rel=1e-3)
