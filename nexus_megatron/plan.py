@@ -117,6 +117,8 @@ class PlanInput:
     mfu: float = 0.4
     recompute: bool = False
     gpu_mem_gb: float = 80.0
+    mem_bw: float = 3350.0
+    """GB/s of memory bandwidth of one GPU (H100 SXM HBM3: 3350): the optimizer's elementwise passes."""
     ds_bucket_allreduce: bool = True
     """DeepSpeed ZeRO-1/2: ``use_multi_rank_bucket_allreduce`` (all-reduce the gradient buckets; false:
     reduce each partition to its owner)."""
@@ -137,7 +139,7 @@ def validate(p: PlanInput) -> PlanInput:
         v = getattr(p, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise NexusConfigError(f"plan --{name.replace('_', '-')}={v!r}: must be an integer >= 1")
-    for name in ("intra_bw", "inter_bw", "gpu_tflops", "mfu", "gpu_mem_gb"):
+    for name in ("intra_bw", "inter_bw", "gpu_tflops", "mfu", "gpu_mem_gb", "mem_bw"):
         v = getattr(p, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise NexusConfigError(f"plan --{name.replace('_', '-')}={v!r}: must be a number > 0")
@@ -383,7 +385,25 @@ def compute_time(p: PlanInput) -> float:
     return 6.0 * p.params * p.micro_batch * p.seq_len * p.accum / (p.tp * p.pp) / (p.gpu_tflops * 1e12 * p.mfu)
 
 
-def step_time(p: PlanInput, ops: List[Op], overlap: bool, compute_scale: float = 1.0) -> dict:
+def optimizer_bytes(p: PlanInput, optim: str, layout: str) -> float:
+    """Memory traffic of the optimizer's elementwise passes in one outer step on one GPU (bytes), counted
+    from the tensor passes in the code, fp32. Plain engine, per parameter: Nexus 52 per micro-step (copy
+    the gradient into the flat buffer, norm, scale, delta update, anchor + delta, write the parameters)
+    + 60 per step (pseudo-gradient, AdamW, anchor); AdamW 12 per micro-step (accumulate) + 40 per step.
+    Sharded engines: Nexus 44 per micro-step and element of this GPU's master shard + 60 per step;
+    AdamW 40 per step (gradient accumulation happens in backward for both)."""
+    P_l = p.params / (p.tp * p.pp)
+    nexus = optim == "nexus"
+    if p.engine == "plain":
+        return (52 * p.k + 60) * p.params if nexus else (12 * p.k + 40) * p.params
+    S = (p.dp // p.sources) if (nexus and layout == "source-parallel") else p.dp
+    sharded = (p.engine == "deepspeed" and p.zero >= 1) or (p.engine == "megatron" and p.dist_opt)
+    shard = P_l / S if sharded else P_l
+    return (44 * p.k + 60) * shard if nexus else 40 * shard
+
+
+def step_time(p: PlanInput, ops: List[Op], overlap: bool, compute_scale: float = 1.0,
+              elementwise: float = 0.0) -> dict:
     """Step time of one outer step (k micro-steps). Without overlap every collective is exposed. With
     overlap, per micro-step: what can run during backward (2/3 of the micro-step's compute) is hidden
     up to that time (``fwd``: up to the whole micro-step's compute), the rest is exposed."""
@@ -403,7 +423,8 @@ def step_time(p: PlanInput, ops: List[Op], overlap: bool, compute_scale: float =
         hidden_b = min(per["bwd"], 2.0 / 3.0 * C)
         hidden_f = min(per["fwd"], C - hidden_b)
         exposed = k * ((per["bwd"] - hidden_b) + (per["fwd"] - hidden_f) + per["none"])
-    return {"compute": k * C, "comm": comm, "exposed": exposed, "step": k * C + exposed}
+    return {"compute": k * C, "comm": comm, "exposed": exposed, "optimizer": elementwise,
+            "step": k * C + exposed + elementwise}
 
 
 def _adamw_bwd_is_last_micro(p: PlanInput) -> bool:
@@ -411,8 +432,11 @@ def _adamw_bwd_is_last_micro(p: PlanInput) -> bool:
 
 
 def step_times(p: PlanInput, optim: str, layout: str, compute_scale: float = 1.0) -> dict:
+    """Step time without and with overlap: compute + exposed communication + the optimizer's elementwise
+    passes (:func:`optimizer_bytes` / ``mem_bw``; never overlapped)."""
     ops = comm_ops(p, optim, layout)
-    no = step_time(p, ops, False, compute_scale)
+    el = optimizer_bytes(p, optim, layout) / (p.mem_bw * 1e9)
+    no = step_time(p, ops, False, compute_scale, el)
     if optim == "adamw" and _adamw_bwd_is_last_micro(p):
         # one reduction per step, hidden in the last micro-step's backward
         C = compute_time(p) * compute_scale
@@ -421,10 +445,11 @@ def step_times(p: PlanInput, optim: str, layout: str, compute_scale: float = 1.0
         rest = sum(_op_time(p, o) for o in ops if o.overlap != "bwd") - ag
         if p.param_gather_overlap:
             ag = max(0.0, ag - C)
-        ov = {"compute": p.k * C, "comm": no["comm"], "exposed": max(0.0, bwd - 2.0 / 3.0 * C) + rest + ag}
-        ov["step"] = ov["compute"] + ov["exposed"]
+        ov = {"compute": p.k * C, "comm": no["comm"], "exposed": max(0.0, bwd - 2.0 / 3.0 * C) + rest + ag,
+              "optimizer": el}
+        ov["step"] = ov["compute"] + ov["exposed"] + el
     else:
-        ov = step_time(p, ops, True, compute_scale)
+        ov = step_time(p, ops, True, compute_scale, el)
     return {"no_overlap": no, "overlap": ov}
 
 
@@ -604,6 +629,7 @@ def add_plan_arguments(a) -> None:
     a.add_argument("--mfu", type=float, default=0.4)
     a.add_argument("--recompute", action="store_true", help="full activation recomputation")
     a.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    a.add_argument("--mem-bw", type=float, default=3350.0, help="GB/s memory bandwidth of one GPU (optimizer passes)")
     a.add_argument("--table", action="store_true",
                    help="the docs/performance.md table: configs/3b.yaml and 7b.yaml on 8 to 1024 GPUs")
 
@@ -635,6 +661,7 @@ def input_from_args(args) -> PlanInput:
                      intra_bw=args.intra_bw, inter_bw=args.inter_bw, latency_us=args.latency_us,
                      gpu_tflops=args.gpu_tflops, mfu=args.mfu, recompute=args.recompute, gpu_mem_gb=args.gpu_mem_gb,
                      accum=args.accum, grad_dtype=args.grad_dtype, param_gather_overlap=args.param_gather_overlap,
+                     mem_bw=args.mem_bw,
                      **kw)
 
 

@@ -146,9 +146,10 @@ def test_cli(capsys):
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_threshold_closed_forms_plain_engine(k):
-    """Without overlap Nexus adds (k-1) all-reduces per step: ratio <= 1.05 iff C/c >= (k - 1.05) / (0.05 k).
+    """Communication only: without overlap Nexus adds (k-1) all-reduces per step: ratio <= 1.05 iff C/c >= (k - 1.05) / (0.05 k).
     With overlap both reductions hide behind backward: C/c >= (k - 1.05) / (1.05 k - 0.7 - k/3)."""
     from nexus_megatron.plan import ratio_threshold
-    p = validate(PlanInput(params=10 ** 8, engine="plain", nodes=1, gpus_per_node=8, k=k, latency_us=0.0))
+    p = validate(PlanInput(params=10 ** 8, engine="plain", nodes=1, gpus_per_node=8, k=k, latency_us=0.0,
+                           mem_bw=1e12))   # communication only: no time for the elementwise passes
     assert ratio_threshold(p, "sequential", False) == pytest.approx((k - 1.05) / (0.05 * k), rel=1e-3)
     assert ratio_threshold(p, "sequential", True) == pytest.approx((k - 1.05) / (1.05 * k - 0.7 - k / 3), rel=1e-3)
