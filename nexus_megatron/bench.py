@@ -450,7 +450,8 @@ def check_bench_args(args) -> dict:
                                                          "data": {"seq_len": BENCH_SEQ,
                                                                   "micro_batch_size": BENCH_MICRO_BATCH},
                                                          "train": {"micro_steps": BENCH_K}}))
-    raw["model"]["vocab_size"] = raw["model"]["vocab_size"] or BENCH_VOCAB
+    # the configs' models use the GPT-2 tokenizer (50257); the built-in bench model a small vocabulary
+    raw["model"]["vocab_size"] = raw["model"]["vocab_size"] or (50257 if args.config else BENCH_VOCAB)
     raw["data"].update(sources=[f"s{i}" for i in range(args.sources)], ood=[], weights=None)
     raw["optim"].update(lr=1e-3, min_lr=1e-4, warmup_steps=0, schedule="constant")
     raw["train"].update(steps=args.warmup + args.steps, progress=False, eval_every=0, probe_every=0,
