@@ -1,4 +1,4 @@
-"""``nexus-megatron``: prepare-data, train, compare, quickstart."""
+"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,21 @@ def cmd_quickstart(args) -> int:
     return quickstart(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_argv, check_bench_args, run_bench
+
+    check_bench_args(args)            # bad settings fail here, before any process is spawned
+    if args.nproc > 1 and not _under_launcher():
+        return launch_torchrun(args.nproc, bench_argv(args))
+    return run_bench(args)
+
+
+def cmd_plan(args) -> int:
+    from .plan import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-megatron", description=__doc__)
     # the deepspeed launcher passes --local_rank (torchrun uses LOCAL_RANK in the environment)
@@ -110,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ds-config", default=None, help="ds_config.json (default: configs/ds_config_zero2.json)")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.set_defaults(fn=cmd_quickstart)
+
+    b = sub.add_parser("bench", help="AdamW vs Nexus (both layouts) on the same model, batch and engine: step time, "
+                                     "tokens/s, memory, bytes communicated, critical-sharpness hook cost")
+    from .bench import add_bench_arguments
+    add_bench_arguments(b)
+    b.set_defaults(fn=cmd_bench)
+
+    pl = sub.add_parser("plan", help="memory per GPU and communication time per step for AdamW and Nexus "
+                                     "(model size, nodes, TP/PP/DP, ZeRO or distributed optimizer, bandwidths)")
+    from .plan import add_plan_arguments
+    add_plan_arguments(pl)
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

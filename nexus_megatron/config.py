@@ -82,6 +82,13 @@ class NexusSection:
     max_consecutive_skips: int = 10
     seed: int = 0
     """Seed of the sequential layout's per-micro-step source draws."""
+    overlap_grad_reduce: bool = False
+    """Plain engine: start the gradient reduction of each bucket while backward is still running
+    (per-parameter post-accumulate-grad hooks, asynchronous collectives), for Nexus (every micro-step) and
+    the AdamW baseline (its one reduction, during the last micro-step's backward). Same results as without
+    it (docs/performance.md). DeepSpeed: use the ds_config's ``zero_optimization.overlap_comm`` instead."""
+    bucket_size: int = 10_000_000
+    """Elements per gradient bucket when ``overlap_grad_reduce`` is on (10M fp32 = 40 MB)."""
 
 
 @dataclass
@@ -270,6 +277,14 @@ def validate_run_config(cfg: RunConfig) -> None:
     _number(n.min_grad_norm, "nexus.min_grad_norm", 0)
     if not (isinstance(n.max_consecutive_skips, int) and n.max_consecutive_skips >= 0):
         raise NexusConfigError(f"nexus.max_consecutive_skips={n.max_consecutive_skips!r}: must be an integer >= 0")
+    if not isinstance(n.overlap_grad_reduce, bool):
+        raise NexusConfigError(f"nexus.overlap_grad_reduce={n.overlap_grad_reduce!r}: must be true or false")
+    _positive_int(n.bucket_size, "nexus.bucket_size")
+    if n.overlap_grad_reduce and t.engine != "plain":
+        raise NexusConfigError(
+            f"nexus.overlap_grad_reduce=true is the plain engine's overlap (train.engine={t.engine!r}): DeepSpeed "
+            "overlaps its own reduction; set zero_optimization.overlap_comm (and reduce_bucket_size) in the "
+            "ds_config instead, and nexus.overlap_grad_reduce=false")
     _positive_int(t.steps, "train.steps")
     _positive_int(t.micro_steps, "train.micro_steps")
     for name in ("log_every", "eval_every", "probe_every", "checkpoint_every", "threads"):

@@ -17,6 +17,13 @@ Two layouts:
   scale the shard by ``w_i / n_i``, all-reduce the shard across groups ("cross" group: the ranks at
   the same position of every source group), all-gather inside the source group. That moves about
   the bytes of one plain all-reduce of the gradient.
+
+Each micro-step's reduction has two phases (:class:`Reduction`): the bulk collective on the raw
+gradient (sequential: the all-reduce; source-parallel: the reduce-scatter inside the source group),
+which can run bucket by bucket, and the rest (norm exchange, scaling, cross-group all-reduce,
+all-gather), which needs the full norm. :class:`GradBuckets` starts the first phase of each bucket
+from per-parameter post-accumulate-grad hooks while backward is still running (as DDP and Megatron's
+DDP do); ``reduce_normalized`` / ``reduce_mean`` run both phases with one bucket.
 """
 from __future__ import annotations
 
@@ -153,6 +160,37 @@ class SourceLayout:
     def padded_numel(self, numel: int) -> int:
         return numel
 
+    bucket_align = 1
+    """Bucket lengths (and offsets) are multiples of this (the source group size: a bucket is
+    reduce-scattered inside the source group)."""
+
+    def bucket_ranges(self, numel: int, bucket_numel: int, *, mean: bool = False) -> list:
+        """Contiguous [lo, hi) ranges covering a flat buffer of ``numel`` elements (``padded_numel``), from
+        its end to its start: backward produces the gradients of the last parameters first. ``mean``: for
+        ``reduce_mean`` (all-reduces only: any length)."""
+        a = 1 if mean else self.bucket_align
+        if numel % a:
+            raise ValueError(f"flat buffer of {numel} elements is not a multiple of {a}: allocate it with padded_numel()")
+        size = max(a, int(bucket_numel) // a * a)
+        out, hi = [], numel
+        while hi > 0:
+            lo = max(0, hi - size)
+            out.append((lo, hi))
+            hi = lo
+        return out
+
+    def reduction(self, flat: torch.Tensor, ranges=None, *, mean: bool = False) -> "Reduction":
+        """The two-phase reduction of ``flat`` over ``ranges`` (default one bucket); nothing started yet."""
+        return Reduction(self, flat, ranges if ranges is not None else [(0, flat.numel())], mean=mean)
+
+    def _start_bucket(self, red: "Reduction", lo: int, hi: int):
+        """Start phase 1 on ``red.flat[lo:hi]``; returns a work handle or None."""
+        raise NotImplementedError
+
+    def finish_normalized(self, red: "Reduction", source: int, *, min_grad_norm: float, segments=None) -> Reduced:
+        """Phase 2 of ``reduce_normalized`` after ``red`` (started with ``mean=False``) has run."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         return {"mode": self.mode, "sources": list(self.sources), "weights": self.weights.tolist(),
                 "dp_size": self.dp_size, "norm_size": self.norm_size, "seed": self.cfg.seed}
@@ -162,12 +200,14 @@ class SourceLayout:
                           segments=None) -> Reduced:
         """In place: turn this rank's local gradient ``flat`` (of source ``source``) into
         d = sum_i w_i g_i / n_i over the active sources (weights renormalized over them)."""
-        raise NotImplementedError
+        red = self.reduction(flat)
+        red.launch_all()
+        return self.finish_normalized(red, source, min_grad_norm=min_grad_norm, segments=segments)
 
     def reduce_mean(self, flat: torch.Tensor, source: Optional[int] = None) -> None:
         """In place: the plain (unnormalized) gradient of the weighted mixture, as a data-parallel
         optimizer would see it. Used for the AdamW baseline on the same data."""
-        raise NotImplementedError
+        self.reduction(flat, mean=True).wait()
 
     def _sum_norm_vector(self, vec: torch.Tensor, group) -> torch.Tensor:
         if group is not None and _group_size(group) > 1:
@@ -202,9 +242,14 @@ class SequentialLayout(SourceLayout):
     def readers(self, source, step, micro):
         return self.dp_rank, self.dp_size
 
-    def reduce_normalized(self, flat, source, *, min_grad_norm, segments=None) -> Reduced:
-        if self.dp_size > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+    def _start_bucket(self, red, lo, hi):
+        if self.dp_size > 1:   # normalized and mean alike: the data-parallel average of the bucket
+            return dist.all_reduce(red.flat[lo:hi], op=dist.ReduceOp.AVG, group=self.dp_group, async_op=True)
+        return None
+
+    def finish_normalized(self, red, source, *, min_grad_norm, segments=None) -> Reduced:
+        red.wait()
+        flat = red.flat
         sq = torch.zeros(self.num_sources, dtype=torch.float64, device=flat.device)
         sq[source] = _segments_sq(flat, segments)
         sq = self._sum_norm_vector(sq, None).cpu()  # flat is replicated over dp: sum over the model-parallel shards only
@@ -213,10 +258,6 @@ class SequentialLayout(SourceLayout):
         norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
         flat.mul_(float(coef[source]))
         return Reduced(norms, present, active, nonfinite)
-
-    def reduce_mean(self, flat, source=None):
-        if self.dp_size > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
 
 
 class SourceParallelLayout(SourceLayout):
@@ -259,21 +300,36 @@ class SourceParallelLayout(SourceLayout):
         d["group_size"] = self.group_size
         return d
 
-    def reduce_normalized(self, flat, source, *, min_grad_norm, segments=None) -> Reduced:
+    @property
+    def bucket_align(self):
+        return self.group_size
+
+    def _start_bucket(self, red, lo, hi):
+        S = self.group_size
+        if red.mean:
+            if self.dp_size > 1:
+                red.flat[lo:hi].mul_(float(self.weights[self.my_source]) / S)
+                return dist.all_reduce(red.flat[lo:hi], op=dist.ReduceOp.SUM, group=self.dp_group, async_op=True)
+            return None
+        if S > 1:   # this rank's piece of the bucket: shard[lo/S : hi/S] (= flat[lo + pos L/S : lo + (pos+1) L/S])
+            return dist.reduce_scatter_tensor(red.shard[lo // S:hi // S], red.flat[lo:hi], op=dist.ReduceOp.SUM,
+                                              group=self.source_group, async_op=True)
+        return None
+
+    def finish_normalized(self, red, source, *, min_grad_norm, segments=None) -> Reduced:
         assert source == self.my_source, "source-parallel: a rank only computes its own source"
+        red.wait()
         S, K = self.group_size, self.num_sources
-        n = flat.numel()
-        assert n % S == 0, "flat buffers must be allocated with padded_numel()"
-        shard_len = n // S
-        lo = self.pos_in_group * shard_len
+        flat = red.flat
         if S > 1:
-            shard = torch.empty(shard_len, dtype=flat.dtype, device=flat.device)
-            dist.reduce_scatter_tensor(shard, flat, op=dist.ReduceOp.SUM, group=self.source_group)
+            shard = red.shard
             shard.div_(S)
         else:
             shard = flat
         sq = torch.zeros(K, dtype=torch.float64, device=flat.device)
-        sq[self.my_source] = _segments_sq(shard, segments, lo)
+        for lo, hi in red.ranges:   # the flat-vector position of this rank's piece of each bucket
+            piece = (hi - lo) // S
+            sq[self.my_source] += _segments_sq(shard[lo // S:hi // S], segments, lo + self.pos_in_group * piece)
         sq = self._sum_norm_vector(sq, self.dp_group if self.dp_size > 1 else None).cpu()
         present = torch.ones(K, dtype=torch.bool)
         norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
@@ -281,13 +337,161 @@ class SourceParallelLayout(SourceLayout):
         if K > 1:
             dist.all_reduce(shard, op=dist.ReduceOp.SUM, group=self.cross_group)
         if S > 1:
-            dist.all_gather_into_tensor(flat, shard, group=self.source_group)
+            works = [dist.all_gather_into_tensor(flat[lo:hi], shard[lo // S:hi // S], group=self.source_group,
+                                                 async_op=True) for lo, hi in red.ranges]
+            for w in works:
+                w.wait()
         return Reduced(norms, present, active, nonfinite)
 
-    def reduce_mean(self, flat, source=None):
-        if self.dp_size > 1:
-            flat.mul_(float(self.weights[self.my_source]) / self.group_size)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.dp_group)
+
+class Reduction:
+    """One micro-step's reduction of a flat gradient buffer, bucket by bucket.
+
+    Phase 1 (``launch(b)``, in bucket order on every rank: collectives on a group must be issued in the
+    same order everywhere) starts the layout's bulk collective on ``flat[lo:hi]`` asynchronously:
+    sequential, the data-parallel all-reduce (average); source-parallel, the reduce-scatter inside the
+    source group into this rank's piece of the bucket (``shard[lo/S:hi/S]``), or, for ``mean=True``
+    (the AdamW baseline), the weighted all-reduce over all data-parallel ranks. ``wait()`` starts what
+    is left and waits. Phase 2 is the layout's ``finish_normalized`` (it needs every bucket: the norm
+    is over the whole vector)."""
+
+    def __init__(self, layout: SourceLayout, flat: torch.Tensor, ranges, *, mean: bool = False,
+                 shard: Optional[torch.Tensor] = None):
+        self.layout, self.flat, self.ranges, self.mean = layout, flat, list(ranges), mean
+        S = layout.bucket_align
+        self.shard = None
+        if not mean and S > 1:
+            n = flat.numel() // S
+            self.shard = shard if shard is not None and shard.numel() == n else \
+                torch.empty(n, dtype=flat.dtype, device=flat.device)
+        self.launched = 0
+        self._works: list = []
+
+    def launch(self, b: int) -> None:
+        if b != self.launched:
+            raise RuntimeError(f"bucket {b} launched out of order (next is {self.launched})")
+        w = self.layout._start_bucket(self, *self.ranges[b])
+        if w is not None:
+            self._works.append(w)
+        self.launched += 1
+
+    def launch_all(self) -> None:
+        while self.launched < len(self.ranges):
+            self.launch(self.launched)
+
+    def wait(self) -> None:
+        self.launch_all()
+        works, self._works = self._works, []
+        for w in works:
+            w.wait()
+
+
+class GradBuckets:
+    """Overlap of the gradient reduction with backward (``nexus.overlap_grad_reduce``).
+
+    A post-accumulate-grad hook on every parameter moves its gradient into its view of the flat buffer
+    and frees ``p.grad``: a copy (``accumulate=None``: Nexus, one micro-step's gradient, reduced with
+    ``reduce_normalized``'s phase 1) or ``flat += accumulate * grad`` (the AdamW baseline accumulating
+    its micro-steps, reduced with ``reduce_mean``). When every parameter overlapping a bucket has its
+    gradient, and every earlier bucket has started, the bucket's collective starts (:class:`Reduction`)
+    while backward goes on with the earlier layers. Buckets are contiguous ranges of the buffer taken
+    from its end (:meth:`SourceLayout.bucket_ranges`), so the last layers, whose gradients come first,
+    start first.
+
+    ``arm()`` before each backward; ``finish()`` after it: parameters whose hook did not fire (unused in
+    the forward, or no backward at all) take ``p.grad`` or, when copying, zero; every bucket not started
+    yet starts, and the :class:`Reduction` is returned. Hooks are inert while not armed (and
+    ``torch.autograd.grad`` never fires them), so other backward passes leave ``p.grad`` alone."""
+
+    def __init__(self, params, flat: torch.Tensor, layout: SourceLayout, *, bucket_numel: int,
+                 accumulate: Optional[float] = None):
+        self.params = list(params)
+        self.flat, self.layout, self.accumulate = flat, layout, accumulate
+        self.mean = accumulate is not None
+        self.ranges = layout.bucket_ranges(flat.numel(), bucket_numel, mean=self.mean)
+        self.views, self.param_buckets, off = [], [], 0
+        self.bucket_params = [0] * len(self.ranges)
+        for p in self.params:
+            n = p.numel()
+            self.views.append(flat[off:off + n].view_as(p))
+            bs = [b for b, (lo, hi) in enumerate(self.ranges) if n and lo < off + n and off < hi]
+            self.param_buckets.append(bs)
+            for b in bs:
+                self.bucket_params[b] += 1
+            off += n
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._shard = None
+        self.armed = False
+        self.ready = [False] * len(self.params)
+        self.missing = list(self.bucket_params)
+        self.red: Optional[Reduction] = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _new_reduction(self) -> Reduction:
+        red = Reduction(self.layout, self.flat, self.ranges, mean=self.mean, shard=self._shard)
+        self._shard = red.shard
+        return red
+
+    def arm(self, launch: bool = True) -> None:
+        """Before a backward. ``launch=False``: only move the gradients (no collective in this backward)."""
+        if self.armed:
+            raise RuntimeError("GradBuckets.arm() twice without finish(): with nexus.overlap_grad_reduce every "
+                               "backward must be followed by the optimizer's micro-step")
+        self.armed = True
+        self.ready = [False] * len(self.params)
+        self.missing = list(self.bucket_params)
+        self.red = self._new_reduction() if launch else None
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        red = self.red
+        while red is not None and red.launched < len(self.ranges) and self.missing[red.launched] == 0:
+            red.launch(red.launched)
+
+    def _move(self, i: int, g: torch.Tensor) -> None:
+        if self.accumulate is None:
+            self.views[i].copy_(g)
+        else:
+            self.views[i].add_(g, alpha=self.accumulate)
+
+    @torch.no_grad()
+    def _hook(self, p) -> None:
+        if not self.armed:
+            return
+        i = self._index[id(p)]
+        if self.ready[i]:
+            raise RuntimeError("a parameter's gradient was produced twice in one backward; with "
+                               "nexus.overlap_grad_reduce run one backward per micro-step (or turn the overlap off)")
+        self._move(i, p.grad)
+        p.grad = None
+        self.ready[i] = True
+        for b in self.param_buckets[i]:
+            self.missing[b] -= 1
+        self._launch_ready()
+
+    @torch.no_grad()
+    def finish(self, launch: bool = True) -> Optional[Reduction]:
+        """After backward: complete the buffer and start every remaining bucket (``launch=False``: no
+        reduction in this micro-step). Returns the started :class:`Reduction` (or None)."""
+        for i, p in enumerate(self.params):
+            if self.armed and self.ready[i]:
+                continue
+            if p.grad is not None:
+                self._move(i, p.grad)
+                p.grad = None
+            elif self.accumulate is None:
+                self.views[i].zero_()
+        red = None
+        if launch:
+            red = self.red if self.red is not None else self._new_reduction()
+            red.launch_all()
+        self.armed, self.red = False, None
+        return red
 
 
 def hash_seed(*parts: int) -> int:

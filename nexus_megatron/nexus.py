@@ -287,6 +287,13 @@ class Nexus:
                 v.copy_(p.grad)
                 p.grad = None
 
+    def _reduce(self, source: int) -> Reduced:
+        """This rank's gradient -> d in ``flat_grad`` (the layout's collectives). A seam: the plain engine's
+        overlapped variant (engines/plain.py) has reduced the buckets during backward already."""
+        self._gather_grads()
+        return self.layout.reduce_normalized(self.flat_grad, source, min_grad_norm=self.config.min_grad_norm,
+                                             segments=self.segments)
+
     def current_lr(self) -> float:
         return float(self.outer.param_groups[0]["lr"])
 
@@ -300,9 +307,7 @@ class Nexus:
                                f"micro_steps={self.micro_steps}: call step() after every {self.micro_steps} inner steps")
         if self.inner_steps == 0:
             self.gamma_t = inner_gamma(self.config, self.current_lr(), self.num_norm_params, self.micro_steps)
-        self._gather_grads()
-        red = self.layout.reduce_normalized(self.flat_grad, source,
-                                            min_grad_norm=self.config.min_grad_norm, segments=self.segments)
+        red = self._reduce(source)
         self.inner_steps += 1
         if red.nonfinite:
             self.poisoned = True

@@ -1,4 +1,18 @@
-"""Plain PyTorch: the model on every rank, Nexus (or the AdamW baseline) owning the collectives."""
+"""Plain PyTorch: the model on every rank, Nexus (or the AdamW baseline) owning the collectives.
+
+With ``nexus.overlap_grad_reduce`` the reduction runs during backward (:class:`OverlappedNexus`,
+:class:`OverlappedMixtureAdamW`; the buckets and hooks are :class:`nexus_megatron.layout.GradBuckets`):
+
+* Nexus, every micro-step: each bucket's bulk collective (sequential: the data-parallel all-reduce;
+  source-parallel: the reduce-scatter inside the source group) starts as soon as backward has produced
+  the bucket's gradients; after backward only the norm exchange, the scaling, the cross-group all-reduce
+  of the shard and the all-gather (source-parallel) remain.
+* AdamW baseline: gradients accumulate into its buffer as backward produces them; the one reduction of
+  the outer step starts bucket by bucket during the last micro-step's backward (DDP's ``no_sync`` on the
+  first k-1 micro-steps).
+
+Both give the same numbers as the non-overlapped path (tests/test_overlap.py).
+"""
 from __future__ import annotations
 
 import torch
@@ -6,6 +20,7 @@ import torch.distributed as dist
 
 from ..baseline import MixtureAdamW
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..layout import GradBuckets, Reduced
 from ..nexus import Nexus, NexusConfig
 from .base import Engine
 
@@ -26,6 +41,62 @@ def nexus_config(cfg) -> NexusConfig:
                        max_consecutive_skips=n.max_consecutive_skips)
 
 
+class OverlappedNexus(Nexus):
+    """:class:`~nexus_megatron.nexus.Nexus` whose per-micro-step reduction starts during backward. Call
+    :meth:`before_backward` before each micro-step's backward (the plain engine does)."""
+
+    def __init__(self, *args, bucket_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.buckets = GradBuckets(self.params, self.flat_grad, self.layout, bucket_numel=bucket_size)
+
+    def before_backward(self) -> None:
+        self.buckets.arm()
+
+    def _reduce(self, source: int) -> Reduced:
+        red = self.buckets.finish()          # gradients complete, every bucket started (most during backward)
+        return self.layout.finish_normalized(red, source, min_grad_norm=self.config.min_grad_norm,
+                                             segments=self.segments)
+
+
+class _StartedMean:
+    """The layout as :class:`~nexus_megatron.baseline.MixtureAdamW.step` sees it under the overlap: its
+    ``reduce_mean`` waits for the reduction the buckets started during the last backward."""
+
+    def __init__(self, layout, opt: "OverlappedMixtureAdamW"):
+        self.layout, self.opt = layout, opt
+
+    def reduce_mean(self, flat, source=None):
+        red, self.opt.pending = self.opt.pending, None
+        if red is None:                      # no micro-step launched it (cannot happen through the engine)
+            red = self.opt.buckets.finish()
+        red.wait()
+
+    def describe(self):
+        return self.layout.describe()
+
+
+class OverlappedMixtureAdamW(MixtureAdamW):
+    """The AdamW baseline with its reduction overlapped with the last micro-step's backward."""
+
+    def __init__(self, params, outer, layout, *, micro_steps: int, clip_grad=None, bucket_size: int):
+        super().__init__(params, outer, layout, micro_steps=micro_steps, clip_grad=clip_grad)
+        self.buckets = GradBuckets(self.params, self.acc, layout, bucket_numel=bucket_size,
+                                   accumulate=1.0 / micro_steps)
+        self.pending = None
+        self.layout = _StartedMean(layout, self)
+
+    def _last(self) -> bool:
+        return self.inner_steps == self.micro_steps - 1
+
+    def before_backward(self) -> None:
+        self.buckets.arm(launch=self._last())
+
+    @torch.no_grad()
+    def inner_step(self, source: int):
+        self.pending = self.buckets.finish(launch=self._last())
+        self.inner_steps += 1
+
+
 class PlainEngine(Engine):
     name = "plain"
     supports_probe = True
@@ -34,14 +105,24 @@ class PlainEngine(Engine):
         self.module = model
         self.params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         self.outer = build_outer_adamw(cfg, self.params)
+        k, overlap, bucket = cfg.train.micro_steps, cfg.nexus.overlap_grad_reduce, cfg.nexus.bucket_size
         if cfg.optim.name == "adamw":
-            self.opt = MixtureAdamW(self.params, self.outer, layout, micro_steps=cfg.train.micro_steps,
-                                    clip_grad=cfg.optim.clip_grad)
+            if overlap:
+                self.opt = OverlappedMixtureAdamW(self.params, self.outer, layout, micro_steps=k,
+                                                  clip_grad=cfg.optim.clip_grad, bucket_size=bucket)
+            else:
+                self.opt = MixtureAdamW(self.params, self.outer, layout, micro_steps=k, clip_grad=cfg.optim.clip_grad)
+        elif overlap:
+            self.opt = OverlappedNexus(self.params, self.outer, layout, nexus_config(cfg), micro_steps=k,
+                                       bucket_size=bucket)
         else:
-            self.opt = Nexus(self.params, self.outer, layout, nexus_config(cfg), micro_steps=cfg.train.micro_steps)
+            self.opt = Nexus(self.params, self.outer, layout, nexus_config(cfg), micro_steps=k)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.outer, lr_lambda)
 
     def backward(self, loss):
+        arm = getattr(self.opt, "before_backward", None)
+        if arm is not None:
+            arm()
         loss.backward()
 
     def micro_step(self, source):

@@ -1,0 +1,853 @@
+"""``nexus-megatron bench``: what Nexus costs next to AdamW, measured in one run.
+
+On the same model, batch, engine and layout (synthetic tokens: timing and bytes do not depend on the
+text), for the AdamW baseline and for Nexus in each source layout, with and without overlap of the
+gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``overlap_comm``):
+
+* step time: median over the timed outer steps (after warm-up) of the slowest rank's wall time;
+  tokens/s from it;
+* memory per rank: the exact bytes of the training state alive between outer steps (every tensor
+  storage reachable from the engine, counted once, by category: parameters, gradient buffers,
+  optimizer moments, fp32 master partitions, the Nexus anchor / displacement, other engine buffers),
+  and the peak during the run: on a GPU ``torch.cuda.max_memory_allocated`` above the start of the
+  run, on the CPU the growth of the peak resident set size (VmHWM, reset through
+  /proc/self/clear_refs) -- activations, transient gradients and allocator behaviour included;
+* bytes communicated per outer step and per micro-step: every collective of ``torch.distributed``
+  called during the timed steps is counted (payload, and ring "bus" bytes sent per rank, see
+  :func:`nexus_megatron.plan.bus_factor`), by wrapping ``torch.distributed``'s collectives in this
+  process before any engine is built (DeepSpeed binds its all-gather / reduce-scatter functions when
+  it initialises, so it binds the counting ones);
+* ratios Nexus / AdamW, and the plan model's prediction of the bytes (:mod:`nexus_megatron.plan`);
+* the critical-sharpness hook (plain engine, ``sharpness.every=1``): forward passes and seconds per
+  measurement, relative to the training step.
+
+Runs under torchrun (``--nproc``), gloo on the CPU, NCCL on GPUs, the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import threading
+import time
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .errors import NexusConfigError
+
+BENCH_MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4}
+BENCH_VOCAB = 8192
+BENCH_SEQ, BENCH_MICRO_BATCH, BENCH_K = 128, 4, 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# counting collectives
+# ---------------------------------------------------------------------------------------------------
+
+_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather", "reduce_scatter",
+                "broadcast", "reduce", "all_reduce_coalesced", "all_to_all_single", "all_to_all", "_reduce_scatter_base",
+                "_all_gather_base", "gather", "scatter", "send", "recv", "isend", "irecv")
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
+    return 0
+
+
+def payload_bytes(op: str, bound: dict) -> int:
+    """The payload of one call, from its bound arguments (the convention of plan.bus_factor)."""
+    a = bound
+    if op in ("all_reduce", "broadcast", "reduce", "send", "recv", "isend", "irecv"):
+        return _nbytes(a.get("tensor"))
+    if op == "all_reduce_coalesced":
+        return _nbytes(a.get("tensors"))
+    if op in ("reduce_scatter_tensor", "_reduce_scatter_base"):
+        return _nbytes(a.get("input"))
+    if op in ("all_gather_into_tensor", "_all_gather_base"):
+        return _nbytes(a.get("output_tensor"))
+    if op == "all_gather":
+        return _nbytes(a.get("tensor_list"))
+    if op == "reduce_scatter":
+        return _nbytes(a.get("input_list"))
+    if op == "all_to_all_single":
+        return _nbytes(a.get("input"))
+    if op == "all_to_all":
+        return _nbytes(a.get("input_tensor_list"))
+    if op == "gather":
+        return _nbytes(a.get("tensor")) * _group_size(a.get("group"))
+    if op == "scatter":
+        return _nbytes(a.get("tensor")) * _group_size(a.get("group"))
+    return 0
+
+
+def _group_size(group) -> int:
+    try:
+        return dist.get_world_size(group) if group is not None else dist.get_world_size()
+    except Exception:   # a group this rank is not in
+        return 1
+
+
+class CommCounter:
+    """Counts the collectives this process issues while ``active``: per (op, group size): calls, payload
+    bytes and bus bytes. Installed once per process, before any engine exists; nested calls (a collective
+    implemented with another) count once."""
+
+    def __init__(self):
+        self.active = False
+        self.records: dict = {}
+        self._local = threading.local()
+        self._installed = False
+
+    def install(self) -> "CommCounter":
+        if self._installed:
+            return self
+        c10d = dist.distributed_c10d
+        for name in _COLLECTIVES:
+            orig = getattr(c10d, name, None) or getattr(dist, name, None)
+            if orig is None or getattr(orig, "_nexus_counted", False):
+                continue
+            wrapper = _counting(self, name, orig)
+            for mod in (dist, c10d):
+                if getattr(mod, name, None) is orig:
+                    setattr(mod, name, wrapper)
+        self._installed = True
+        return self
+
+    def record(self, name: str, args, kwargs, sig) -> None:
+        from .plan import bus_factor
+        try:
+            b = sig.bind(*args, **kwargs)
+        except TypeError:
+            return
+        b.apply_defaults()
+        n = _group_size(b.arguments.get("group"))
+        pay = payload_bytes(name, b.arguments)
+        r = self.records.setdefault((name, n), [0, 0, 0.0])
+        r[0] += 1
+        r[1] += pay
+        r[2] += pay * bus_factor(name, n)
+
+    def take(self) -> dict:
+        """The records since the last take() (and reset)."""
+        out, self.records = self.records, {}
+        return out
+
+
+def _counting(counter: CommCounter, name: str, orig):
+    import functools
+    import inspect
+
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def wrapper(*args, **kwargs):
+        depth = getattr(counter._local, "depth", 0)
+        if counter.active and depth == 0:
+            counter.record(name, args, kwargs, sig)
+        counter._local.depth = depth + 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            counter._local.depth = depth
+
+    wrapper._nexus_counted = True
+    return wrapper
+
+
+COUNTER = CommCounter()
+
+
+def summarize_comm(records: dict, steps: int, k: int) -> dict:
+    """Per outer step: {op@group: {calls, payload, bus}} and totals; per micro-step = per step / k."""
+    ops = {}
+    for (op, n), (calls, pay, bus) in sorted(records.items()):
+        ops[f"{op}@{n}"] = {"calls": calls / steps, "payload": pay / steps, "bus": bus / steps}
+    pay = sum(v["payload"] for v in ops.values())
+    bus = sum(v["bus"] for v in ops.values())
+    return {"ops": ops, "payload_per_step": pay, "bus_per_step": bus, "bus_per_micro": bus / k,
+            "calls_per_step": sum(v["calls"] for v in ops.values())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------------
+
+_SKIP = (str, bytes, int, float, bool, complex, type(None), types.ModuleType, type, types.FunctionType,
+         types.BuiltinFunctionType, types.MethodType, threading.Thread)
+
+
+class StateAccount:
+    """Tensor storages reachable from given roots, each counted once, in the first category that reaches
+    it (so a parameter that is a view into DeepSpeed's flat buffer counts as a parameter)."""
+
+    def __init__(self):
+        self.storages: dict = {}
+        self._seen: set = set()
+
+    def add(self, category: str, roots, depth: int = 8) -> None:
+        stack = [(r, 0) for r in roots]
+        while stack:
+            o, d = stack.pop()
+            if o is None or isinstance(o, _SKIP) or id(o) in self._seen:
+                continue
+            self._seen.add(id(o))
+            if isinstance(o, torch.Tensor):
+                if o.device.type != "meta":
+                    st = o.untyped_storage()
+                    key = (str(st.device), st.data_ptr())
+                    if st.nbytes() and key not in self.storages:
+                        self.storages[key] = (category, st.nbytes())
+                continue   # attributes of tensors are not followed (roots name ds_tensor explicitly)
+            if d >= depth:
+                continue
+            if isinstance(o, dict):
+                stack.extend((v, d + 1) for v in o.values())
+                stack.extend((key, d + 1) for key in o if isinstance(key, torch.Tensor))
+            elif isinstance(o, (list, tuple, set, frozenset)):
+                stack.extend((v, d + 1) for v in o)
+            elif isinstance(o, torch.nn.Module):
+                stack.extend((v, d + 1) for v in o._parameters.values())
+                stack.extend((v, d + 1) for v in o._buffers.values())
+                stack.extend((v, d + 1) for v in o._modules.values())
+            elif isinstance(o, (dist.ProcessGroup, torch.Generator, torch.device, torch.dtype)):
+                continue
+            elif hasattr(o, "__dict__"):
+                try:
+                    stack.extend((v, d + 1) for v in vars(o).values())
+                except TypeError:
+                    pass
+
+    def totals(self) -> dict:
+        out: dict = {}
+        for cat, n in self.storages.values():
+            out[cat] = out.get(cat, 0) + n
+        out["total"] = sum(n for _, n in self.storages.values())
+        return out
+
+
+def _moments(opt) -> list:
+    return [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+
+
+def account_engine(engine) -> dict:
+    """Bytes of the training state held by a trainer engine (see :class:`StateAccount`)."""
+    acc = StateAccount()
+    if engine.name == "plain":
+        opt, module = engine.opt, engine.module
+        params = list(module.parameters())
+        acc.add("params", params)
+        grads = [p.grad for p in params] + [getattr(opt, "flat_grad", None), getattr(opt, "acc", None)]
+        acc.add("grads", grads)
+        acc.add("optimizer", _moments(engine.outer))
+        buckets = getattr(opt, "buckets", None)
+        acc.add("nexus", [getattr(opt, "anchor", None), getattr(opt, "delta", None),
+                          getattr(buckets, "_shard", None)])
+        acc.add("other", [module, opt, engine.outer, engine])
+        return acc.totals()
+    # DeepSpeed (Nexus or AdamW engine)
+    nx = getattr(engine, "nexus", None)
+    ds = nx.ds_engine if nx is not None else engine.ds
+    module = ds.module
+    params = list(module.parameters())
+    acc.add("params", params + [getattr(p, "ds_tensor", None) for p in params])
+    dsopt = ds.optimizer
+    client = nx.client if nx is not None else getattr(dsopt, "optimizer", dsopt)
+    acc.add("optimizer", _moments(client))
+    masters = []
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups"):
+        masters.append(getattr(dsopt, name, None))
+    if nx is not None:
+        masters.append([p for p, _ in nx._core.parts])
+        acc.add("master", masters)
+        acc.add("nexus", list(nx._core.anchors))
+    else:
+        acc.add("master", masters)
+    acc.add("grads", [p.grad for p in params])
+    acc.add("other", [dsopt, client, ds])
+    return acc.totals()
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _proc_status(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one run above its start: CUDA allocator peak on a GPU, resident-set peak on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        gc.collect()
+        _malloc_trim()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+            self.what = "cuda max_memory_allocated"
+        else:
+            self.base = _proc_status("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")          # resets VmHWM to the current RSS
+                self.what = "peak RSS growth"
+            except OSError:
+                self.base = None
+                self.what = "n/a"
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far (e.g. the warm-up steps); the base stays the start of the run."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.base is not None:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.base = None
+
+    def peak(self) -> Optional[int]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if self.base is None:
+            return None
+        hwm = _proc_status("VmHWM")
+        return None if hwm is None else hwm - self.base
+
+
+# ---------------------------------------------------------------------------------------------------
+# synthetic sources (same interface as the prepared-data samplers)
+# ---------------------------------------------------------------------------------------------------
+
+class SyntheticSampler:
+    """Sequence ``j`` of a source: uniform random tokens seeded by (seed, source, split, j)."""
+
+    windows = 1 << 40
+
+    def __init__(self, vocab: int, seq_len: int, seed: int, source: int, split: int):
+        self.vocab, self.seq_len, self.key = vocab, seq_len, (seed, source, split)
+
+    def batch(self, start: int, count: int) -> torch.Tensor:
+        from .layout import hash_seed
+        rows = [torch.randint(0, self.vocab, (self.seq_len + 1,),
+                              generator=torch.Generator().manual_seed(hash_seed(*self.key, start + j)))
+                for j in range(count)]
+        return torch.stack(rows)
+
+
+def synthetic_sources(names, vocab: int, seq_len: int, seed: int = 0) -> dict:
+    return {n: types.SimpleNamespace(train=SyntheticSampler(vocab, seq_len, seed, i, 0),
+                                     val=SyntheticSampler(vocab, seq_len, seed, i, 1))
+            for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------------
+
+def add_bench_arguments(a) -> None:
+    a.add_argument("--config", help="run config for the model shape, seq_len, micro batch and k (default: a "
+                                    f"{BENCH_MODEL['num_layers']}-layer, hidden-{BENCH_MODEL['hidden_size']} Llama, "
+                                    f"vocab {BENCH_VOCAB}, {BENCH_MICRO_BATCH} x {BENCH_SEQ} tokens, k = {BENCH_K})")
+    a.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config setting")
+    a.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    a.add_argument("--engine", choices=("plain", "deepspeed"), default="plain")
+    a.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    a.add_argument("--bf16", action="store_true", help="DeepSpeed: bf16 parameters and compute (slow on CPUs)")
+    a.add_argument("--layouts", default="sequential,source-parallel")
+    a.add_argument("--overlap", default="off,on", help="off, on, or off,on: gradient-reduction overlap "
+                                                       "(plain: nexus.overlap_grad_reduce; DeepSpeed: overlap_comm)")
+    a.add_argument("--sources", type=int, default=2, help="number of (synthetic) data sources K")
+    a.add_argument("--steps", type=int, default=3, help="timed outer steps per run")
+    a.add_argument("--warmup", type=int, default=1, help="untimed outer steps before them")
+    a.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole set of runs this many times, interleaved (the median is over every "
+                        "timed step of every round: on a shared machine, load drifts hit all runs alike)")
+    a.add_argument("--bucket-size", type=int, default=1_000_000, help="elements per gradient bucket")
+    a.add_argument("--ds-zero-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="DeepSpeed: set zero_optimization.KEY (JSON value), e.g. use_multi_rank_bucket_allreduce=false")
+    a.add_argument("--sharpness", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the critical-sharpness hook (plain engine)")
+    a.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
+    a.add_argument("--out", default=None, help="write every figure as JSON here (rank 0)")
+
+
+def bench_argv(args) -> list:
+    argv = ["bench"]
+    if args.config:
+        argv += ["--config", args.config]
+    for s in args.set:
+        argv += ["--set", s]
+    argv += ["--engine", args.engine, "--zero", str(args.zero), "--layouts", args.layouts, "--overlap", args.overlap,
+             "--sources", str(args.sources), "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--rounds", str(args.rounds),
+             "--bucket-size", str(args.bucket_size), "--threads", str(args.threads),
+             "--sharpness" if args.sharpness else "--no-sharpness"]
+    if args.bf16:
+        argv.append("--bf16")
+    for s in args.ds_zero_set:
+        argv += ["--ds-zero-set", s]
+    if args.out:
+        argv += ["--out", args.out]
+    return argv
+
+
+def _split(value: str, allowed, what: str) -> list:
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if not items or bad:
+        raise NexusConfigError(f"bench --{what}={value!r}: use a comma-separated list of {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def check_bench_args(args) -> dict:
+    """Validate everything before any process starts; returns the base config dict of the runs."""
+    from .config import load_config, to_dict
+    from .layout import LAYOUTS
+
+    for name in ("sources", "steps", "nproc", "bucket_size", "rounds"):
+        v = getattr(args, name)
+        if not (isinstance(v, int) and v >= 1):
+            raise NexusConfigError(f"bench --{name.replace('_', '-')}={v!r}: must be an integer >= 1")
+    if not (isinstance(args.warmup, int) and args.warmup >= 0):
+        raise NexusConfigError(f"bench --warmup={args.warmup!r}: must be an integer >= 0")
+    args.layout_list = _split(args.layouts, LAYOUTS, "layouts")
+    args.overlap_list = [v == "on" for v in _split(args.overlap, ("off", "on"), "overlap")]
+    if args.ds_zero_set and args.engine != "deepspeed":
+        raise NexusConfigError("bench --ds-zero-set: DeepSpeed settings need --engine deepspeed")
+    if args.bf16 and args.engine != "deepspeed":
+        raise NexusConfigError("bench --bf16: the plain engine keeps fp32 parameters; use --engine deepspeed --bf16")
+    if args.config:
+        raw = to_dict(load_config(args.config, args.set))
+    else:
+        raw = to_dict(load_config(None, args.set, base={"model": dict(BENCH_MODEL),
+                                                         "data": {"seq_len": BENCH_SEQ,
+                                                                  "micro_batch_size": BENCH_MICRO_BATCH},
+                                                         "train": {"micro_steps": BENCH_K}}))
+    # the configs' models use the GPT-2 tokenizer (50257); the built-in bench model a small vocabulary
+    raw["model"]["vocab_size"] = raw["model"]["vocab_size"] or (50257 if args.config else BENCH_VOCAB)
+    raw["data"].update(sources=[f"s{i}" for i in range(args.sources)], ood=[], weights=None)
+    raw["optim"].update(lr=1e-3, min_lr=1e-4, warmup_steps=0, schedule="constant")
+    raw["train"].update(steps=args.warmup + args.steps, progress=False, eval_every=0, probe_every=0,
+                        wandb={"mode": "disabled", "project": "nexus-megatron", "name": None},
+                        threads=args.threads)
+    raw["sharpness"] = {"enabled": False}
+    if "source-parallel" in args.layout_list:
+        world = args.nproc if not _under_launcher() else int(os.environ.get("WORLD_SIZE", "1"))
+        if world % args.sources or args.sources > world:
+            raise NexusConfigError(
+                f"bench: the source-parallel layout needs a number of processes ({world}) that is a multiple of "
+                f"--sources ({args.sources}); change --nproc or --sources, or pass --layouts sequential")
+    for spec in _specs(args):   # every run's config is valid (a bad --set fails here, not after some runs)
+        _run_config(raw, spec, args)
+    return raw
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+@dataclass
+class Spec:
+    optim: str
+    layout: str
+    overlap: bool
+    sharpness: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.optim} {self.layout} overlap={'on' if self.overlap else 'off'}" + \
+            (" +sharpness" if self.sharpness else "")
+
+
+def _specs(args) -> list:
+    out = [Spec(optim, layout, ov) for layout in args.layout_list for ov in args.overlap_list
+           for optim in ("adamw", "nexus")]
+    if args.sharpness and args.engine == "plain":
+        lay = args.layout_list[0]
+        out += [Spec("adamw", lay, False, True), Spec("nexus", lay, False, True)]
+    return out
+
+
+def _ds_config(raw: dict, args, overlap: bool) -> str:
+    cfg = {"train_micro_batch_size_per_gpu": raw["data"]["micro_batch_size"],
+           "gradient_accumulation_steps": raw["train"]["micro_steps"], "gradient_clipping": 1.0,
+           "steps_per_print": 1 << 30, "wall_clock_breakdown": False, "bf16": {"enabled": bool(args.bf16)},
+           "zero_optimization": {"stage": args.zero, "overlap_comm": overlap, "contiguous_gradients": True,
+                                 "reduce_bucket_size": args.bucket_size, "allgather_bucket_size": args.bucket_size}}
+    if args.zero == 3:
+        cfg["zero_optimization"].update(stage3_prefetch_bucket_size=args.bucket_size,
+                                        stage3_param_persistence_threshold=0)
+    cfg["zero_optimization"].update(ds_zero_settings(args))
+    return json.dumps(cfg)
+
+
+def ds_zero_settings(args) -> dict:
+    out = {}
+    for item in args.ds_zero_set:
+        if "=" not in item:
+            raise NexusConfigError(f"bench --ds-zero-set {item!r}: write it as KEY=VALUE, e.g. overlap_comm=true")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            raise NexusConfigError(f"bench --ds-zero-set {item!r}: the value must be JSON (true, 5e8, ...)") from None
+    return out
+
+
+def _run_config(raw: dict, spec: Spec, args):
+    from .config import load_config
+
+    r = copy.deepcopy(raw)
+    r["optim"]["name"] = spec.optim
+    r["nexus"].update(layout=spec.layout, bucket_size=args.bucket_size,
+                      overlap_grad_reduce=bool(spec.overlap and args.engine == "plain"))
+    r["train"]["engine"] = args.engine
+    r["train"]["deepspeed_config"] = _ds_config(raw, args, spec.overlap) if args.engine == "deepspeed" else None
+    if spec.sharpness:
+        r["sharpness"] = {"enabled": True, "every": 1, "split": "step", "relative": True, "batches": 1}
+    return load_config(None, [], base=r)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quiet_barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        was, COUNTER.active = COUNTER.active, False
+        try:
+            dist.barrier()
+        finally:
+            COUNTER.active = was
+
+
+def _max_over_ranks(values: list, device) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, device,
+            steps: Optional[int] = None, warmup: Optional[int] = None) -> dict:
+    from .layout import LayoutConfig, build_layout
+    from .models import build_model, count_params, lm_loss
+    from .sharpness import build_sharpness_hook
+    from .train import build_engine
+
+    cfg = _run_config(raw, spec, args)
+    names = list(cfg.data.sources)
+    layout = build_layout(LayoutConfig(mode=spec.layout, sources=tuple(names), seed=cfg.nexus.seed))
+    mem = PeakMemory(device)
+    model = build_model(cfg.model, cfg.model.vocab_size, cfg.data.seq_len, seed=0)
+    if cfg.train.engine == "plain":
+        model.to(device)
+    model.train()
+    engine = build_engine(cfg, model, layout)
+    hook = None
+    if spec.sharpness:
+        hook = build_sharpness_hook(cfg.sharpness, engine, sources, names, [], layout.weights.tolist(),
+                                    micro_batch_size=cfg.data.micro_batch_size, rank=rank, world=world)
+    B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
+    module = engine.module
+    consumed = [0] * len(names)
+    times, cpu_times, hook_s, hook_passes = [], [], [], []
+    steps = args.steps if steps is None else steps
+    warmup = args.warmup if warmup is None else warmup
+    COUNTER.take()
+    for step in range(warmup + steps):
+        timed = step >= warmup
+        if step == warmup:
+            mem.reset_peak()   # the peak of the timed steps (over the memory before the model was built)
+        micro = []
+        for m in range(k):
+            src = layout.source_for(step, m)
+            reader, _ = layout.readers(src, step, m)
+            micro.append((src, sources[names[src]].train.batch(consumed[src] + reader * B, B)))
+            for s, r in layout.present(step, m):
+                consumed[s] += r * B
+        _sync(device)
+        _quiet_barrier()
+        COUNTER.active = timed
+        t0, c0 = time.perf_counter(), time.process_time()
+        for src, batch in micro:
+            loss = lm_loss(module, batch)
+            engine.backward(loss)
+            engine.micro_step(src)
+        if hook is not None:
+            hook.begin_step(step + 1, [b for _, b in micro])
+        engine.outer_step()
+        _sync(device)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        COUNTER.active = False
+        if timed:
+            times.append(dt)
+            cpu_times.append(dc)
+            if hook is not None:
+                mm = hook.pop_metrics()
+                hook_s.append(mm.get("sharpness/time_s", math.nan))
+                hook_passes.append(mm.get("sharpness/forward_passes_total", math.nan))
+    comm = summarize_comm(COUNTER.take(), steps, k)
+    state = account_engine(engine)
+    peak = mem.peak()
+    times = _max_over_ranks(times, device)
+    cpu_times = _max_over_ranks(cpu_times, device)
+    P = count_params(model) if cfg.train.engine == "plain" else _ds_num_params(engine)
+    row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
+           "engine": cfg.train.engine, "step_s": statistics.median(times), "step_times": times,
+           "cpu_times": cpu_times, "cpu_s": statistics.median(cpu_times),
+           "tokens_per_s": world * k * B * L / statistics.median(times), "state": state, "peak_bytes": peak,
+           "peak_what": mem.what, "comm": comm, "params": P, "flat_numel": _flat_numel(engine)}
+    if hook is not None:
+        h = _max_over_ranks(hook_s, device)
+        row["sharpness_s"] = statistics.median(h)
+        row["sharpness_passes"] = statistics.median(hook_passes)
+        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+    buckets = getattr(getattr(engine, "opt", None), "buckets", None)
+    if buckets is not None:
+        row["buckets"] = len(buckets.ranges)
+        buckets.remove()
+    del engine, model, module, hook
+    gc.collect()
+    return row
+
+
+def time_allreduce(numel: int, device, repeats: int = 5) -> Optional[float]:
+    """Median seconds of one fp32 all-reduce of ``numel`` elements over all ranks (uncounted): the unit
+    of communication of the issue's targets, on this machine, now."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    buf = torch.zeros(numel, dtype=torch.float32, device=device if device.type == "cuda" else "cpu")
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        _quiet_barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(_max_over_ranks(times, device))
+
+
+def _ds_num_params(engine) -> int:
+    nx = getattr(engine, "nexus", None)
+    ds = nx.ds_engine if nx is not None else engine.ds
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in ds.module.parameters())
+
+
+def _flat_numel(engine) -> Optional[int]:
+    opt = getattr(engine, "opt", None)
+    buf = getattr(opt, "flat_grad", None)
+    return None if buf is None else buf.numel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plan model's prediction for a row, and the table
+# ---------------------------------------------------------------------------------------------------
+
+def plan_input_for(row: dict, raw: dict, args, world: int, device_type: str):
+    from .plan import PlanInput
+
+    m = raw["model"]
+    z = ds_zero_settings(args)
+    ds = {}
+    if "use_multi_rank_bucket_allreduce" in z:
+        ds["ds_bucket_allreduce"] = bool(z["use_multi_rank_bucket_allreduce"])
+    if "stage3_max_reuse_distance" in z:
+        ds["ds_reuse_distance"] = float(z["stage3_max_reuse_distance"])
+    return PlanInput(params=row["params"], hidden=m["hidden_size"], layers=m["num_layers"], heads=m["num_heads"],
+                     vocab=m["vocab_size"], nodes=1, gpus_per_node=world, engine=row["engine"],
+                     zero=args.zero if row["engine"] == "deepspeed" else None,
+                     dtype="bf16" if args.bf16 else "fp32", micro_batch=raw["data"]["micro_batch_size"],
+                     seq_len=raw["data"]["seq_len"], k=raw["train"]["micro_steps"], sources=args.sources,
+                     padded_params=row.get("flat_numel") or None, **ds)
+
+
+def predicted(row: dict, raw: dict, args, world: int, device_type: str) -> dict:
+    """The plan model's bytes for this row (the plain engine's ops are exact; DeepSpeed's are its model)."""
+    from .plan import comm_ops, state_bytes, validate
+
+    p = validate(plan_input_for(row, raw, args, world, device_type))
+    ops = comm_ops(p, row["optim"], row["layout"], overlap=row["overlap"], buckets=row.get("buckets", 1))
+    return {"bus_per_step": sum(o.bus for o in ops), "payload_per_step": sum(o.payload for o in ops),
+            "ops": ops, "state": state_bytes(p, row["optim"], row["layout"], overlap=row["overlap"])}
+
+
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.1f}"
+
+
+def format_table(rows: list, raw: dict, args, world: int, device: torch.device) -> str:
+    m, d = raw["model"], raw["data"]
+    k = raw["train"]["micro_steps"]
+    P = rows[0]["params"]
+    how = {"plain": "plain engine (fp32)",
+           "deepspeed": f"DeepSpeed ZeRO-{args.zero} ({'bf16' if args.bf16 else 'fp32'})"}[args.engine]
+    backend = dist.get_backend() if dist.is_initialized() else "single process"
+    grad_ar = 4 * P * (2 * (world - 1) / world) if world > 1 else 0.0
+    lines = [f"nexus-megatron bench: {how}, {world} rank(s) ({backend}, {device.type}), Llama {P / 1e6:.2f}M params "
+             f"(hidden {m['hidden_size']}, {m['num_layers']} layers, vocab {m['vocab_size']}), k = {k}, micro batch "
+             f"{d['micro_batch_size']} x {d['seq_len']} tokens per rank, {args.sources} sources, median of {args.steps} "
+             f"timed steps after {args.warmup} warm-up" + (f" x {args.rounds} interleaved rounds" if args.rounds > 1
+                                                           else "") + f", buckets of {args.bucket_size:,} elements",
+             "",
+             "| optimizer | layout | overlap | step s | (min-max) | tokens/s | x AdamW | CPU s/step | x AdamW "
+             "| state MB/rank | x AdamW | extra B/param | peak MB | bus MB/step | bus MB/micro-step "
+             "| x one grad all-reduce | plan bus MB/step | calls/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in rows:
+        if r["optim"] == "adamw" and not r["sharpness"]:
+            base[(r["layout"], r["overlap"])] = r
+    for r in rows:
+        if r["sharpness"]:
+            continue
+        a = base.get((r["layout"], r["overlap"]))
+        c = r["comm"]
+        pred = r.get("plan", {})
+        x_step = r["step_s"] / a["step_s"] if a else math.nan
+        x_cpu = r["cpu_s"] / a["cpu_s"] if a else math.nan
+        x_state = r["state"]["total"] / a["state"]["total"] if a else math.nan
+        extra = (r["state"]["total"] - a["state"]["total"]) / P if a else math.nan
+        x_ar = c["bus_per_micro"] / grad_ar if grad_ar else math.nan
+        lines.append(
+            f"| {r['optim']} | {r['layout']} | {'on' if r['overlap'] else 'off'} | {r['step_s']:.3f} | "
+            f"{min(r['step_times']):.2f}-{max(r['step_times']):.2f} | "
+            f"{r['tokens_per_s']:.0f} | {x_step:.3f} | {r['cpu_s']:.3f} | {x_cpu:.3f} | "
+            f"{_mb(r['state']['total'])} | {x_state:.3f} | {extra:.2f} | "
+            f"{_mb(r['peak_bytes'])} | {c['bus_per_step'] / 2**20:.2f} | {c['bus_per_micro'] / 2**20:.2f} | "
+            f"{x_ar:.3f} | {pred.get('bus_per_step', math.nan) / 2**20:.2f} | {c['calls_per_step']:.0f} |")
+    lines += ["", "step s = median wall time of the slowest rank; CPU s/step = median CPU time (all threads) of the "
+                  "busiest rank; "
+                  f"state = every tensor storage the engine holds between outer steps (exact); peak = "
+                  f"{rows[0]['peak_what']} during the run; bus bytes = ring bytes sent per rank "
+                  f"(one fp32 gradient all-reduce over {world} ranks = {grad_ar / 2**20:.2f} MB)"]
+    lines.append("state by category, MB per rank:")
+    for r in rows:
+        if r["sharpness"]:
+            continue
+        cats = ", ".join(f"{key} {_mb(v)}" for key, v in r["state"].items() if key != "total")
+        lines.append(f"  {r['optim']} {r['layout']} overlap={'on' if r['overlap'] else 'off'}: {cats}")
+    lines.append("collectives per outer step (op@group: calls, bus MB):")
+    for r in rows:
+        if r["sharpness"]:
+            continue
+        ops = "; ".join(f"{name}: {v['calls']:.0f}, {v['bus'] / 2**20:.2f}" for name, v in r["comm"]["ops"].items())
+        lines.append(f"  {r['optim']} {r['layout']} overlap={'on' if r['overlap'] else 'off'}: {ops or 'none'}")
+    sh = [r for r in rows if r["sharpness"]]
+    if sh:
+        lines += ["", "critical-sharpness hook (sharpness.every=1, split=step, relative=true: mixture + one search "
+                      "per source), per measurement:",
+                  "| optimizer | layout | forward passes | s per measurement | training step s | x training step "
+                  "| s per forward pass / s per micro-step |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sh:
+            per_pass = r["sharpness_s"] / r["sharpness_passes"] if r["sharpness_passes"] else math.nan
+            lines.append(f"| {r['optim']} | {r['layout']} | {r['sharpness_passes']:.0f} | {r['sharpness_s']:.3f} | "
+                         f"{r['train_step_s']:.3f} | {r['sharpness_s'] / r['train_step_s']:.3f} | "
+                         f"{per_pass / (r['train_step_s'] / k):.3f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+
+def run_bench(args) -> int:
+    raw = check_bench_args(args)
+    COUNTER.install()        # before any engine (DeepSpeed binds torch.distributed functions when it starts)
+    from .train import init_distributed, local_device
+
+    rank, world = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = local_device() if args.engine == "plain" else (
+        local_device() if torch.cuda.is_available() else torch.device("cpu"))
+    if "source-parallel" in args.layout_list and (world % args.sources or args.sources > world):
+        raise NexusConfigError(f"bench: source-parallel needs a multiple of --sources ({args.sources}) processes, "
+                               f"got {world}")
+    sources = synthetic_sources([f"s{i}" for i in range(args.sources)], raw["model"]["vocab_size"],
+                                raw["data"]["seq_len"])
+    rows = []
+    specs = _specs(args)
+    if rank == 0:
+        print(f"bench: priming ({specs[0].label}, 1 step, discarded)", flush=True)
+    run_one(raw, specs[0], args, sources, rank, world, device, steps=1, warmup=0)   # one-time allocations
+    for rnd in range(args.rounds):
+        for i, spec in enumerate(specs):
+            if spec.sharpness and rnd:
+                continue
+            if rank == 0:
+                print(f"bench: {spec.label}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""),
+                      flush=True)
+            row = run_one(raw, spec, args, sources, rank, world, device)
+            if rnd:   # the same engine again: the timed steps join the first round's
+                first = rows[i]
+                first["step_times"] += row["step_times"]
+                first["step_s"] = statistics.median(first["step_times"])
+                first["cpu_times"] += row["cpu_times"]
+                first["cpu_s"] = statistics.median(first["cpu_times"])
+                first["tokens_per_s"] = world * raw["train"]["micro_steps"] * raw["data"]["micro_batch_size"] * \
+                    raw["data"]["seq_len"] / first["step_s"]
+                peaks = [x for x in (first["peak_bytes"], row["peak_bytes"]) if x is not None]
+                first["peak_bytes"] = max(peaks) if peaks else None
+                continue
+            if not spec.sharpness:
+                pred = predicted(row, raw, args, world, device.type)
+                row["plan"] = {"bus_per_step": pred["bus_per_step"], "payload_per_step": pred["payload_per_step"],
+                               "state": pred["state"]}
+            rows.append(row)
+    ar = time_allreduce(rows[0]["params"], device)
+    if rank == 0:
+        print(format_table(rows, raw, args, world, device), flush=True)
+        if ar is not None:
+            k = raw["train"]["micro_steps"]
+            for r in rows:
+                if r["optim"] == "adamw" and not r["sharpness"] and not r["overlap"]:
+                    C = (r["step_s"] - ar) / k
+                    print(f"one fp32 gradient all-reduce ({rows[0]['params'] / 1e6:.2f}M elements, {world} ranks): "
+                          f"{ar:.4f} s (median of 5, measured after the runs); compute per micro-step ~ (AdamW step "
+                          f"- one all-reduce) / k = {C:.3f} s ({r['layout']}); compute/comm ~ {C / ar:.1f}", flush=True)
+                    break
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({"world": world, "device": device.type, "engine": args.engine, "zero": args.zero,
+                           "allreduce_s": ar,
+                           "bf16": args.bf16, "config": raw, "rows": rows}, f, indent=1, default=str)
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
