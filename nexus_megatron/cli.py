@@ -1,4 +1,4 @@
-"""``nexus-megatron``: prepare-data, train, compare, quickstart."""
+"""``nexus-megatron``: prepare-data, train, compare, quickstart, experiment."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,12 @@ def cmd_quickstart(args) -> int:
     return quickstart(args)
 
 
+def cmd_experiment(args) -> int:
+    from .experiment import experiment
+
+    return experiment(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-megatron", description=__doc__)
     # the deepspeed launcher passes --local_rank (torchrun uses LOCAL_RANK in the environment)
@@ -110,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ds-config", default=None, help="ds_config.json (default: configs/ds_config_zero2.json)")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.set_defaults(fn=cmd_quickstart)
+
+    e = sub.add_parser("experiment", help="the multi-seed study: AdamW, Nexus and controls, matched-loss "
+                                          "comparison, downstream, closeness of minima, report (docs/results.md)")
+    from .experiment import add_experiment_arguments
+    add_experiment_arguments(e)
+    e.set_defaults(fn=cmd_experiment)
     return p
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from .errors import NexusConfigError
 from .layout import LAYOUTS
-from .nexus import GAMMA_MODES
+from .nexus import CONTROLS, GAMMA_MODES
 from .sharpness import SharpnessConfig, validate_sharpness_config
 
 OPTIMIZERS = ("nexus", "adamw")
@@ -81,7 +81,10 @@ class NexusSection:
     min_grad_norm: float = 1e-8
     max_consecutive_skips: int = 10
     seed: int = 0
-    """Seed of the sequential layout's per-micro-step source draws."""
+    """Seed of the sequential layout's per-micro-step source draws (and of the control's random directions)."""
+    control: str = "none"
+    """``none`` or ``random_direction``: the study's control that replaces the direction of each inner
+    step's displacement by a seeded random one of the same length (docs/nexus.md#controls; plain engine)."""
 
 
 @dataclass
@@ -268,6 +271,12 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise NexusConfigError(f"nexus.gamma_mode={n.gamma_mode!r}: use one of {', '.join(GAMMA_MODES)}")
     _number(n.gamma, "nexus.gamma", 0, lo_open=True)
     _number(n.min_grad_norm, "nexus.min_grad_norm", 0)
+    if n.control not in CONTROLS:
+        raise NexusConfigError(f"nexus.control={n.control!r}: use one of {', '.join(CONTROLS)}")
+    if n.control != "none" and (o.name != "nexus" or t.engine != "plain"):
+        raise NexusConfigError(f"nexus.control={n.control} is a variant of Nexus on the plain engine: it needs "
+                               f"optim.name=nexus and train.engine=plain (got {o.name}, {t.engine}); "
+                               "set nexus.control=none")
     if not (isinstance(n.max_consecutive_skips, int) and n.max_consecutive_skips >= 0):
         raise NexusConfigError(f"nexus.max_consecutive_skips={n.max_consecutive_skips!r}: must be an integer >= 0")
     _positive_int(t.steps, "train.steps")
