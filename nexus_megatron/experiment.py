@@ -111,6 +111,9 @@ class StudySpec:
     """Cores to use: single-process jobs run this many at a time."""
     reference: str = "adamw"
     """The arm every other arm is compared with (paired by seed)."""
+    contrasts: list = field(default_factory=list)
+    """Extra paired comparisons for the report, e.g. ``[[nexus_seq, gamma0], [nexus_seq, random_dir]]``
+    (each arm minus its control, seed by seed)."""
     pkg_dir: Optional[str] = None
     """Where downloaded packages are cached (default: $NEXUS_PKG_DIR or ~/.cache/nexus_megatron/pkgs)."""
     prepare: PrepareSpec = field(default_factory=PrepareSpec)
@@ -217,6 +220,10 @@ def validate_study(st: Study) -> None:
             raise NexusConfigError(f"arms.{name}: arm names must not contain '/' or end with {MATCHED_SUFFIX!r}")
     if s.reference not in st.arms:
         raise NexusConfigError(f"study.reference={s.reference!r} is not an arm ({', '.join(st.arms)})")
+    for c in s.contrasts:
+        if not (isinstance(c, list) and len(c) == 2 and all(a in st.arms for a in c)):
+            raise NexusConfigError(f"study.contrasts: {c!r} is not a pair of arms [arm, control] "
+                                   f"(arms: {', '.join(st.arms)})")
     tokens, seen = {}, {}
     for name, arm in st.arms.items():
         _pos_int(arm.nproc, f"arms.{name}.nproc")
@@ -350,7 +357,9 @@ def match_settings(st: Study) -> dict:
 
 
 def analysis_settings(st: Study, arm: str) -> dict:
-    return {"downstream": dataclasses.asdict(st.downstream) if st.downstream.enabled else None,
+    from .downstream import FORMAT_VERSION
+    return {"downstream": ({**dataclasses.asdict(st.downstream), "format_version": FORMAT_VERSION}
+                           if st.downstream.enabled else None),
             "minima": dataclasses.asdict(st.minima) if st.minima.enabled and arm in st.minima.arms else None}
 
 

@@ -172,25 +172,39 @@ def build_tables(st, data) -> Dict[str, str]:
     main_cols = [("ID val loss", lambda d: _final(d, "eval/loss")),
                  ("OOD loss", lambda d: _final(d, "eval/ood_loss")),
                  ("mean grad cosine", lambda d: _final(d, "cos/mean")),
-                 ("λ_c (mixture)", lambda d: d["sharpness"]["sharpness/lambda_c"])]
+                 ("log10 λ_c (mixture)", lambda d: _log10(d["sharpness"]["sharpness/lambda_c"]))]
     t["same_tokens"] = metric_table(st, data, base_arms, main_cols, ref=ref,
                                     diff_cols=("ID val loss", "OOD loss", "mean grad cosine"))
+    if st.study.contrasts:
+        rows = []
+        for a, b in st.study.contrasts:
+            if a not in data or b not in data:
+                continue
+            row = [f"{_label(st, a)} − {_label(st, b)}"]
+            for _, fn in main_cols[:3]:
+                diffs = paired(_per_seed(data, a, fn), _per_seed(data, b, fn))
+                lower = sum(1 for x in diffs if x < 0)
+                row.append(f"{fmt_ci(diffs, 4, signed=True)} ({lower}/{len(diffs)} lower)" if diffs else "-")
+            rows.append(row)
+        t["contrasts"] = md_table(["arm − control (paired by seed)", "Δ ID val loss", "Δ OOD loss",
+                                   "Δ mean grad cosine"], rows)
     t["per_source_loss"] = metric_table(st, data, arms, [(n, (lambda d, n=n: _final(d, f"eval/loss/{n}")))
                                                          for n in names + ood])
     pairs = [k for k in next(iter(next(iter(data.values())).values()))["summary"].get("final", {})
              if k.startswith("cos/") and k != "cos/mean"] if data else []
     t["cosines"] = metric_table(st, data, arms, [(k[4:], (lambda d, k=k: _final(d, k))) for k in pairs])
     t["sharpness"] = metric_table(st, data, arms,
-                                  [("mixture", lambda d: d["sharpness"]["sharpness/lambda_c"])]
-                                  + [(n, (lambda d, n=n: d["sharpness"][f"sharpness/lambda_c/{n}"]))
+                                  [("mixture", lambda d: _log10(d["sharpness"]["sharpness/lambda_c"]))]
+                                  + [(n, (lambda d, n=n: _log10(d["sharpness"][f"sharpness/lambda_c/{n}"])))
                                      for n in names + (["ood"] if ood else [])]
-                                  + [("Adam stability threshold", lambda d: d["sharpness"]["sharpness/threshold"])], digits=1)
+                                  + [("Adam threshold", lambda d: _log10(d["sharpness"]["sharpness/threshold"]))],
+                                  digits=2)
     if st.downstream.enabled:
         cols, dcols = [], []
         for task in st.downstream.tasks:
             cols.append((f"{task} acc", (lambda d, task=task: d["analysis"]["downstream"][task]["accuracy"])))
             cols.append((f"{task} margin", (lambda d, task=task: d["analysis"]["downstream"][task]["margin"])))
-            dcols += [f"{task} acc", f"{task} margin"]
+            dcols += [f"{task} acc"]
         t["downstream"] = metric_table(st, data, arms, cols, digits=3, ref=ref, diff_cols=dcols)
         chance = []
         for task in st.downstream.tasks:
@@ -213,7 +227,8 @@ def build_tables(st, data) -> Dict[str, str]:
         marms = [a for a in st.minima.arms if a in data]
         mref = ref if ref in marms else None
         t["minima"] = metric_table(st, data, marms, mcols, digits=4, ref=mref,
-                                   diff_cols=[c for c, _ in mcols])
+                                   diff_cols=["L2 / ||θ0||", "L2 / mean fine-tune move", "mean barrier",
+                                              "mid-path excess"])
     m = st.matched
     if m.enabled:
         marm = m.arm + MATCHED_SUFFIX
@@ -239,12 +254,18 @@ def build_tables(st, data) -> Dict[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # plots
 
+def _log10(v):
+    return math.log10(v) if v is not None and v > 0 and math.isfinite(v) else None
+
+
 def _curve(data, arm, key):
-    """(tokens, mean, lo, hi) over seeds at the steps every seed logged ``key``."""
+    """(tokens, mean, lo, hi) over seeds at the steps every seed logged ``key`` (log10 for lambda_c)."""
     per = {}
     for seed, d in data.get(arm, {}).items():
         for r in d["metrics"]:
             v = r.get(key)
+            if key.startswith("sharpness/lambda_c"):
+                v = _log10(v)
             if v is not None and math.isfinite(float(v)):
                 per.setdefault(r["tokens"], {})[seed] = float(v)
     n = len(data.get(arm, {}))
@@ -350,14 +371,14 @@ def write_plots(st, data, out_dir) -> List[str]:
     p = os.path.join(out_dir, "curves.png")
     plot_curves(st, data, base, [("eval/loss", "in-distribution val loss (mean of sources)"),
                                  ("eval/ood_loss", "OOD val loss"), ("cos/mean", "mean pairwise gradient cosine"),
-                                 ("sharpness/lambda_c", "critical sharpness λ_c (mixture)"),
+                                 ("sharpness/lambda_c", "log10 critical sharpness λ_c (mixture)"),
                                  ("loss", "training loss")], p)
     files.append(p)
     p = os.path.join(out_dir, "per_source.png")
     plot_curves(st, data, base, [(f"eval/loss/{n}", f"val loss: {n}") for n in names + ood], p)
     files.append(p)
     p = os.path.join(out_dir, "sharpness_per_source.png")
-    plot_curves(st, data, base, [(f"sharpness/lambda_c/{n}", f"λ_c(mixture → {n})")
+    plot_curves(st, data, base, [(f"sharpness/lambda_c/{n}", f"log10 λ_c(mixture → {n})")
                                  for n in names + (["ood"] if ood else [])], p)
     files.append(p)
     if st.matched.enabled:
@@ -399,9 +420,10 @@ def write_plots(st, data, out_dir) -> List[str]:
 
 _SECTIONS = [
     ("same_tokens", "Same tokens: final losses, gradient cosine, sharpness (Δ = paired by seed)"),
+    ("contrasts", "Nexus against its controls (same tokens, paired by seed)"),
     ("per_source_loss", "Per-source validation loss (final)"),
     ("cosines", "Pairwise gradient cosine between sources (final probe)"),
-    ("sharpness", "Critical sharpness λ_c (last measurement): mixture and relative per source"),
+    ("sharpness", "Critical sharpness, log10 λ_c (last measurement): mixture and relative per source"),
     ("match_runs", "Matched in-distribution loss: the reference continued at its final learning rate"),
     ("matched", "At matched in-distribution loss (Δ vs the continued reference, paired by seed)"),
     ("downstream", "Downstream (log-likelihood ranking): accuracy and mean margin (nats)"),

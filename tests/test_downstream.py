@@ -95,9 +95,10 @@ def test_gsm_heldout_items_are_deterministic_and_well_formed():
 
 def test_numeric_distractors():
     rng = random.Random(0)
-    d = numeric_distractors("12", "Tom has 3 apples and 4 pears; 3 + 4 = 7 and 7 + 5 = 12.", rng)
+    d = numeric_distractors("12", "Tom has 3 apples and 40 pears; 3 + 40 = 43 and 43 - 31 = 12.", rng)
     assert len(d) == 3 and "12" not in d and len(set(d)) == 3
-    assert sum(x in ("3", "4", "7", "5") for x in d) <= 2   # at most two taken from the context
+    assert all(len(x) == 2 for x in d)                      # same length as the answer
+    assert sum(x in ("40", "43", "31") for x in d) == 2      # two hard distractors from the context
     d2 = numeric_distractors("0", "", random.Random(1))
     assert len(d2) == 3 and "0" not in d2 and all(float(x) >= 0 for x in d2)
 
