@@ -1,4 +1,4 @@
-"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan."""
+"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan, experiment."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,12 @@ def cmd_plan(args) -> int:
     return run_plan(args)
 
 
+def cmd_experiment(args) -> int:
+    from .experiment import experiment
+
+    return experiment(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-megatron", description=__doc__)
     # the deepspeed launcher passes --local_rank (torchrun uses LOCAL_RANK in the environment)
@@ -137,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_plan_arguments
     add_plan_arguments(pl)
     pl.set_defaults(fn=cmd_plan)
+
+    e = sub.add_parser("experiment", help="the multi-seed study: AdamW, Nexus and controls, matched-loss "
+                                          "comparison, downstream, closeness of minima, report (docs/results.md)")
+    from .experiment import add_experiment_arguments
+    add_experiment_arguments(e)
+    e.set_defaults(fn=cmd_experiment)
     return p
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from .errors import NexusConfigError
 from .layout import LAYOUTS
-from .nexus import GAMMA_MODES
+from .nexus import CONTROLS, GAMMA_MODES
 from .sharpness import SharpnessConfig, validate_sharpness_config
 
 OPTIMIZERS = ("nexus", "adamw")
@@ -81,7 +81,7 @@ class NexusSection:
     min_grad_norm: float = 1e-8
     max_consecutive_skips: int = 10
     seed: int = 0
-    """Seed of the sequential layout's per-micro-step source draws."""
+    """Seed of the sequential layout's per-micro-step source draws (and of the control's random directions)."""
     overlap_grad_reduce: bool = False
     """Plain engine: start the gradient reduction of each bucket while backward is still running
     (per-parameter post-accumulate-grad hooks, asynchronous collectives), for Nexus (every micro-step) and
@@ -89,6 +89,9 @@ class NexusSection:
     it (docs/performance.md). DeepSpeed: use the ds_config's ``zero_optimization.overlap_comm`` instead."""
     bucket_size: int = 10_000_000
     """Elements per gradient bucket when ``overlap_grad_reduce`` is on (10M fp32 = 40 MB)."""
+    control: str = "none"
+    """``none`` or ``random_direction``: the study's control that replaces the direction of each inner
+    step's displacement by a seeded random one of the same length (docs/nexus.md#controls; plain engine)."""
 
 
 @dataclass
@@ -275,6 +278,12 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise NexusConfigError(f"nexus.gamma_mode={n.gamma_mode!r}: use one of {', '.join(GAMMA_MODES)}")
     _number(n.gamma, "nexus.gamma", 0, lo_open=True)
     _number(n.min_grad_norm, "nexus.min_grad_norm", 0)
+    if n.control not in CONTROLS:
+        raise NexusConfigError(f"nexus.control={n.control!r}: use one of {', '.join(CONTROLS)}")
+    if n.control != "none" and (o.name != "nexus" or t.engine != "plain"):
+        raise NexusConfigError(f"nexus.control={n.control} is a variant of Nexus on the plain engine: it needs "
+                               f"optim.name=nexus and train.engine=plain (got {o.name}, {t.engine}); "
+                               "set nexus.control=none")
     if not (isinstance(n.max_consecutive_skips, int) and n.max_consecutive_skips >= 0):
         raise NexusConfigError(f"nexus.max_consecutive_skips={n.max_consecutive_skips!r}: must be an integer >= 0")
     if not isinstance(n.overlap_grad_reduce, bool):

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .layout import Reduced, SourceLayout
 
 GAMMA_MODES = ("update", "absolute")
+CONTROLS = ("none", "random_direction")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class NexusConfig:
     """A source whose gradient norm is below this is dropped from the micro-step (§1.4)."""
     max_consecutive_skips: int = 10
     """Abort after this many outer steps in a row with NaN/Inf gradients (0 = never abort)."""
+    control: str = "none"
+    """``none`` (Nexus) or ``random_direction`` (the study's control, docs/nexus.md#controls): each inner
+    step moves the forward point by a seeded random direction of the length the inner step would have
+    moved (``gamma_t * ||d||``), while the pseudo-gradient still sums the normalized gradients ``d``."""
+    control_seed: int = 0
+    """Seed of the random directions (mixed with the outer-step and micro-step numbers; every rank
+    draws the same direction)."""
 
     def __post_init__(self):
         validate_nexus_config(self)
@@ -77,6 +85,8 @@ def validate_nexus_config(cfg: NexusConfig) -> None:
     if not (isinstance(cfg.max_consecutive_skips, int) and cfg.max_consecutive_skips >= 0):
         raise NexusConfigError(
             f"nexus.max_consecutive_skips={cfg.max_consecutive_skips!r}: must be an integer >= 0 (0 = never abort)")
+    if cfg.control not in CONTROLS:
+        raise NexusConfigError(f"nexus.control={cfg.control!r}: use one of {', '.join(CONTROLS)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,6 +143,20 @@ def combine_normalized(grads: torch.Tensor, weights: torch.Tensor, min_grad_norm
     return d, norms, active
 
 
+def random_direction(d: torch.Tensor, numel: int, seed: int, segments=None) -> torch.Tensor:
+    """The random-direction control (docs/nexus.md#controls): a standard normal vector, drawn on the
+    CPU from a generator seeded by ``seed`` (so identical on every rank), zero past ``numel`` (padding),
+    scaled to the norm of ``d`` (both norms over ``segments``, like the source norms)."""
+    from .layout import _segments_sq
+    g = torch.Generator().manual_seed(int(seed))
+    r = torch.zeros(d.numel(), dtype=torch.float32)
+    r[:numel] = torch.randn(numel, generator=g, dtype=torch.float32)
+    r = r.to(d.device)
+    target = float(_segments_sq(d, segments).sqrt())
+    have = float(_segments_sq(r, segments).sqrt())
+    return r.mul_(target / have if have > 0 else 0.0)
+
+
 def norm_segments(params, counts_in_norm: Optional[Callable] = None):
     """[start, end) ranges of the flat vector that count in the source norms (None = all of it).
     ``counts_in_norm(param) -> bool`` excludes tensor-parallel duplicates and shared parameters
@@ -149,6 +173,12 @@ def norm_segments(params, counts_in_norm: Optional[Callable] = None):
                 segs.append([off, off + n])
         off += n
     return [tuple(s) for s in segs]
+
+
+def hash_control_seed(seed: int, outer_step: int, micro_step: int) -> int:
+    """Seed of the random direction of micro-step ``micro_step`` of outer step ``outer_step``."""
+    from .layout import hash_seed
+    return hash_seed(seed, 0x52414E44, outer_step, micro_step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,6 +290,13 @@ class Nexus:
         self._anchor_views = self._views(self.anchor)
         self._grad_views = self._views(self.flat_grad)
         self._load_anchor_from_params()
+        self.random_delta = None
+        if config.control == "random_direction":
+            if layout.norm_size > 1:
+                raise NexusConfigError("nexus.control=random_direction is implemented for data parallelism only "
+                                       "(no tensor/pipeline model parallelism): set nexus.control=none")
+            # where the forward passes go under the control: the sum of the random steps
+            self.random_delta = torch.zeros(padded, dtype=torch.float32, device=dev)
         self.inner_steps = 0
         self.poisoned = False
         self.gamma_t: Optional[float] = None
@@ -316,7 +353,14 @@ class Nexus:
         self.stats.record_micro_step(red.norms, red.present, red.active)
         if bool(red.active.any()):
             inner_update(self.delta, self.flat_grad, self.gamma_t)
-            torch.add(self.anchor, self.delta, out=self.flat_grad)  # reuse the buffer: params = theta + delta
+            moved = self.delta
+            if self.random_delta is not None:   # the control: same step length, random direction
+                seed = hash_control_seed(self.config.control_seed, self.stats.outer_steps + self.stats.skipped_steps,
+                                         self.inner_steps)
+                inner_update(self.random_delta, random_direction(self.flat_grad, self.numel, seed, self.segments),
+                             self.gamma_t)
+                moved = self.random_delta
+            torch.add(self.anchor, moved, out=self.flat_grad)  # reuse the buffer: params = theta + delta
             self._write_params(self.flat_grad)
         return red
 
@@ -359,6 +403,8 @@ class Nexus:
 
     def _end_step(self):
         self.delta.zero_()
+        if self.random_delta is not None:
+            self.random_delta.zero_()
         self.inner_steps = 0
         self.poisoned = False
 
@@ -376,6 +422,7 @@ class Nexus:
             "outer": self.outer.state_dict(),
             "anchor": self.anchor.clone(),
             "delta": self.delta.clone(),
+            **({"random_delta": self.random_delta.clone()} if self.random_delta is not None else {}),
             "inner_steps": self.inner_steps,
             "poisoned": self.poisoned,
             "gamma_t": self.gamma_t,
@@ -400,5 +447,9 @@ class Nexus:
         self.gamma_t = sd["gamma_t"]
         for k, v in sd["stats"].items():
             setattr(self.stats, k, v)
-        torch.add(self.anchor, self.delta, out=self.flat_grad)
+        moved = self.delta
+        if self.random_delta is not None:
+            self.random_delta.copy_(sd.get("random_delta", torch.zeros_like(self.random_delta)))
+            moved = self.random_delta
+        torch.add(self.anchor, moved, out=self.flat_grad)
         self._write_params(self.flat_grad)

@@ -38,7 +38,7 @@ def build_outer_adamw(cfg, params):
 def nexus_config(cfg) -> NexusConfig:
     n = cfg.nexus
     return NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
-                       max_consecutive_skips=n.max_consecutive_skips)
+                       max_consecutive_skips=n.max_consecutive_skips, control=n.control, control_seed=n.seed)
 
 
 class OverlappedNexus(Nexus):
