@@ -52,8 +52,10 @@ def paired(xs: Dict[int, float], ref: Dict[int, float]) -> List[float]:
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    def cell(c) -> str:
+        return str(c).replace("|", "\\|")      # e.g. cos/code|math, ||theta||: not column separators
+    out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
