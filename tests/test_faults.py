@@ -80,15 +80,23 @@ def assert_resumed_equal(tmp, data, run, reference, resumed_from):
     return state
 
 
+def kill9_run(reference, name, rank, fault, what):
+    """Run the CLI with ``fault`` injected; assert every rank exited promptly, non-zero, with the killed
+    rank named and no worker left. Returns the run directory."""
+    tmp, data, _, _ = reference
+    run = tmp / name
+    config = write_config(tmp, data, run)
+    rc, out, exit_s = launch(cli_train(config), fault)
+    print(f"kill -9 rank {rank} {what}: all ranks exited {exit_s:.1f}s later, rc={rc}")
+    assert rc != 0 and exit_s is not None and exit_s < EXIT_BOUND_S
+    assert failed_rank_named(out, rank, -9), out[-3000:]
+    assert not stray_workers(config)
+    return run
+
+
 def test_kill9_rank_mid_outer_step_then_resume(reference):
     tmp, data, _, _ = reference
-    run = tmp / "kill_step"
-    config = write_config(tmp, data, run)
-    rc, out, exit_s = launch(cli_train(config), "kill_rank=1,step=3,phase=step")
-    print(f"kill -9 rank 1 mid-step 3: all ranks exited {exit_s:.1f}s later, rc={rc}")
-    assert rc != 0 and exit_s is not None and exit_s < EXIT_BOUND_S
-    assert failed_rank_named(out, 1, -9), out[-3000:]
-    assert not stray_workers(config)
+    run = kill9_run(reference, "kill_step", 1, "kill_rank=1,step=3,phase=step", "mid-step 3")
     assert os.path.basename(latest_checkpoint(str(run / "checkpoints"))) == "step_00000002"
     assert [r["step"] for r in metrics(run)] == [1, 2]
     assert_resumed_equal(tmp, data, run, reference, 2)
@@ -96,13 +104,7 @@ def test_kill9_rank_mid_outer_step_then_resume(reference):
 
 def test_kill9_writer_mid_checkpoint_then_resume(reference):
     tmp, data, _, _ = reference
-    run = tmp / "kill_ckpt"
-    config = write_config(tmp, data, run)
-    rc, out, exit_s = launch(cli_train(config), "kill_rank=0,step=4,phase=checkpoint")
-    print(f"kill -9 rank 0 while writing checkpoint 4: all ranks exited {exit_s:.1f}s later, rc={rc}")
-    assert rc != 0 and exit_s is not None and exit_s < EXIT_BOUND_S
-    assert failed_rank_named(out, 0, -9), out[-3000:]
-    assert not stray_workers(config)
+    run = kill9_run(reference, "kill_ckpt", 0, "kill_rank=0,step=4,phase=checkpoint", "while writing checkpoint 4")
     root = run / "checkpoints"
     assert any(d.startswith(".tmp-step_00000004") for d in os.listdir(root))   # the write was cut short ...
     assert os.path.basename(latest_checkpoint(str(root))) == "step_00000002"  # ... and latest still the old one
