@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .layout import SourceLayout
+from .nexus import sum_sq
 
 
 @dataclass
@@ -52,7 +53,7 @@ class MixtureAdamW:
         if self.inner_steps != self.micro_steps:
             raise RuntimeError(f"step() after {self.inner_steps} inner steps but micro_steps={self.micro_steps}")
         self.layout.reduce_mean(self.acc)
-        norm = float(torch.linalg.vector_norm(self.acc, dtype=torch.float64))
+        norm = math.sqrt(float(sum_sq(self.acc)))
         info = {"grad_norm": norm, "skipped": False}
         if not math.isfinite(norm):
             self.stats.skipped_steps += 1

@@ -106,15 +106,17 @@ class Reduced:
 def _segments_sq(x: torch.Tensor, segments, lo: int = 0) -> torch.Tensor:
     """Sum of squares (fp64) of x (which holds elements [lo, lo+len(x)) of the flat vector),
     counting only the elements inside ``segments`` (list of [start, end) of the flat vector)."""
+    from .nexus import sum_sq
     n = x.numel()
     if segments is None:
-        return torch.linalg.vector_norm(x, 2, dtype=torch.float64).square() if n else x.new_zeros((), dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
+        return sum_sq(x, lo).to(x.device)
+    parts, starts = [], []
     for s, e in segments:
         s, e = max(s - lo, 0), min(e - lo, n)
         if e > s:
-            total += torch.linalg.vector_norm(x[s:e], 2, dtype=torch.float64).square()
-    return total
+            parts.append(x[s:e])
+            starts.append(lo + s)
+    return sum_sq(parts, starts).to(x.device)
 
 
 def _group_size(group) -> int:
@@ -327,9 +329,13 @@ class SourceParallelLayout(SourceLayout):
         else:
             shard = flat
         sq = torch.zeros(K, dtype=torch.float64, device=flat.device)
-        for lo, hi in red.ranges:   # the flat-vector position of this rank's piece of each bucket
-            piece = (hi - lo) // S
-            sq[self.my_source] += _segments_sq(shard[lo // S:hi // S], segments, lo + self.pos_in_group * piece)
+        if S == 1:   # the whole vector: the same sum however it was bucketed
+            sq[self.my_source] = _segments_sq(flat, segments)
+        else:
+            for lo, hi in red.ranges:   # the flat-vector position of this rank's piece of each bucket
+                piece = (hi - lo) // S
+                sq[self.my_source] += _segments_sq(shard[lo // S:hi // S], segments,
+                                                   lo + self.pos_in_group * piece)
         sq = self._sum_norm_vector(sq, self.dp_group if self.dp_size > 1 else None).cpu()
         present = torch.ones(K, dtype=torch.bool)
         norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)

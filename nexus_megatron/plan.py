@@ -119,9 +119,10 @@ class PlanInput:
     gpu_mem_gb: float = 80.0
     mem_bw: float = 3350.0
     """GB/s of memory bandwidth of one GPU (H100 SXM HBM3: 3350): the optimizer's elementwise passes."""
-    ds_bucket_allreduce: bool = True
-    """DeepSpeed ZeRO-1/2: ``use_multi_rank_bucket_allreduce`` (all-reduce the gradient buckets; false:
-    reduce each partition to its owner)."""
+    ds_bucket_allreduce: Optional[bool] = None
+    """DeepSpeed ZeRO-1/2: ``use_multi_rank_bucket_allreduce`` (true: all-reduce the gradient buckets; false:
+    reduce each partition to its owner). None: what each optimizer gets without the key in its ds_config,
+    true for AdamW (DeepSpeed's default), false for Nexus (the adapter's default)."""
     ds_reuse_distance: float = 1e9
     """DeepSpeed ZeRO-3: ``stage3_max_reuse_distance`` (elements)."""
     padded_params: Optional[int] = None
@@ -300,11 +301,13 @@ def _link(p: PlanInput, n: int, stride: int) -> str:
     return "intra" if n * stride <= p.gpus_per_node else "inter"
 
 
-def _ds_reduce_op(p: PlanInput) -> str:
+def _ds_reduce_op(p: PlanInput, nexus: bool) -> str:
     """DeepSpeed ZeRO-1/2 reduce their gradient buckets with all-reduces by default
     (``zero_optimization.use_multi_rank_bucket_allreduce: true``, DeepSpeed 0.19), else with one
-    ``reduce`` per partition owner (the bytes of a reduce-scatter)."""
-    return "all_reduce" if p.ds_bucket_allreduce else "reduce"
+    ``reduce`` per partition owner (the bytes of a reduce-scatter). The Nexus adapter sets it to false
+    unless the ds_config sets it."""
+    on = (not nexus) if p.ds_bucket_allreduce is None else p.ds_bucket_allreduce
+    return "all_reduce" if on else "reduce"
 
 
 def _zero3_gathers(p: PlanInput) -> float:
@@ -355,7 +358,7 @@ def comm_ops(p: PlanInput, optim: str, layout: str, overlap: bool = False, bucke
         ops += [Op("all_gather_into_tensor", S, k * g * W, k, "parameter all-gathers (forward; backward)", "fwd", link),
                 Op("reduce_scatter_tensor", S, k * G, k, "gradient reduce-scatter", "bwd", link)]
     elif p.engine == "deepspeed" and p.zero in (1, 2):
-        red = _ds_reduce_op(p)
+        red = _ds_reduce_op(p, nexus)
         r = k if (nexus or p.zero == 2) else 1  # ZeRO-2 reduces every micro-step, ZeRO-1 at the boundary
         ops += [Op(red, S, r * G, r, f"gradient bucket {red.replace('_', '-')}", "bwd", link),
                 Op("all_gather_into_tensor", S, reps * W, reps, "parameter all-gather", "none", link)]

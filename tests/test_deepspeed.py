@@ -213,8 +213,16 @@ def test_realistic_config_is_accepted_and_translated():
     ds = p.ds
     assert "nexus" not in ds and ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.0
     assert ds["train_batch_size"] == 4 * 2 and ds["zero_allow_untested_optimizer"] is True
-    assert ds["scheduler"] == WARMUP and ds["zero_optimization"] == cfg["zero_optimization"]
+    # ZeRO-1/2: Nexus reduces each partition to its owner unless the ds_config says otherwise (bytes target)
+    assert ds["scheduler"] == WARMUP
+    assert ds["zero_optimization"] == {**cfg["zero_optimization"], "use_multi_rank_bucket_allreduce": False}
     assert cfg == realistic_ds_config()                # the user's dict is not modified
+    for stage, mine, want in ((1, None, False), (2, True, True), (3, None, None), (0, None, None)):
+        z = {"stage": stage, **({} if mine is None else {"use_multi_rank_bucket_allreduce": mine})}
+        got = prepare_ds_config({**cfg, "zero_optimization": z}, world_size=2).ds["zero_optimization"]
+        assert got.get("use_multi_rank_bucket_allreduce") == want, stage
+        base = prepare_ds_config({**cfg, "zero_optimization": z}, world_size=2, optim_name="adamw")
+        assert base.ds["zero_optimization"].get("use_multi_rank_bucket_allreduce") == mine, stage  # DeepSpeed's own
     sp = prepare_ds_config({**cfg, "train_batch_size": 4 * K * 4,
                             "nexus": {**cfg["nexus"], "layout": "source-parallel", "sources": ["a", "b"]}}, world_size=4)
     assert sp.dp_size == 2 and sp.ds["train_batch_size"] == 4 * 2    # DeepSpeed's DP group = one source group

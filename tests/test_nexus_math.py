@@ -254,3 +254,30 @@ def test_sequential_draw_follows_weights_and_is_shared():
     assert abs(freq[0] - 0.6) < 0.03 and abs(freq[1] - 0.3) < 0.03 and abs(freq[2] - 0.1) < 0.03
     again = build_layout(LayoutConfig(mode="sequential", sources=("a", "b", "c"), weights=(0.6, 0.3, 0.1), seed=3))
     assert draws[:100] == [again.source_for(t, m) for t in range(25) for m in range(4)]
+
+
+def test_sum_sq_is_fp64_accurate_shard_invariant_and_as_finite_as_fp64():
+    from nexus_megatron.nexus import SQ_CHUNK, sum_sq
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3 * SQ_CHUNK * 37 + 123, generator=g) * torch.logspace(-3, 3, 3 * SQ_CHUNK * 37 + 123)
+    exact = float((x.double() ** 2).sum())
+    got = sum_sq(x)
+    assert got.dtype == torch.float64
+    assert abs(float(got) - exact) <= 2e-7 * exact        # fp32 chunks; one fp32 reduction is off by ~1e-4 here
+    # shards cut anywhere, each told where it starts: the same chunks except the ones a cut splits
+    cuts = [0, 5, SQ_CHUNK + 17, 40 * SQ_CHUNK, 40 * SQ_CHUNK + 1, x.numel()]
+    pieces = [x[a:b] for a, b in zip(cuts, cuts[1:])]
+    sharded = sum(float(sum_sq(p, a)) for p, a in zip(pieces, cuts))
+    assert abs(sharded - exact) <= 2e-7 * exact
+    assert float(sum_sq(pieces, cuts[:-1])) == pytest.approx(sharded, rel=1e-14)
+    # a list of tensors, bf16 input (accumulated in fp32), empty input
+    assert float(sum_sq([x[:10], x[10:]])) == pytest.approx(exact, rel=2e-7)
+    assert float(sum_sq(x.bfloat16())) == pytest.approx(float((x.bfloat16().double() ** 2).sum()), rel=1e-6)
+    assert float(sum_sq([])) == 0.0 and float(sum_sq(torch.zeros(0))) == 0.0
+    # values whose squares overflow fp32 are finite in fp64: recomputed, not reported as Inf
+    big = torch.full((2 * SQ_CHUNK,), 1e20)
+    assert float(sum_sq(big)) == pytest.approx(2 * SQ_CHUNK * float(big[0]) ** 2, rel=1e-12)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[7] = bad
+        assert not math.isfinite(float(sum_sq(y)))

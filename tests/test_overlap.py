@@ -114,7 +114,9 @@ def _check(ranks, cases, world):
                 for t, (got, base, want) in enumerate(zip(hist, plain_hist, ref)):
                     assert float((got - base).abs().max() / base.abs().max()) <= 1e-6, (name, key, r, t)
                     assert float((got - want).norm() / want.norm()) <= 1e-5, (name, key, r, t)
-                assert torch.allclose(norms, plain_norms, rtol=1e-9, atol=0), (name, key)
+                # fp32 partial sums over 1024-element chunks (nexus.sum_sq); 16-element buckets cut the shards
+                # elsewhere than one bucket does, so the partials round differently: ~1e-8 relative
+                assert torch.allclose(norms, plain_norms, rtol=1e-7, atol=0), (name, key)
             # a parameter without gradient: zero in its bucket, the rest as without overlap
             for a, b in zip(res["unused_overlap"][0], res["unused_plain"][0]):
                 assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()), (name, "unused")

@@ -76,10 +76,13 @@ def test_bytes_per_micro_step_against_one_gradient_allreduce():
     # reduce-scatter of fp32 grads + all-gather of bf16 params = 0.75 of an fp32 all-reduce
     assert _bus_per_micro(p, "nexus", "sequential") == pytest.approx(0.75 * one(p, 4), abs=1000)
     p = validate(PlanInput(engine="deepspeed", zero=2, **base))
-    # DeepSpeed's default bucket all-reduce + all-gather: 1.5 all-reduces; with reduce: 1.0
-    assert _bus_per_micro(p, "nexus", "sequential") == pytest.approx(1.5 * one(p, 2), abs=1000)
-    p = validate(PlanInput(engine="deepspeed", zero=2, ds_bucket_allreduce=False, **base))
+    # the adapter's default (use_multi_rank_bucket_allreduce: false): reduce + all-gather = 1.0 all-reduce;
+    # DeepSpeed's own default bucket all-reduce + all-gather: 1.5 (what the AdamW baseline keeps)
     assert _bus_per_micro(p, "nexus", "sequential") == pytest.approx(1.0 * one(p, 2), abs=1000)
+    ops = {o.op: o for o in comm_ops(p, "adamw", "sequential")}     # ZeRO-2 reduces every micro-step
+    assert ops["all_reduce"].calls == p.k and ops["all_reduce"].bus == pytest.approx(p.k * one(p, 2), abs=1000)
+    p = validate(PlanInput(engine="deepspeed", zero=2, ds_bucket_allreduce=True, **base))
+    assert _bus_per_micro(p, "nexus", "sequential") == pytest.approx(1.5 * one(p, 2), abs=1000)
     p = validate(PlanInput(engine="deepspeed", zero=3, **base))      # ZeRO-3 gathers every micro-step anyway
     assert _bus_per_micro(p, "nexus", "sequential") == pytest.approx(_bus_per_micro(p, "adamw", "sequential"),
                                                                      abs=1000)

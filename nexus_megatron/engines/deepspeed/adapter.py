@@ -63,7 +63,8 @@ from ... import checkpoint as _ckpt
 from ...errors import CheckpointError, NexusConfigError, NexusNonFiniteError
 from ...faults import fault_point
 from ...layout import LayoutConfig, SourceLayout, build_layout
-from ...nexus import NexusConfig, NexusStats, inner_gamma, inner_update, pseudo_gradient, source_coefficients
+from ...nexus import (NexusConfig, NexusStats, inner_gamma, inner_update, pseudo_gradient, source_coefficients,
+                      sum_sq)
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 
@@ -479,11 +480,7 @@ class _NexusCore:
                 raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm)")
             n = float(n)
             return torch.tensor(n * n if (math.isfinite(n) and n >= 0) else float("nan"), dtype=torch.float64)
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in current:
-            if p.grad is not None:
-                sq += torch.linalg.vector_norm(p.grad, 2, dtype=torch.float64).square()
-        return sq.cpu()
+        return sum_sq([p.grad for p in current if p.grad is not None]).cpu()
 
     @torch.no_grad()
     def client_step(self, client: NexusAdamW):
@@ -526,9 +523,7 @@ class _NexusCore:
     def _outer(self, current: set):
         """The outer step, when the last partition of the k-th micro-step has its final delta."""
         kg = self.k * self.gamma
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p, _ in self.parts:
-            sq += torch.linalg.vector_norm(p.data, 2, dtype=torch.float64).square()
+        sq = sum_sq([p.data for p, _ in self.parts]).to(self.device)
         if self.partitioned and self.groups.dp_size > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.dp_group)
         gnorm = math.sqrt(float(sq)) / kg

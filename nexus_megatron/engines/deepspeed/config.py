@@ -250,6 +250,10 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
     if (z.get("mics_shard_size") or -1) > 0 or (z.get("zero_hpz_partition_size") or 1) > 1:
         raise NexusConfigError("ds_config zero_optimization.mics_shard_size / zero_hpz_partition_size: MiCS and "
                                "ZeRO++ hierarchical partitioning are not supported by the Nexus adapter yet; remove them")
+    if optim_name == "nexus" and stage in (1, 2) and "use_multi_rank_bucket_allreduce" not in z:
+        # Nexus reduces every micro-step: reduce each partition to its owner (a reduce-scatter's bytes) instead
+        # of DeepSpeed 0.19's default all-reduce of the buckets, which sends twice that (docs/performance.md)
+        z["use_multi_rank_bucket_allreduce"] = False
 
     # -- k and the batch sizes ----------------------------------------------------------------
     gas = cfg.get("gradient_accumulation_steps")
