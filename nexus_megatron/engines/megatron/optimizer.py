@@ -25,7 +25,8 @@ One micro-step (``inner_step``), after a forward/backward pass and Megatron's gr
     coef = source_coefficients([n_1..n_K], ...) # w_i / n_i, weights renormalized, drop n_i < min
     d    = sum_i coef_i g_i                     # source-parallel: scaled shard all-reduced across blocks
     main <- main - gamma * d                    # = anchor + delta
-    main -> model params (+ param all-gather)   # what the next forward pass sees
+    main -> model params (+ param all-gather)   # what the next forward pass sees (not after the last
+                                                # micro-step: step() publishes, so k gathers per outer step)
     zero DDP grad buffers
 
 With ``--overlap-param-gather`` (distributed optimizer) the all-gather after each inner step is not run
@@ -485,7 +486,9 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             self.stats.record_micro_step(norms, present, active)
             if bool(active.any()):
                 self._move(float(coef[src]), sp)
-                if self.gamma_t:
+                if self.gamma_t and m < k - 1:
+                    # After the last inner step no pass runs before step(), which reads the main params and
+                    # publishes theta_{t+1} (or theta_t for the pre_outer_step seam): no copy, no all-gather.
                     self._publish()
         # The gradient is consumed: clear main_param.grad / param.grad (FP32Optimizer points param.grad at
         # the DDP buffer; autograd would accumulate into it on the next backward) and the DDP buffers.
