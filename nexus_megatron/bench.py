@@ -757,7 +757,7 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
     tp = getattr(args, "tp", 1) if args.engine == "megatron" else 1
     dp = world // tp
     grad_ar = 4 * P / tp * (2 * (dp - 1) / dp) if dp > 1 else 0.0   # over the data-parallel group
-    lines = [f"nexus-megatron bench: {how}, {world} rank(s) ({backend}, {device.type}), Llama {P / 1e6:.2f}M params "
+    lines = [f"nexus-megatron bench: {how}, {world} rank(s) ({backend}, {device.type}), {'GPT' if args.engine == 'megatron' else 'Llama'} {P / 1e6:.2f}M params "
              f"(hidden {m['hidden_size']}, {m['num_layers']} layers, vocab {m['vocab_size']}), k = {k}, micro batch "
              f"{d['micro_batch_size']} x {d['seq_len']} tokens per rank, {args.sources} sources, median of {args.steps} "
              f"timed steps after {args.warmup} warm-up" + (f" x {args.rounds} interleaved rounds" if args.rounds > 1

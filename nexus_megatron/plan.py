@@ -638,8 +638,8 @@ def add_plan_arguments(a) -> None:
     a.add_argument("--grad-dtype", choices=("bf16", "fp32"), default=None,
                    help="Megatron: dtype of the gradient reduction (default fp32)")
     a.add_argument("--param-gather-overlap", action="store_true",
-                   help="what-if: the parameter all-gather overlapped with the next forward (not supported by the "
-                        "Nexus adapters yet)")
+                   help="the parameter all-gather overlapped with the next forward (Megatron's "
+                        "--overlap-param-gather, supported by NexusMegatronOptimizer; a what-if on the other engines)")
     a.add_argument("--sources", type=int, default=None)
     a.add_argument("--intra-bw", type=float, default=360.0, help="GB/s bus bandwidth inside a node")
     a.add_argument("--inter-bw", type=float, default=40.0, help="GB/s bus bandwidth per GPU between nodes")
