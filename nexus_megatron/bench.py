@@ -2,7 +2,8 @@
 
 On the same model, batch, engine and layout (synthetic tokens: timing and bytes do not depend on the
 text), for the AdamW baseline and for Nexus in each source layout, with and without overlap of the
-gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``overlap_comm``):
+gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``overlap_comm``; Megatron:
+``overlap_grad_reduce`` and ``overlap_param_gather``, see :mod:`nexus_megatron.engines.megatron.bench`):
 
 * step time: median over the timed outer steps (after warm-up) of the slowest rank's wall time;
   tokens/s from it;
@@ -377,12 +378,22 @@ def add_bench_arguments(a) -> None:
                                     f"vocab {BENCH_VOCAB}, {BENCH_MICRO_BATCH} x {BENCH_SEQ} tokens, k = {BENCH_K})")
     a.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config setting")
     a.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
-    a.add_argument("--engine", choices=("plain", "deepspeed"), default="plain")
+    a.add_argument("--engine", choices=("plain", "deepspeed", "megatron"), default="plain")
     a.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    a.add_argument("--bf16", action="store_true", help="DeepSpeed: bf16 parameters and compute (slow on CPUs)")
+    a.add_argument("--bf16", action="store_true", help="DeepSpeed, Megatron: bf16 parameters and compute (slow on "
+                                                       "CPUs)")
+    a.add_argument("--dist-opt", action=argparse.BooleanOptionalAction, default=True,
+                   help="Megatron: the distributed optimizer (default) or plain DDP")
+    a.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=True,
+                   help="Megatron: with --overlap on, overlap the gradient reduce-scatter with backward")
+    a.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=True,
+                   help="Megatron: with --overlap on, overlap the parameter all-gather with the next forward "
+                        "(distributed optimizer)")
+    a.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size")
     a.add_argument("--layouts", default="sequential,source-parallel")
     a.add_argument("--overlap", default="off,on", help="off, on, or off,on: gradient-reduction overlap "
-                                                       "(plain: nexus.overlap_grad_reduce; DeepSpeed: overlap_comm)")
+                                                       "(plain: nexus.overlap_grad_reduce; DeepSpeed: overlap_comm; "
+                                                       "Megatron: --overlap-grad-reduce / --overlap-param-gather)")
     a.add_argument("--sources", type=int, default=2, help="number of (synthetic) data sources K")
     a.add_argument("--steps", type=int, default=3, help="timed outer steps per run")
     a.add_argument("--warmup", type=int, default=1, help="untimed outer steps before them")
@@ -411,6 +422,10 @@ def bench_argv(args) -> list:
              "--sharpness" if args.sharpness else "--no-sharpness"]
     if args.bf16:
         argv.append("--bf16")
+    if args.engine == "megatron":
+        argv += ["--tp", str(args.tp), "--dist-opt" if args.dist_opt else "--no-dist-opt",
+                 "--overlap-grad-reduce" if args.overlap_grad_reduce else "--no-overlap-grad-reduce",
+                 "--overlap-param-gather" if args.overlap_param_gather else "--no-overlap-param-gather"]
     for s in args.ds_zero_set:
         argv += ["--ds-zero-set", s]
     if args.out:
@@ -441,8 +456,20 @@ def check_bench_args(args) -> dict:
     args.overlap_list = [v == "on" for v in _split(args.overlap, ("off", "on"), "overlap")]
     if args.ds_zero_set and args.engine != "deepspeed":
         raise NexusConfigError("bench --ds-zero-set: DeepSpeed settings need --engine deepspeed")
-    if args.bf16 and args.engine != "deepspeed":
-        raise NexusConfigError("bench --bf16: the plain engine keeps fp32 parameters; use --engine deepspeed --bf16")
+    if args.bf16 and args.engine == "plain":
+        raise NexusConfigError("bench --bf16: the plain engine keeps fp32 parameters; use --engine deepspeed --bf16 "
+                               "or --engine megatron --bf16")
+    if args.engine == "megatron":
+        from .engines.megatron.bench import check_megatron_runtime
+        check_megatron_runtime()
+        world = args.nproc if not _under_launcher() else int(os.environ.get("WORLD_SIZE", "1"))
+        if not (isinstance(args.tp, int) and args.tp >= 1 and world % args.tp == 0):
+            raise NexusConfigError(f"bench --tp={args.tp!r}: must divide the number of processes ({world})")
+        if args.overlap_param_gather and not args.dist_opt and True in args.overlap_list:
+            raise NexusConfigError("bench --overlap-param-gather needs the distributed optimizer: drop --no-dist-opt "
+                                   "or pass --no-overlap-param-gather")
+    elif args.tp != 1:
+        raise NexusConfigError("bench --tp: tensor parallelism is measured on --engine megatron only")
     if args.config:
         raw = to_dict(load_config(args.config, args.set))
     else:
@@ -460,12 +487,15 @@ def check_bench_args(args) -> dict:
     raw["sharpness"] = {"enabled": False}
     if "source-parallel" in args.layout_list:
         world = args.nproc if not _under_launcher() else int(os.environ.get("WORLD_SIZE", "1"))
+        if args.engine == "megatron":
+            world //= args.tp          # the sources are dealt over the data-parallel ranks
         if world % args.sources or args.sources > world:
             raise NexusConfigError(
                 f"bench: the source-parallel layout needs a number of processes ({world}) that is a multiple of "
                 f"--sources ({args.sources}); change --nproc or --sources, or pass --layouts sequential")
-    for spec in _specs(args):   # every run's config is valid (a bad --set fails here, not after some runs)
-        _run_config(raw, spec, args)
+    if args.engine != "megatron":   # (Megatron runs build their model from raw's model section directly)
+        for spec in _specs(args):   # every run's config is valid (a bad --set fails here, not after some runs)
+            _run_config(raw, spec, args)
     return raw
 
 
@@ -688,12 +718,14 @@ def plan_input_for(row: dict, raw: dict, args, world: int, device_type: str):
         ds["ds_bucket_allreduce"] = bool(z["use_multi_rank_bucket_allreduce"])
     if "stage3_max_reuse_distance" in z:
         ds["ds_reuse_distance"] = float(z["stage3_max_reuse_distance"])
+    if row["engine"] == "megatron":
+        ds = {"tp": row["tp"], "dist_opt": row["dist_opt"], "param_gather_overlap": row["overlap_param_gather"]}
     return PlanInput(params=row["params"], hidden=m["hidden_size"], layers=m["num_layers"], heads=m["num_heads"],
                      vocab=m["vocab_size"], nodes=1, gpus_per_node=world, engine=row["engine"],
                      zero=args.zero if row["engine"] == "deepspeed" else None,
                      dtype="bf16" if args.bf16 else "fp32", micro_batch=raw["data"]["micro_batch_size"],
                      seq_len=raw["data"]["seq_len"], k=raw["train"]["micro_steps"], sources=args.sources,
-                     padded_params=row.get("flat_numel") or None, **ds)
+                     padded_params=row.get("flat_numel") or row.get("grad_buffer_numel") or None, **ds)
 
 
 def predicted(row: dict, raw: dict, args, world: int, device_type: str) -> dict:
@@ -714,11 +746,18 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
     m, d = raw["model"], raw["data"]
     k = raw["train"]["micro_steps"]
     P = rows[0]["params"]
+    ov = [n for n, on in (("overlap_grad_reduce", args.overlap_grad_reduce),
+                          ("overlap_param_gather", args.overlap_param_gather and args.dist_opt)) if on]
     how = {"plain": "plain engine (fp32)",
-           "deepspeed": f"DeepSpeed ZeRO-{args.zero} ({'bf16' if args.bf16 else 'fp32'})"}[args.engine]
+           "deepspeed": f"DeepSpeed ZeRO-{args.zero} ({'bf16' if args.bf16 else 'fp32'})",
+           "megatron": f"megatron-core {'distributed optimizer' if args.dist_opt else 'DDP'}, TP={args.tp} "
+                       f"({'bf16' if args.bf16 else 'fp32'}; overlap on = {' + '.join(ov) or 'nothing'})"
+                       + ("" if torch.cuda.is_available() else " UNDER THE TESTS' CPU SHIM")}[args.engine]
     backend = dist.get_backend() if dist.is_initialized() else "single process"
-    grad_ar = 4 * P * (2 * (world - 1) / world) if world > 1 else 0.0
-    lines = [f"nexus-megatron bench: {how}, {world} rank(s) ({backend}, {device.type}), Llama {P / 1e6:.2f}M params "
+    tp = getattr(args, "tp", 1) if args.engine == "megatron" else 1
+    dp = world // tp
+    grad_ar = 4 * P / tp * (2 * (dp - 1) / dp) if dp > 1 else 0.0   # over the data-parallel group
+    lines = [f"nexus-megatron bench: {how}, {world} rank(s) ({backend}, {device.type}), {'GPT' if args.engine == 'megatron' else 'Llama'} {P / 1e6:.2f}M params "
              f"(hidden {m['hidden_size']}, {m['num_layers']} layers, vocab {m['vocab_size']}), k = {k}, micro batch "
              f"{d['micro_batch_size']} x {d['seq_len']} tokens per rank, {args.sources} sources, median of {args.steps} "
              f"timed steps after {args.warmup} warm-up" + (f" x {args.rounds} interleaved rounds" if args.rounds > 1
@@ -754,7 +793,7 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
                   "busiest rank; "
                   f"state = every tensor storage the engine holds between outer steps (exact); peak = "
                   f"{rows[0]['peak_what']} during the run; bus bytes = ring bytes sent per rank "
-                  f"(one fp32 gradient all-reduce over {world} ranks = {grad_ar / 2**20:.2f} MB)"]
+                  f"(one fp32 gradient all-reduce over {dp} data-parallel ranks = {grad_ar / 2**20:.2f} MB)"]
     lines.append("state by category, MB per rank:")
     for r in rows:
         if r["sharpness"]:
@@ -794,8 +833,7 @@ def run_bench(args) -> int:
     rank, world = init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = local_device() if args.engine == "plain" else (
-        local_device() if torch.cuda.is_available() else torch.device("cpu"))
+    device = local_device()
     if "source-parallel" in args.layout_list and (world % args.sources or args.sources > world):
         raise NexusConfigError(f"bench: source-parallel needs a multiple of --sources ({args.sources}) processes, "
                                f"got {world}")
@@ -805,7 +843,10 @@ def run_bench(args) -> int:
     specs = _specs(args)
     if rank == 0:
         print(f"bench: priming ({specs[0].label}, 1 step, discarded)", flush=True)
-    run_one(raw, specs[0], args, sources, rank, world, device, steps=1, warmup=0)   # one-time allocations
+    run = run_one
+    if args.engine == "megatron":
+        from .engines.megatron.bench import run_one_megatron as run
+    run(raw, specs[0], args, sources, rank, world, device, steps=1, warmup=0)   # one-time allocations
     for rnd in range(args.rounds):
         for i, spec in enumerate(specs):
             if spec.sharpness and rnd:
@@ -813,7 +854,7 @@ def run_bench(args) -> int:
             if rank == 0:
                 print(f"bench: {spec.label}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""),
                       flush=True)
-            row = run_one(raw, spec, args, sources, rank, world, device)
+            row = run(raw, spec, args, sources, rank, world, device)
             if rnd:   # the same engine again: the timed steps join the first round's
                 first = rows[i]
                 first["step_times"] += row["step_times"]
@@ -846,6 +887,7 @@ def run_bench(args) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump({"world": world, "device": device.type, "engine": args.engine, "zero": args.zero,
+                           "tp": args.tp, "dist_opt": args.dist_opt,
                            "allreduce_s": ar,
                            "bf16": args.bf16, "config": raw, "rows": rows}, f, indent=1, default=str)
     if dist.is_initialized():

@@ -104,7 +104,7 @@ class PlanInput:
     """Megatron: dtype of the gradient reduction (default fp32, Megatron's ``grad_reduce_in_fp32`` for bf16)."""
     param_gather_overlap: bool = False
     """Model the parameter all-gather as overlapped with the next forward (Megatron's
-    ``--overlap-param-gather``; NOT supported by the Nexus adapters yet: a what-if)."""
+    ``--overlap-param-gather`` with the distributed optimizer; supported by NexusMegatronOptimizer)."""
     sources: int = 4
     intra_bw: float = 360.0
     """GB/s of bus bandwidth inside a node (NVLink; NCCL's measured all-reduce bus bandwidth)."""
@@ -126,7 +126,9 @@ class PlanInput:
     ds_reuse_distance: float = 1e9
     """DeepSpeed ZeRO-3: ``stage3_max_reuse_distance`` (elements)."""
     padded_params: Optional[int] = None
-    """Plain engine: the flat buffer's length (P rounded up to the source group size); default P."""
+    """Plain engine: the flat buffer's length (P rounded up to the source group size); Megatron: the DDP
+    param/grad buffers' length on this rank (Megatron pads each bucket for the distributed optimizer);
+    default P (per TP x PP rank)."""
 
     @property
     def gpus(self) -> int:
@@ -269,7 +271,8 @@ def state_bytes(p: PlanInput, optim: str, layout: str, overlap: bool = False) ->
         optimizer = opt / (d if z >= 1 else 1)
         anchor = 4 * P_local / (d if z >= 1 else 1)
     else:
-        params, grads = pb * P_local, gb * P_local
+        buf = p.padded_params or P_local          # Megatron's DDP buffers (bucket padding included)
+        params, grads = pb * buf, gb * buf
         optimizer = opt / (d if p.dist_opt else 1)
         anchor = 4 * P_local / (d if p.dist_opt else 1)
     return {"params": params, "grads": grads, "optimizer": optimizer, "nexus": anchor if optim == "nexus" else 0.0}
@@ -362,11 +365,27 @@ def comm_ops(p: PlanInput, optim: str, layout: str, overlap: bool = False, bucke
         r = k if (nexus or p.zero == 2) else 1  # ZeRO-2 reduces every micro-step, ZeRO-1 at the boundary
         ops += [Op(red, S, r * G, r, f"gradient bucket {red.replace('_', '-')}", "bwd", link),
                 Op("all_gather_into_tensor", S, reps * W, reps, "parameter all-gather", "none", link)]
-    elif sharded:   # Megatron's distributed optimizer
-        ops += [Op("reduce_scatter_tensor", S, reps * G, reps, "gradient reduce-scatter", "bwd", link),
-                Op("all_gather_into_tensor", S, reps * W, reps, "parameter all-gather", "none", link)]
+    elif sharded:   # Megatron's distributed optimizer (buffers padded per bucket; one call per bucket group)
+        buf = p.padded_params or P_local
+        ops += [Op("reduce_scatter_tensor", S, reps * gb * buf, reps * nb, "gradient reduce-scatter", "bwd", link),
+                Op("all_gather_into_tensor", S, reps * pb * buf, reps * nb, "parameter all-gather", "none", link)]
     else:           # DeepSpeed ZeRO-0, Megatron DDP without the distributed optimizer
-        ops.append(Op("all_reduce", S, reps * G, reps, "gradient all-reduce", "bwd", link))
+        buf = (p.padded_params or P_local) if p.engine == "megatron" else P_local
+        ops.append(Op("all_reduce", S, reps * gb * buf, reps * (nb if p.engine == "megatron" else 1),
+                      "gradient all-reduce", "bwd", link))
+    if p.engine == "megatron":
+        # Megatron's get_grad_norm: one fp32 scalar over the ranks holding the gradient (AdamW: once, for the
+        # clipping; Nexus: every micro-step, the source's norm, and once for the clipping of G); Nexus's
+        # source-parallel layout exchanges the K norms and the inf flag (fp64) across the source groups.
+        ops.append(Op("all_reduce", S, 4 * (k + 1 if nexus else 1), k + 1 if nexus else 1,
+                      "gradient norm (fp32 scalar)", "none", link))
+        if sp and K > 1:
+            ops.append(Op("all_reduce", K, k * 8 * (K + 1), k, "per-source norms + inf flag across source groups",
+                          "none", cross_link))
+            elems = P_local / S if sharded else P_local
+            ops.append(Op("all_reduce", K, k * 4 * elems, k, "normalized gradient (shard) across source groups",
+                          "none", cross_link))
+        return ops
     if nexus:
         norm = 8 * (K + 1) if p.engine == "deepspeed" else 8 * K
         ops.append(Op("all_reduce", D, k * norm, k, "squared norms", "none", all_link))
@@ -622,8 +641,8 @@ def add_plan_arguments(a) -> None:
     a.add_argument("--grad-dtype", choices=("bf16", "fp32"), default=None,
                    help="Megatron: dtype of the gradient reduction (default fp32)")
     a.add_argument("--param-gather-overlap", action="store_true",
-                   help="what-if: the parameter all-gather overlapped with the next forward (not supported by the "
-                        "Nexus adapters yet)")
+                   help="the parameter all-gather overlapped with the next forward (Megatron's "
+                        "--overlap-param-gather, supported by NexusMegatronOptimizer; a what-if on the other engines)")
     a.add_argument("--sources", type=int, default=None)
     a.add_argument("--intra-bw", type=float, default=360.0, help="GB/s bus bandwidth inside a node")
     a.add_argument("--inter-bw", type=float, default=40.0, help="GB/s bus bandwidth per GPU between nodes")

@@ -52,6 +52,7 @@ def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
     if _MODE is None:
         _MODE = CudaToCpuMode()
         _MODE.__enter__()                                 # process-wide, stays active
+    torch._nexus_megatron_cpu_shim = True               # lets `bench --engine megatron` run without CUDA
     if fake_cuda_tensor_type:                             # optimizers compare p.type() to 'torch.cuda.FloatTensor'
         _orig = torch.Tensor.type
 

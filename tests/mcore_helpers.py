@@ -182,7 +182,7 @@ EPS = 1e-8
 
 
 def build_nexus(model, cfg, *, mode, num_sources, weights=None, distopt=False, k=2, clip=0.0, bf16=False,
-                gamma=GAMMA, exact=False):
+                gamma=GAMMA, exact=False, ddp_kwargs=None):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from nexus_megatron.engines.megatron import (build_nexus_groups, get_nexus_megatron_optimizer,
@@ -192,7 +192,8 @@ def build_nexus(model, cfg, *, mode, num_sources, weights=None, distopt=False, k
     groups = build_nexus_groups(LayoutConfig(mode=mode, sources=SOURCES[:num_sources], weights=weights))
     ddp = DistributedDataParallel(config=cfg, module=model, pg_collection=groups.pg_collection,
                                   ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distopt,
-                                                                           grad_reduce_in_fp32=True))
+                                                                           grad_reduce_in_fp32=True,
+                                                                           **(ddp_kwargs or {})))
     cfg.finalize_model_grads_func = nexus_finalize_model_grads(groups)
     ocfg = OptimizerConfig(optimizer="adam", lr=LR, min_lr=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.95,
                            adam_eps=EPS, clip_grad=clip, bf16=bf16, use_distributed_optimizer=distopt)

@@ -19,11 +19,11 @@ COLUMNS = ["optimizer", "layout", "overlap", "step s", "(min-max)", "tokens/s", 
            "peak MB", "bus MB/step", "bus MB/micro-step", "x one grad all-reduce", "plan bus MB/step", "calls/step"]
 
 
-def _bench(tmp_path, *extra, port):
+def _bench(tmp_path, *extra, port, entry=("nexus_megatron.cli", "bench")):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MASTER_PORT=str(port),
                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "nexus_megatron.cli", "bench", "--nproc", "2", *TINY, "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", *entry, "--nproc", "2", *TINY, "--out", str(out), *extra]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(out) as f:
@@ -96,3 +96,56 @@ def test_deepspeed_bench_counts_match_the_plan(tmp_path):
         got_opt = r["state"].get("optimizer", 0) + r["state"].get("master", 0)
         assert got_opt == pytest.approx(st["optimizer"], rel=0.02)       # DeepSpeed pads its partitions
         assert r["state"].get("nexus", 0) == pytest.approx(st["nexus"], rel=0.02, abs=1)
+
+
+def test_megatron_bench_refuses_to_run_without_cuda_or_the_shim():
+    pytest.importorskip("megatron.core")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "nexus_megatron.cli", "bench", "--engine", "megatron", "--nproc", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if "CUDA" not in r.stderr and r.returncode == 0:
+        pytest.skip("a GPU is visible: the bench runs megatron-core for real")
+    assert r.returncode != 0 and "tests.mcore_bench_cpu" in r.stderr and "CUDA" in r.stderr
+    assert "bench: priming" not in r.stdout                         # refused before any process started
+
+
+def test_megatron_bench_counts_equal_the_plan(tmp_path):
+    """megatron-core under the tests' CPU shim (tests/mcore_bench_cpu.py), distributed optimizer, overlap off
+    (one bucket) and on (overlap_grad_reduce + overlap_param_gather, several buckets): every collective over
+    more than one rank (calls and payload) equals the plan model's, and the state is exactly Megatron's buffers,
+    Adam's moments on the main shard and, for Nexus, one fp32 anchor of that shard."""
+    pytest.importorskip("megatron.core")
+    from tests.distributed import free_port
+    stdout, data = _bench(tmp_path, "--bucket-size", "600", port=free_port(), entry=("tests.mcore_bench_cpu",))
+    assert "megatron-core distributed optimizer" in stdout and "CPU SHIM" in stdout
+    rows = data["rows"]
+    assert {(r["optim"], r["layout"], r["overlap"]) for r in rows} == {
+        (o, lay, ov) for o in ("adamw", "nexus") for lay in ("sequential", "source-parallel") for ov in (False, True)}
+    k = data["config"]["train"]["micro_steps"]
+    for r in rows:
+        label = (r["optim"], r["layout"], r["overlap"])
+        assert r["engine"] == "megatron" and r["overlap_param_gather"] == r["overlap_grad_reduce"] == r["overlap"]
+        assert (r["buckets"] > 1) == r["overlap"], label
+        p = _plan_for(r, data)
+        ops = comm_ops(p, r["optim"], r["layout"], overlap=r["overlap"], buckets=r["buckets"])
+        want = {key: v for key, v in _by_op(ops).items() if not key.endswith("@1")}
+        got = {key: (v["calls"], v["payload"]) for key, v in r["comm"]["ops"].items() if not key.endswith("@1")}
+        assert got == want, (label, got, want)
+        buf, shard = r["grad_buffer_numel"], r["main_numel"]
+        st = r["state"]
+        assert st["params"] == st["grads"] == 4 * buf, label           # fp32 param buffer, fp32 grad buffer
+        assert st["optimizer"] == 8 * shard, label                      # exp_avg, exp_avg_sq on the main shard
+        assert st.get("master", 0) == 0                                  # fp32: the main shard views the params
+        assert st.get("nexus", 0) == (4 * shard if r["optim"] == "nexus" else 0), label
+        assert st["other"] < 0.01 * st["total"]
+        plan_st = state_bytes(p, r["optim"], r["layout"])
+        for cat in ("params", "grads", "optimizer", "nexus"):
+            assert st.get(cat, 0) == pytest.approx(plan_st[cat], rel=0.02), (label, cat)
+        if r["optim"] == "nexus" and r["layout"] == "sequential":
+            # one fp32 shard, 4/d bytes per parameter (d = 2, up to Megatron's bucket padding)
+            assert st["nexus"] / r["params"] == pytest.approx(2.0, rel=0.03)
+            # per micro-step: one reduce-scatter + one all-gather of the padded buffer = one all-reduce of it
+            # (plus the 4-byte norm scalars)
+            one_ar = 4 * buf                                             # fp32 all-reduce over 2 ranks, bus bytes
+            assert one_ar <= r["comm"]["bus_per_micro"] <= one_ar + 4 * (k + 1)
+    assert all(r["tokens_per_s"] > 0 and r["cpu_s"] > 0 for r in rows)

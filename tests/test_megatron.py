@@ -131,9 +131,11 @@ def _dp2_worker(rank, world, ckpt_root):
         from nexus_megatron.engines.megatron import NexusMegatronOptimizer
         groups = build_nexus_groups(LayoutConfig(mode="sequential", sources=("a",)))
         inner = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [ddp])
+        NexusMegatronOptimizer(inner, [ddp], groups, micro_steps=2)       # --overlap-param-gather: accepted
+        inner.config.overlap_param_gather_with_optimizer_step = True       # what Megatron-LM's flag sets
         NexusMegatronOptimizer(inner, [ddp], groups, micro_steps=2)
     except NexusConfigError as e:
-        errors["overlap_param_gather"] = str(e)
+        errors["overlap_param_gather_with_optimizer_step"] = str(e)
     out["errors"] = errors
     return out
 
@@ -333,7 +335,7 @@ def test_nonfinite_gradient_skips_the_outer_step(dp2):
 def test_layout_and_setting_errors(dp2):
     errors = dp2[0]["errors"]
     assert "source-parallel" in errors["three_sources_two_ranks"] and "3 sources" in errors["three_sources_two_ranks"]
-    assert "--overlap-param-gather" in errors["overlap_param_gather"]
+    assert "--overlap-param-gather-with-optimizer-step" in errors["overlap_param_gather_with_optimizer_step"]
 
 
 def test_tp2_matches_reference(tp2, reference):

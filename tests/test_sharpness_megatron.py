@@ -187,10 +187,11 @@ def _nexus_steps(ddp, opt, sched, groups, hook):
         sched.step(1)
 
 
-def _nexus_run(hooked, *, tp=1, pp=1, distopt=True):
+def _nexus_run(hooked, *, tp=1, pp=1, distopt=True, ddp_kwargs=None):
     from megatron.core import parallel_state as ps
     model, cfg = H.build_model(tp=tp, pp=pp)
-    ddp, opt, sched, groups = H.build_nexus(model, cfg, mode="sequential", num_sources=len(NAMES), distopt=distopt, k=K)
+    ddp, opt, sched, groups = H.build_nexus(model, cfg, mode="sequential", num_sources=len(NAMES), distopt=distopt, k=K,
+                                            ddp_kwargs=ddp_kwargs)
     out = {"inner": [type(c).__name__ for c in opt.children], "shard_numel": opt.numel,
            "local_numel": sum(p.numel() for p in model.parameters())}
     if hooked:
@@ -203,6 +204,7 @@ def _nexus_run(hooked, *, tp=1, pp=1, distopt=True):
                    metrics=[m for _, m in hook.history], results=checked.results)
     else:
         H.run_steps(ddp, opt, sched, groups, STEPS)
+    opt.sync_model_params()       # --overlap-param-gather: the last step's gather is still pending
     out["final"] = [p.detach().clone() for p in model.parameters()]
     out["state"] = [v.clone() for c in opt.children for st in c.optimizer.state.values() for v in st.values()
                     if torch.is_tensor(v)]
@@ -298,22 +300,6 @@ def _megatron_lm_run(data):
             "probe_sizes": {k: [int(b["tokens"].shape[0]) for b in v] for k, v in hook.meter.probe.batches.items()}}
 
 
-def _refused_settings():
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from nexus_megatron.engines.megatron.sharpness import MegatronHost
-    from nexus_megatron.errors import NexusConfigError
-    model, cfg = H.build_model()
-    ddp = DistributedDataParallel(config=cfg, module=model, ddp_config=DistributedDataParallelConfig(
-        use_distributed_optimizer=True, overlap_param_gather=True, overlap_grad_reduce=True))
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [ddp])
-    try:
-        MegatronHost(opt)
-    except NexusConfigError as e:
-        return {"overlap_param_gather": str(e)}
-    return {}
-
-
 def _worker(rank, world, data):
     H.init_megatron()                     # DP=2
     out = {"ref_dp2": _reference(dp=2), "ref_dp1": _reference(dp=1)}
@@ -323,7 +309,10 @@ def _worker(rank, world, data):
         out[f"adam_fp32_{hooked}"] = _adam_run(hooked, distopt=False, bf16=False)
     out["total_numel"] = sum(p.numel() for p in H.build_model()[0].parameters())
     out["megatron_lm"] = _megatron_lm_run(data)
-    out["errors"] = _refused_settings()
+    # --overlap-param-gather (distributed optimizer): the probes gather synchronously, the next training
+    # forward gathers the stepped params again
+    out["nexus_dp2_overlap_True"] = _nexus_run(True, ddp_kwargs=dict(overlap_param_gather=True,
+                                                                      overlap_grad_reduce=True))
     H.init_megatron(tp=2)                 # the same two processes as TP=2 (DP=1)
     out["nexus_tp2_True"] = _nexus_run(True, tp=2)
     H.init_megatron(pp=2)                 # and as two pipeline stages
@@ -439,8 +428,14 @@ def test_megatron_lm_seams_measure_with_the_iterations_batches(runs):
     assert strip(runs[0]["megatron_lm"]["history"]) == strip(runs[1]["megatron_lm"]["history"])
 
 
-def test_refused_settings(runs):
-    assert "--overlap-param-gather" in runs[0]["errors"]["overlap_param_gather"]
+def test_overlap_param_gather_measures_the_same(runs):
+    """With Megatron's --overlap-param-gather the same measurements (bitwise) and the same trajectory; the
+    model params (all of them, gathered) bitwise restored around every measurement."""
+    for r in runs:
+        a, b = r["nexus_dp2_overlap_True"], r["nexus_dp2_True"]
+        assert a["same"] == [True] * STEPS and a["results"] == b["results"]
+        assert all(torch.equal(x, y) for x, y in zip(a["final"], b["final"]))
+        assert all(torch.equal(x, y) for x, y in zip(a["state"], b["state"]))
 
 
 class FusedFormatAdam(torch.optim.Optimizer):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ... import checkpoint as _ckpt
 from ...errors import CheckpointError
 from ...faults import fault_point
+from .optimizer import sync_model_params
 
 
 def _unwrap(chunk):
@@ -100,6 +101,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         shutil.rmtree(tmp, ignore_errors=True)   # a previous attempt killed mid-write
         os.makedirs(tmp)
     _barrier()
+    sync_model_params(model_chunks)   # --overlap-param-gather: the last step's gather may still be pending
     sd = _model_sharded_state_dict(model_chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False, metadata=metadata or DEFAULT_METADATA)
     if scheduler is not None:

@@ -25,8 +25,17 @@ One micro-step (``inner_step``), after a forward/backward pass and Megatron's gr
     coef = source_coefficients([n_1..n_K], ...) # w_i / n_i, weights renormalized, drop n_i < min
     d    = sum_i coef_i g_i                     # source-parallel: scaled shard all-reduced across blocks
     main <- main - gamma * d                    # = anchor + delta
-    main -> model params (+ param all-gather)   # what the next forward pass sees
+    main -> model params (+ param all-gather)   # what the next forward pass sees (not after the last
+                                                # micro-step: step() publishes, so k gathers per outer step)
     zero DDP grad buffers
+
+With ``--overlap-param-gather`` (distributed optimizer) the all-gather after each inner step is not run
+in ``inner_step``: the buckets are marked as changed and the next forward pass's pre-hooks (Megatron's own)
+dispatch each bucket's all-gather asynchronously and wait for it right before its first use, exactly as
+after Megatron's AdamW step, so the gather overlaps the next micro-step's forward. What reads the full
+params outside a training forward gathers first: the ``pre_outer_step`` seam (when due), the sharpness
+probes, :func:`~.checkpoint.save_checkpoint`; elsewhere call :func:`sync_model_params` (or Megatron-LM's
+``disable_forward_pre_hook``, which its ``train()`` does around evaluation and saves).
 
 The outer step (``step``), after ``k`` micro-steps::
 
@@ -94,16 +103,108 @@ def _children(inner) -> list:
     return [inner]
 
 
+def _overlapped(chunk) -> bool:
+    """Megatron DDP chunk whose parameter all-gather is overlapped with the next forward
+    (``--overlap-param-gather`` with the distributed optimizer)."""
+    ddp = getattr(chunk, "ddp_config", None)
+    return bool(ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather
+                and not getattr(ddp, "use_megatron_fsdp", False))
+
+
+def _hooks_on(chunk) -> bool:
+    """The forward pre-hooks that finish (and dispatch) the overlapped all-gather are registered (Megatron-LM
+    disables them for its first iteration, for evaluation and for checkpoint saves)."""
+    return bool(getattr(chunk, "use_forward_hook", False) and getattr(chunk, "remove_forward_pre_hook_handles", None))
+
+
+def _bucket_groups(chunk) -> list:
+    return list(chunk.bucket_groups) + list(getattr(chunk, "expert_parallel_bucket_groups", []))
+
+
+def _wait_gathers(chunk) -> None:
+    """Finish any all-gather still in flight (it reads the local shard that is about to be written)."""
+    for bg in _bucket_groups(chunk):
+        if bg.param_gather_handle is not None:
+            bg.param_gather_handle.wait()
+            bg.param_gather_handle = None
+
+
+def _gather_now(chunk) -> None:
+    """A synchronous all-gather of every bucket of an overlapped chunk (what Megatron's
+    ``disable_forward_pre_hook(param_sync=True)`` does)."""
+    _wait_gathers(chunk)
+    chunk.start_param_sync(force_sync=True)      # no handle outstanding: a synchronous gather per bucket group
+
+
+def _gather_later(chunk) -> None:
+    """Mark every bucket of an overlapped chunk as changed since its last gather: the next forward's pre-hooks
+    dispatch the all-gathers asynchronously bucket by bucket and wait for each right before its first use
+    (exactly what happens after Megatron's own ``step_with_ready_grads``, whose ``finish_grad_sync`` reset
+    the same flag). Without the hooks (Megatron-LM's first iteration) the gather runs now."""
+    if not _hooks_on(chunk):
+        _gather_now(chunk)
+        return
+    for bg in _bucket_groups(chunk):
+        bg.param_gather_dispatched = False
+
+
+def _ddp_chunks(children) -> list:
+    seen, out = set(), []
+    for child in children:
+        if isinstance(child, DistributedOptimizer):
+            for mc in child.model_chunks:
+                if id(mc) not in seen:
+                    seen.add(id(mc))
+                    out.append(mc)
+    return out
+
+
 @torch.no_grad()
-def publish_main_params(children) -> None:
+def sync_model_params(model_chunks) -> None:
+    """Complete the model params now (collective over each chunk's data-parallel group): with
+    ``--overlap-param-gather``, wait for the all-gathers in flight and gather the buckets that changed since
+    their last gather. Call it before anything that reads full model params outside a training forward pass
+    (checkpoint save, your own evaluation code without the pre-hooks, logging of weights). A no-op for chunks
+    without the overlap (their gather is synchronous)."""
+    for mc in model_chunks:
+        if not _overlapped(mc):
+            continue
+        _wait_gathers(mc)
+        for bg in _bucket_groups(mc):
+            if not bg.param_gather_dispatched:
+                bg.start_param_sync(force_sync=True)
+
+
+@torch.no_grad()
+def publish_main_params(children, *, defer_gather: bool = False) -> None:
     """Main params -> model params, and the param all-gather of the distributed optimizer: what Megatron's
-    ``step_with_ready_grads`` does after Adam (``children``: the non-chained Megatron optimizers)."""
+    ``step_with_ready_grads`` does after Adam (``children``: the non-chained Megatron optimizers).
+
+    With ``--overlap-param-gather`` and ``defer_gather=True`` the all-gather is left to the next forward's
+    pre-hooks (overlapped with it, as after Megatron's own step); with ``defer_gather=False`` it runs now, so
+    the model params are complete on return (what a probe or a callback needs)."""
+    chunks = _ddp_chunks(children)
+    for mc in chunks:
+        if _overlapped(mc):
+            _wait_gathers(mc)
     for child in children:
         if isinstance(child, MixedPrecisionOptimizer) and not child.is_stub_optimizer:
             child._copy_main_params_to_model_params()
-        if isinstance(child, DistributedOptimizer):
-            for mc in child.model_chunks:
-                mc.start_param_sync()
+    for mc in chunks:
+        if not _overlapped(mc):
+            mc.start_param_sync()
+        elif defer_gather:
+            _gather_later(mc)
+        else:
+            _gather_now(mc)
+
+
+def _after_inner_step_with_ready_grads(children) -> None:
+    """After a Megatron ``step_with_ready_grads`` (main -> model copied; the gather done unless overlapped):
+    the overlapped chunks gather in the next forward, even if a callback gathered them before the step."""
+    for mc in _ddp_chunks(children):
+        if _overlapped(mc):
+            _gather_later(mc)
 
 
 def step_with_pre_update(optimizer: MegatronOptimizer, fn=None):
@@ -121,7 +222,10 @@ def step_with_pre_update(optimizer: MegatronOptimizer, fn=None):
 
     def with_seam():
         fn(optimizer)
-        return real()
+        ok = real()
+        # fn may have gathered the (pre-step) params: the overlapped chunks must gather again
+        _after_inner_step_with_ready_grads(_children(optimizer))
+        return ok
     optimizer.step_with_ready_grads = with_seam          # an instance attribute, for this call only
     try:
         return optimizer.step()
@@ -212,7 +316,9 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         if getattr(c, "optimizer_cpu_offload", False):
             raise NexusConfigError("nexus on Megatron: --optimizer-cpu-offload is not supported; remove the flag")
         if getattr(c, "overlap_param_gather_with_optimizer_step", False):
-            raise NexusConfigError("nexus on Megatron: --overlap-param-gather-with-optimizer-step is not supported")
+            raise NexusConfigError("nexus on Megatron: --overlap-param-gather-with-optimizer-step is not supported (it "
+                                   "dispatches the all-gather from inside Megatron's chained step, which the inner "
+                                   "steps do not run); use --overlap-param-gather alone")
         if getattr(c, "optimizer", "adam") != "adam":
             raise NexusConfigError(f"nexus on Megatron: the outer optimizer must be adam, got {c.optimizer!r}")
         for mc in self.model_chunks:
@@ -220,9 +326,10 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             if ddp is None:
                 raise NexusConfigError("nexus on Megatron: model chunks must be wrapped in megatron.core's "
                                        "DistributedDataParallel")
-            if ddp.overlap_param_gather:
-                raise NexusConfigError("nexus on Megatron: --overlap-param-gather is not supported yet (every inner "
-                                       "step needs the gathered parameters before the next pass); remove the flag")
+            if ddp.overlap_param_gather and getattr(ddp, "reuse_grad_buf_for_mxfp8_param_ag", False):
+                raise NexusConfigError("nexus on Megatron: --overlap-param-gather with MXFP8 params that reuse the "
+                                       "grad buffer for the all-gather is not supported (Nexus zeroes the grad "
+                                       "buffers after every micro-step); remove one of the two")
             if getattr(ddp, "use_megatron_fsdp", False):
                 raise NexusConfigError("nexus on Megatron: Megatron FSDP is not supported; use the distributed optimizer")
             if ddp.num_distributed_optimizer_instances != 1:
@@ -299,10 +406,16 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         if self.delta is not None:
             self.delta.zero_()
 
-    def _publish(self):
+    def _publish(self, defer_gather: bool = True):
         """Main params -> model params, and the param all-gather of the distributed optimizer (what
-        ``step_with_ready_grads`` does after Adam)."""
-        publish_main_params(self.children)
+        ``step_with_ready_grads`` does after Adam). With ``--overlap-param-gather`` and ``defer_gather`` the
+        gather is overlapped with the next forward pass (its pre-hooks), as after Megatron's own step."""
+        publish_main_params(self.children, defer_gather=defer_gather)
+
+    def sync_model_params(self):
+        """Complete the model params now (see :func:`sync_model_params`): needed with
+        ``--overlap-param-gather`` before reading full model params outside a training forward pass."""
+        sync_model_params(self.model_chunks)
 
     def _zero_grad_buffers(self):
         for mc in self.model_chunks:
@@ -373,7 +486,9 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             self.stats.record_micro_step(norms, present, active)
             if bool(active.any()):
                 self._move(float(coef[src]), sp)
-                if self.gamma_t:
+                if self.gamma_t and m < k - 1:
+                    # After the last inner step no pass runs before step(), which reads the main params and
+                    # publishes theta_{t+1} (or theta_t for the pre_outer_step seam): no copy, no all-gather.
                     self._publish()
         # The gradient is consumed: clear main_param.grad / param.grad (FP32Optimizer points param.grad at
         # the DDP buffer; autograd would accumulate into it on the next backward) and the DDP buffers.
@@ -452,6 +567,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
         ok = self.inner.step_with_ready_grads()
+        _after_inner_step_with_ready_grads(self.children)
         self._load_anchor_from_main()
         return ok
 
@@ -478,7 +594,8 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             if due is None or due(self):
                 # The model params still hold the last inner point: give the callback theta_t everywhere.
                 # (step_with_ready_grads overwrites them after Adam anyway, so this changes nothing else.)
-                self._publish()
+                # The gather runs now, also with --overlap-param-gather: the callback reads the full params.
+                self._publish(defer_gather=False)
             hook(self)
         ok = self.step_with_ready_grads()
         self._end_step(skipped=False)

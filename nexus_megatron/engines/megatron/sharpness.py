@@ -12,7 +12,9 @@ this module supplies what is Megatron-specific:
     of the AdamW baseline, or Nexus's clipped pseudo-gradient G), on the tensors the optimizer owns: with the
     distributed optimizer a shard (TP- and DP-sharded), never the full model;
   - ``move(eta)``: ``main <- theta - eta u`` on those tensors, then main -> model params and the param
-    all-gather (:func:`~.optimizer.publish_main_params`, what ``step_with_ready_grads`` does after Adam);
+    all-gather (:func:`~.optimizer.publish_main_params`, what ``step_with_ready_grads`` does after Adam; with
+    ``--overlap-param-gather`` too the gather runs synchronously here, and after the optimizer step the
+    buckets are marked changed so that the next training forward gathers the stepped params again);
   - ``end()``: ``main <- theta`` (a copy: Nexus's fp32 anchor, or a saved copy of this rank's main params)
     and the same publication, so the model params are bitwise what they were (they were the cast of the
     main params, which the Nexus seam guarantees and Megatron's own step leaves behind);
@@ -162,10 +164,10 @@ class MegatronHost:
         for child in children:
             if isinstance(child, DistributedOptimizer):
                 ddp = child.ddp_config
-                if ddp.overlap_param_gather or getattr(ddp, "use_megatron_fsdp", False):
-                    raise NexusConfigError("critical sharpness on Megatron: --overlap-param-gather and Megatron "
-                                           "FSDP are not supported (every probe needs the gathered parameters); "
-                                           "remove the flag or set --sharpness-every 0")
+                if getattr(ddp, "use_megatron_fsdp", False):
+                    raise NexusConfigError("critical sharpness on Megatron: Megatron FSDP is not supported (every "
+                                           "probe needs the gathered parameters); use the distributed optimizer "
+                                           "or set --sharpness-every 0")
             for p in _main_params(child):
                 if p.dtype != torch.float32:
                     raise NexusConfigError(f"critical sharpness on Megatron: main params must be fp32, got {p.dtype}")
