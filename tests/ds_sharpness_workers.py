@@ -225,3 +225,36 @@ def all_worker(rank, world, data, stages, runs, argv):
     """The whole 2-rank part of tests/test_sharpness_deepspeed.py in one job."""
     return {"host": host_worker(rank, world, data, stages), "train": trainer_worker(rank, world, runs),
             "command": command_worker(rank, world, argv)}
+
+
+def gathered_worker(rank, world, argv, configs):
+    """For each ds_config file: the most non-persistent parameter elements gathered on this rank while the last
+    module before the output layer (the final norm) starts its forward, over three mixture gradients of the
+    command's ZeRO-3 engine (DeepSpeed's parameter trace is complete from the second micro-step on)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from nexus_megatron.engines.deepspeed.sharpness import ZeroCommand
+    from nexus_megatron.sharpness_cli import _names, prepared_batches, sharpness_parser
+    out = {}
+    for cfg in configs:
+        args = sharpness_parser().parse_args(argv + ["--deepspeed-config", cfg])
+        names, ood = _names(args.sources), _names(args.ood)
+        cmd = ZeroCommand(args, len(names))
+        model, tok = cmd.load()
+        params = list(model.parameters())
+        norm = model.model.norm
+        own = {id(p) for p in norm.parameters()}
+        seen = []
+
+        def pre(mod, inp):
+            seen.append(sum(p.ds_numel for p in params if id(p) not in own and not p.ds_persist
+                            and p.ds_status == ZeroParamStatus.AVAILABLE))
+        handle = norm.register_forward_pre_hook(pre)
+        data = prepared_batches(names, ood, tok, args, 3, 1)
+        weights = {n: 1.0 / len(names) for n in names}
+        for i in range(3):
+            cmd.gradient({n: cmd.share(data[n]["acc"][i]) for n in names}, weights, direction=False)
+        handle.remove()
+        out[cfg] = {"gathered": seen, "total": sum(p.ds_numel for p in params),
+                    "reduce_bucket": cmd.engine.zero_reduce_bucket_size()}
+        cmd.close()
+    return out

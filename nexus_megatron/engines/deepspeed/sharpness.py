@@ -413,9 +413,25 @@ def adamw_seam(engine) -> SharpnessSeam:
 # ---------------------------------------------------------------------------------------------------
 # `nexus-megatron sharpness --zero-stage N / --deepspeed-config F`
 
+# DeepSpeed sizes these buffers by element counts, not by the model: at its defaults (reduce bucket 5e8
+# elements, ZeRO-3 reuse distance 1e9) every rank of a model below those sizes holds a full-size gradient in
+# the reduce bucket and keeps every layer gathered from its forward to its backward, i.e. 8P bytes per rank
+# in fp32 on top of the sharded state (measured at 77.6M parameters, docs/sharpness.md). The command runs a
+# handful of steps, so it takes the lean settings unless the ds_config gives its own (either spelling):
+# a 5e7-element reduce bucket (as configs/ds_config_zero3_bf16.json), every parameter released right after
+# the module that used it (the backward gathers each layer again) and no prefetching: DeepSpeed does not release
+# a parameter that its prefetcher fetched for a later use in the recorded trace (the backward), so with
+# prefetching the whole model stays gathered from the second micro-step on, in the probe forwards too
+# (measured at 77.6M parameters: all of them gathered when the final norm starts, even at reuse distance 0).
+COMMAND_ZERO_DEFAULTS = (("reduce_bucket_size", ("reduce_bucket_size",), 50_000_000),
+                         ("stage3_max_reuse_distance", ("stage3_max_reuse_distance", "max_reuse_distance"), 0),
+                         ("stage3_prefetch_bucket_size", ("stage3_prefetch_bucket_size", "prefetch_bucket_size"), 0))
+
+
 def command_ds_config(args, world: int, sources: int) -> dict:
     """The ds_config of the command: the user's ``zero_optimization`` and ``bf16`` sections (or ``--zero-stage``),
-    one micro-batch per source (``gradient_accumulation_steps`` = number of sources), no clipping."""
+    one micro-batch per source (``gradient_accumulation_steps`` = number of sources), no clipping; the
+    :data:`COMMAND_ZERO_DEFAULTS` where the ``zero_optimization`` section does not set them."""
     from .config import load_ds_config
     if args.deepspeed_config:
         user = load_ds_config(args.deepspeed_config)
@@ -437,6 +453,9 @@ def command_ds_config(args, world: int, sources: int) -> dict:
                                    "sharpness command; remove it")
     if (zero.get("mics_shard_size") or -1) > 0 or (zero.get("zero_hpz_partition_size") or 1) > 1:
         raise NexusConfigError(f"{where}: MiCS / ZeRO++ hpZ partitioning is not supported; remove them")
+    for key, spellings, value in COMMAND_ZERO_DEFAULTS:
+        if not any(k in zero for k in spellings):
+            zero[key] = value
     mb = args.batch_size // world
     return {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": sources,
             "train_batch_size": mb * sources * world, "gradient_clipping": 0.0, "zero_optimization": zero,
