@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import torch
 
@@ -36,10 +37,15 @@ def recorded(log_dir, kind, target, *args):
     return ["-m", "tests.record_publish", str(log_dir), kind, target, *args]
 
 
+LAST_JOB = {"id": None}
+"""The ``NEXUS_TEST_JOB`` of the last :func:`launch`: every process the job starts inherits it."""
+
+
 def launch(cmd, fault=None, timeout=300):
     """Run ``cmd``; returns (rc, output, seconds from the injected fault to the exit of the command)."""
+    LAST_JOB["id"] = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", NEXUS_TEST_JOB=LAST_JOB["id"])
     env.pop("NEXUS_FAULT_INJECT", None)
     if fault:
         env["NEXUS_FAULT_INJECT"] = fault
@@ -66,9 +72,25 @@ def launch(cmd, fault=None, timeout=300):
 
 
 def stray_workers(marker):
-    """Processes still running whose command line contains ``marker`` (torchrun should have taken its workers down)."""
+    """Processes still running whose command line contains ``marker`` (torchrun should have taken its workers
+    down), and any process left by the last :func:`launch`'s job, found by the ``NEXUS_TEST_JOB`` its
+    processes inherit (children of the workers too, e.g. a library's helper processes)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if str(marker) in line and "ps -eo" not in line]
+    found = [line for line in out.splitlines() if str(marker) in line and "ps -eo" not in line]
+    job = LAST_JOB["id"]
+    if job:
+        tag = f"NEXUS_TEST_JOB={job}".encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:   # gone meanwhile, or not ours to read
+                continue
+            if tag in env.split(b"\0"):
+                found.append(f"{pid} {cmd}")
+    return found
 
 
 def failed_rank_named(out, rank, exitcode):

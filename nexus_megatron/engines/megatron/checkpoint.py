@@ -18,7 +18,9 @@ the previous checkpoint loadable and a published one survives a power loss.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import random
 import shutil
 from typing import Optional
@@ -88,6 +90,29 @@ def _rng_sharded(data):
     return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
 
 
+@contextlib.contextmanager
+def _in_process_write_results():
+    """megatron-core's torch_dist writer hands its write results back through a process-global
+    ``multiprocessing.Manager().Queue()``, made for saves that finish in a background process. Creating it
+    starts a Manager server process that lives as long as the rank, ~250 MB, and that nothing stops when
+    the rank is killed (kill -9, or torchrun's SIGTERM to the surviving ranks): it stays behind as an
+    orphan. Our saves run synchronously in the rank itself (``execute_sync``), so an in-process queue
+    carries the results; the global is put back afterwards, for anyone else's asynchronous saves."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:   # another layout of megatron-core: its own default
+        yield
+        return
+    if not hasattr(fsa, "_results_queue"):
+        yield
+        return
+    saved, fsa._results_queue = fsa._results_queue, queue.Queue()
+    try:
+        yield
+    finally:
+        fsa._results_queue = saved
+
+
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler=None,
                     client_state: Optional[dict] = None, metadata: Optional[dict] = None) -> str:
     """Collective. Write checkpoint ``iteration`` under ``root`` and return its directory."""
@@ -112,9 +137,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     sd["rng_state"] = _rng_sharded(_rng_states())
     # dist_checkpointing.save(...) is async_save(...).execute_sync() plus metadata.json; split, so that the
     # fault hook sits inside the write: rank 0's common.pt is on disk, no rank has written its shards.
-    request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
-    fault_point("checkpoint", iteration)
-    request.execute_sync()   # every rank's shards (fsynced by megatron-core), .metadata, metadata.json
+    with _in_process_write_results():
+        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+        fault_point("checkpoint", iteration)
+        request.execute_sync()   # every rank's shards (fsynced by megatron-core), .metadata, metadata.json
     _barrier()
     if rank == 0:
         _ckpt.publish_dir(tmp, final)
