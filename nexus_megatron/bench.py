@@ -387,8 +387,9 @@ def add_bench_arguments(a) -> None:
     a.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=True,
                    help="Megatron: with --overlap on, overlap the gradient reduce-scatter with backward")
     a.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=True,
-                   help="Megatron: with --overlap on, overlap the parameter all-gather with the next forward "
-                        "(distributed optimizer)")
+                   help="Megatron (distributed optimizer) and DeepSpeed ZeRO-1/2 under Nexus: with --overlap on, "
+                        "overlap the parameter all-gather with the next forward (DeepSpeed: ds_config "
+                        "nexus.overlap_param_gather, buckets of --bucket-size elements)")
     a.add_argument("--tp", type=int, default=1, help="Megatron: tensor-parallel size")
     a.add_argument("--layouts", default="sequential,source-parallel")
     a.add_argument("--overlap", default="off,on", help="off, on, or off,on: gradient-reduction overlap "
@@ -525,7 +526,7 @@ def _specs(args) -> list:
     return out
 
 
-def _ds_config(raw: dict, args, overlap: bool) -> str:
+def _ds_config(raw: dict, args, overlap: bool, optim: str = "adamw") -> str:
     cfg = {"train_micro_batch_size_per_gpu": raw["data"]["micro_batch_size"],
            "gradient_accumulation_steps": raw["train"]["micro_steps"], "gradient_clipping": 1.0,
            "steps_per_print": 1 << 30, "wall_clock_breakdown": False, "bf16": {"enabled": bool(args.bf16)},
@@ -535,6 +536,10 @@ def _ds_config(raw: dict, args, overlap: bool) -> str:
         cfg["zero_optimization"].update(stage3_prefetch_bucket_size=args.bucket_size,
                                         stage3_param_persistence_threshold=0)
     cfg["zero_optimization"].update(ds_zero_settings(args))
+    if optim == "nexus" and overlap and args.overlap_param_gather and args.zero in (1, 2):
+        # ZeRO-1/2 under Nexus: the per-micro-step parameter all-gather overlapped with the next forward
+        # (engines/deepspeed/param_gather.py); DeepSpeed's AdamW gathers once per step, synchronously
+        cfg["nexus"] = {"overlap_param_gather": True, "param_gather_bucket_size": args.bucket_size}
     return json.dumps(cfg)
 
 
@@ -559,7 +564,8 @@ def _run_config(raw: dict, spec: Spec, args):
     r["nexus"].update(layout=spec.layout, bucket_size=args.bucket_size,
                       overlap_grad_reduce=bool(spec.overlap and args.engine == "plain"))
     r["train"]["engine"] = args.engine
-    r["train"]["deepspeed_config"] = _ds_config(raw, args, spec.overlap) if args.engine == "deepspeed" else None
+    r["train"]["deepspeed_config"] = (_ds_config(raw, args, spec.overlap, spec.optim) if args.engine == "deepspeed"
+                                      else None)
     if spec.sharpness:
         r["sharpness"] = {"enabled": True, "every": 1, "split": "step", "relative": True, "batches": 1}
     return load_config(None, [], base=r)
@@ -665,6 +671,11 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
         row["sharpness_s"] = statistics.median(h)
         row["sharpness_passes"] = statistics.median(hook_passes)
         row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+    nx = getattr(engine, "nexus", None)
+    pg = getattr(getattr(nx, "_core", None), "param_gather", None)
+    if pg is not None:      # DeepSpeed ZeRO-1/2 with nexus.overlap_param_gather
+        row["param_gather_buckets"] = pg.num_buckets
+        row["param_gather_waited_in_forward"] = pg.stats["waited_in_forward"]
     buckets = getattr(getattr(engine, "opt", None), "buckets", None)
     if buckets is not None:
         row["buckets"] = len(buckets.ranges)
@@ -718,6 +729,8 @@ def plan_input_for(row: dict, raw: dict, args, world: int, device_type: str):
         ds["ds_bucket_allreduce"] = bool(z["use_multi_rank_bucket_allreduce"])
     if "stage3_max_reuse_distance" in z:
         ds["ds_reuse_distance"] = float(z["stage3_max_reuse_distance"])
+    if row["engine"] == "deepspeed" and row.get("param_gather_buckets"):
+        ds["param_gather_overlap"] = True
     if row["engine"] == "megatron":
         ds = {"tp": row["tp"], "dist_opt": row["dist_opt"], "param_gather_overlap": row["overlap_param_gather"]}
     return PlanInput(params=row["params"], hidden=m["hidden_size"], layers=m["num_layers"], heads=m["num_heads"],
@@ -749,7 +762,9 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
     ov = [n for n, on in (("overlap_grad_reduce", args.overlap_grad_reduce),
                           ("overlap_param_gather", args.overlap_param_gather and args.dist_opt)) if on]
     how = {"plain": "plain engine (fp32)",
-           "deepspeed": f"DeepSpeed ZeRO-{args.zero} ({'bf16' if args.bf16 else 'fp32'})",
+           "deepspeed": f"DeepSpeed ZeRO-{args.zero} ({'bf16' if args.bf16 else 'fp32'}; overlap on = overlap_comm"
+                        + (" + Nexus's nexus.overlap_param_gather" if args.overlap_param_gather and args.zero in (1, 2)
+                           else "") + ")",
            "megatron": f"megatron-core {'distributed optimizer' if args.dist_opt else 'DDP'}, TP={args.tp} "
                        f"({'bf16' if args.bf16 else 'fp32'}; overlap on = {' + '.join(ov) or 'nothing'})"
                        + ("" if torch.cuda.is_available() else " UNDER THE TESTS' CPU SHIM")}[args.engine]

@@ -104,7 +104,8 @@ class PlanInput:
     """Megatron: dtype of the gradient reduction (default fp32, Megatron's ``grad_reduce_in_fp32`` for bf16)."""
     param_gather_overlap: bool = False
     """Model the parameter all-gather as overlapped with the next forward (Megatron's
-    ``--overlap-param-gather`` with the distributed optimizer; supported by NexusMegatronOptimizer)."""
+    ``--overlap-param-gather`` with the distributed optimizer, supported by NexusMegatronOptimizer; DeepSpeed
+    ZeRO-1/2 under Nexus: ds_config ``nexus.overlap_param_gather``)."""
     sources: int = 4
     intra_bw: float = 360.0
     """GB/s of bus bandwidth inside a node (NVLink; NCCL's measured all-reduce bus bandwidth)."""
@@ -642,7 +643,8 @@ def add_plan_arguments(a) -> None:
                    help="Megatron: dtype of the gradient reduction (default fp32)")
     a.add_argument("--param-gather-overlap", action="store_true",
                    help="the parameter all-gather overlapped with the next forward (Megatron's "
-                        "--overlap-param-gather, supported by NexusMegatronOptimizer; a what-if on the other engines)")
+                        "--overlap-param-gather, supported by NexusMegatronOptimizer; DeepSpeed ZeRO-1/2 under Nexus: "
+                        "ds_config nexus.overlap_param_gather; a what-if for DeepSpeed's AdamW)")
     a.add_argument("--sources", type=int, default=None)
     a.add_argument("--intra-bw", type=float, default=360.0, help="GB/s bus bandwidth inside a node")
     a.add_argument("--inter-bw", type=float, default=40.0, help="GB/s bus bandwidth per GPU between nodes")

@@ -16,12 +16,12 @@ def num_sources(mode):
     return 3 if mode == "sequential" else 2   # source-parallel on 2 ranks: 2 sources, one rank per group
 
 
-def ds_config(mode, stage, bf16=False, extra=None):
+def ds_config(mode, stage, bf16=False, extra=None, nexus_extra=None):
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": K,
            "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
            "bf16": {"enabled": bf16},
            "nexus": {"layout": mode, "sources": list(SOURCES[:num_sources(mode)]), "gamma": GAMMA,
-                     "gamma_mode": "absolute"}}
+                     "gamma_mode": "absolute", **(nexus_extra or {})}}
     cfg.update(extra or {})
     return cfg
 
@@ -56,6 +56,7 @@ def realistic_ds_config(bf16=True):
 def full_params(engine):
     """The whole parameter vector (gathered under ZeRO-3), fp32."""
     mod = engine.module
+    engine.sync_model_params()        # nexus.overlap_param_gather: finish the last step's deferred gather
     if engine.prepared.zero_stage == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(mod.parameters())):
@@ -66,7 +67,8 @@ def full_params(engine):
 def build(spec):
     from nexus_megatron.engines.deepspeed import initialize
 
-    cfg = spec.get("config") or ds_config(spec["mode"], spec["stage"], spec.get("bf16", False), spec.get("extra"))
+    cfg = spec.get("config") or ds_config(spec["mode"], spec["stage"], spec.get("bf16", False), spec.get("extra"),
+                                          spec.get("nexus_extra"))
     model = make_model()
     return initialize(model, cfg, optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
 
@@ -86,6 +88,20 @@ def micro_step(eng, rank, bf16, nan=None):
     return eng.step()
 
 
+class _LazyGather:
+    """An all-gather that moves nothing until it is waited on: a module whose forward pre-hook did not wait
+    for every bucket holding its parameters computes with stale ones, and the run leaves its twin's numbers."""
+
+    def __init__(self, args, kwargs):
+        self.args, self.kwargs, self.done = args, kwargs, False
+
+    def wait(self):
+        if not self.done:
+            import torch.distributed as dist
+            dist.all_gather(*self.args, **{**self.kwargs, "async_op": False})
+            self.done = True
+
+
 def matrix_worker(rank, world, specs, ckpt_root):
     """Every spec: train STEPS outer steps (params after each), counters, shard sizes, lr per micro-step.
     Specs with ``ckpt`` also save tag ``a`` after 2 outer steps and tag ``m`` one micro-step later
@@ -95,6 +111,8 @@ def matrix_worker(rank, world, specs, ckpt_root):
         t0 = time.time()
         bf16 = spec.get("bf16", False)
         eng = build(spec)
+        if spec.get("lazy_gather"):
+            eng._core.param_gather._all_gather = lambda *a, **kw: _LazyGather(a, kw)
         steps = 4 if spec.get("ckpt") else STEPS
         hist, infos, lrs, err = [], [], [], None
         d = os.path.join(ckpt_root, spec["name"])
@@ -113,8 +131,13 @@ def matrix_worker(rank, world, specs, ckpt_root):
             err = f"{type(e).__name__}: {e}"
         out[spec["name"]] = {"hist": hist, "infos": infos, "lrs": lrs, "err": err, "counters": eng.counters(),
                              "report": eng.shard_report(), "anchor_sizes": [a.numel() for a in eng._core.anchors],
-                             "seconds": time.time() - t0}
+                             "seconds": time.time() - t0, "param_gather": _pg_stats(eng)}
     return out
+
+
+def _pg_stats(eng):
+    pg = eng._core.param_gather
+    return None if pg is None else {**pg.stats, "buckets": pg.num_buckets}
 
 
 def resume_worker(rank, world, specs, ckpt_root):

@@ -82,12 +82,18 @@ def test_plain_bench_counts_equal_the_plan(tmp_path):
 def test_deepspeed_bench_counts_match_the_plan(tmp_path):
     pytest.importorskip("deepspeed")
     from tests.distributed import free_port
-    stdout, data = _bench(tmp_path, "--engine", "deepspeed", "--zero", "2", "--overlap", "off", "--no-sharpness",
+    stdout, data = _bench(tmp_path, "--engine", "deepspeed", "--zero", "2", "--overlap", "off,on", "--no-sharpness",
                           "--bucket-size", "5000", port=free_port())
-    assert "DeepSpeed ZeRO-2" in stdout
+    assert "DeepSpeed ZeRO-2" in stdout and "nexus.overlap_param_gather" in stdout
     rows = data["rows"]
-    assert len(rows) == 4
+    assert len(rows) == 8
     for r in rows:
+        # overlap on: Nexus's per-micro-step parameter all-gather is deferred into the next forward, in buckets
+        # (sequential layout; source-parallel on 2 ranks has one rank per source group, so no gather)
+        if r["optim"] == "nexus" and r["overlap"] and r["layout"] == "sequential":
+            assert r["param_gather_buckets"] > 1 and r["param_gather_waited_in_forward"] > 0
+        else:
+            assert not r.get("param_gather_buckets")
         p = _plan_for(r, data)
         want = sum(o.bus for o in comm_ops(p, r["optim"], r["layout"]))
         # DeepSpeed's own scalar collectives (norm, overflow check) are not in the plan

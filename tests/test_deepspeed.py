@@ -65,7 +65,25 @@ CKPT = [{"name": f"ckpt-{mode}-z{stage}{'-bf16' if bf16 else ''}", "mode": mode,
                                          ("sequential", 2, False, None), ("source-parallel", 3, False, None),
                                          ("sequential", 1, True, {"data_types": {"grad_accum_dtype": "fp32"}}),
                                          ("source-parallel", 0, True, None)]]
-ALL = FP32 + BF16 + NAN + [ABORT] + REALISTIC + CKPT
+# nexus.overlap_param_gather (ZeRO-1/2): 64-element buckets, so the gather of this 707-parameter model is ~12
+# buckets; each is compared bit for bit with its twin that gathers synchronously at the end of step()
+PG_NEXUS = {"overlap_param_gather": True, "param_gather_bucket_size": 64}
+PG = [{"name": "pg-sequential-z1", "twin": "fp32-sequential-z1", "mode": "sequential", "stage": 1},
+      {"name": "pg-sequential-z2", "twin": "fp32-sequential-z2", "mode": "sequential", "stage": 2},
+      # the gather moves data only when a hook (or the sync) waits: any bucket a module needs but does not wait
+      # for would leave stale parameters in its forward (the bucket plan itself is under test)
+      {"name": "pg-sequential-z2-lazy", "twin": "fp32-sequential-z2", "mode": "sequential", "stage": 2,
+       "lazy_gather": True},
+      {"name": "pg-sequential-z1-bf16", "twin": "bf16-sequential-z1", "mode": "sequential", "stage": 1, "bf16": True},
+      {"name": "pg-sequential-z1-fp32accum", "twin": "bf16-sequential-z1-fp32accum", "mode": "sequential",   # BF16_Optimizer
+       "stage": 1, "bf16": True, "extra": {"data_types": {"grad_accum_dtype": "fp32"}}},
+      {"name": "pg-sequential-z2-overlap-comm", "mode": "sequential", "stage": 2,
+       "extra": {"zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 64}}}]
+for _s in PG:
+    _s["nexus_extra"] = PG_NEXUS
+CKPT.append({"name": "ckpt-sequential-z2-pg", "mode": "sequential", "stage": 2, "bf16": False, "ckpt": True,
+             "extra": {"scheduler": WARMUP}, "nexus_extra": PG_NEXUS})
+ALL = FP32 + BF16 + NAN + [ABORT] + REALISTIC + CKPT + PG
 
 
 def _rel(a, b):
@@ -104,6 +122,33 @@ def test_fp32_trajectory_matches_reference(matrix, spec):
         assert res["counters"] == {"outer_steps": STEPS, "skipped_steps": 0, "skipped_sources": 0}
         assert all(0 < i["pseudo_grad_norm"] <= 1 + 1e-6 and not i["skipped"] for i in res["infos"])
     assert float((ref[-1] - ref[0]).norm()) > 1e-3                                # not vacuous
+
+
+@pytest.mark.parametrize("spec", PG, ids=[s["name"] for s in PG])
+def test_param_gather_overlap_is_the_synchronous_gather(matrix, spec):
+    """nexus.overlap_param_gather: DeepSpeed's end-of-step all-gather is launched in buckets and waited for in
+    the modules' forward pre-hooks. Same numbers, bit for bit, as the synchronous gather (fp32 and bf16; with
+    overlap_comm against the reference), and the gather really is deferred: step() returns with it in flight,
+    and the first layer's forward waits for only part of it."""
+    for r in range(2):
+        res = matrix[r][spec["name"]]
+        assert res["err"] is None, res["err"]
+        assert len(res["hist"]) == STEPS and res["counters"]["skipped_steps"] == 0
+        if "twin" in spec:
+            twin = matrix[r][spec["twin"]]["hist"]
+            for t, (got, want) in enumerate(zip(res["hist"], twin)):
+                assert torch.equal(got, want), f"rank {r} step {t}: max diff {float((got - want).abs().max())}"
+        else:
+            for got, want in zip(res["hist"], _reference(spec)):
+                assert _rel(got, want) <= 1e-5
+        pg = res["param_gather"]
+        assert pg["launches"] == STEPS * K                     # every micro-step's gather was deferred
+        assert pg["buckets"] >= 8
+        # micro-step 1 of every outer step: its forward's hooks waited, the first layer for a part only
+        assert pg["waited_in_forward"] >= STEPS * pg["buckets"] // 2
+        assert len(pg["first_wait"]) >= STEPS and min(pg["first_wait"]) < pg["buckets"]
+    for name in ("fp32-sequential-z1", "fp32-sequential-z2"):
+        assert matrix[0][name]["param_gather"] is None           # off unless the ds_config asks for it
 
 
 @pytest.mark.parametrize("spec", BF16, ids=[s["name"] for s in BF16])
@@ -254,11 +299,16 @@ def _set(cfg, path, value):
     (("zero_optimization", "elastic_checkpoint"), True, "elastic_checkpoint"),
     (("checkpoint", "writer"), {"decoupled": True}, "checkpoint.writer.decoupled=true"),
     (("datastates_ckpt",), {"host_cache_size": 1}, "datastates_ckpt"),
+    (("nexus", "overlap_param_gather"), "yes", "nexus.overlap_param_gather='yes': must be true or false"),
+    (("nexus", "param_gather_bucket_size"), 0, "nexus.param_gather_bucket_size=0: must be an integer >= 1"),
+    (("zero_optimization", "stage"), 3, "nexus.overlap_param_gather=true with zero_optimization.stage=3"),
 ], ids=["optimizer", "fp16", "gas", "unknown-nexus-key", "layout-conflict", "batch", "offload", "auto", "elastic",
-        "decoupled-writer", "datastates"])
+        "decoupled-writer", "datastates", "pg-not-bool", "pg-bucket", "pg-zero3"])
 def test_bad_ds_config_fails_before_deepspeed(monkeypatch, path, value, needle):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = realistic_ds_config()
+    if path == ("zero_optimization", "stage"):
+        cfg["nexus"]["overlap_param_gather"] = True
     _set(cfg, path, value)
     with pytest.raises(NexusConfigError, match=re.escape(needle)):
         initialize(make_model(), cfg, layout_config=LayoutConfig(mode="sequential", sources=SOURCES), micro_steps=K)

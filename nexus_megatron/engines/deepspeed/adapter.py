@@ -16,7 +16,8 @@ How it fits into DeepSpeed (ZeRO stages 0-3, fp32 and bf16):
       M     = A + (delta - gamma * d) # nexus.inner_update
 
   DeepSpeed then copies ``M`` to the bf16/fp32 model partition and all-gathers as usual, so the next
-  forward pass sees theta_t + delta. At the k-th micro-step: ``G = -delta / (k gamma)``
+  forward pass sees theta_t + delta (ZeRO-1/2 with ``nexus.overlap_param_gather``: the gather runs during
+  that forward, bucket by bucket, see param_gather.py). At the k-th micro-step: ``G = -delta / (k gamma)``
   (nexus.pseudo_gradient), clipped to ``gradient_clipping``, ``M <- A``, AdamW step on ``M`` with grad
   ``G``, ``A <- M``.
 * Precision of ``delta = M - A``: ``M`` is stored as fl(A + delta); when ``M`` and ``A`` are within a
@@ -46,6 +47,7 @@ How it fits into DeepSpeed (ZeRO stages 0-3, fp32 and bf16):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
@@ -329,6 +331,8 @@ class _NexusCore:
         self.stats = NexusStats()
         self.stats.reset_step(self.K)
         self.clip_scale = 1.0
+        self.param_gather = None
+        """:class:`~.param_gather.DeferredParamGather` with ``nexus.overlap_param_gather`` (ZeRO-1/2), else None."""
         self.pre_outer_step = None
         """Called as ``fn(self)`` in the outer step, right before the AdamW update: every master partition holds
         its final delta, the anchors theta_t, ``clip_scale`` the pseudo-gradient's clipping factor (critical
@@ -395,6 +399,8 @@ class _NexusCore:
         """Make the model (low-precision copies, all-gathered) match the master partitions (collective over
         DeepSpeed's data-parallel group). Used outside DeepSpeed's step: after a skipped step and a load."""
         opt = self.ds_opt
+        if self.param_gather is not None:     # a deferred gather still reads the partitions written below
+            self.param_gather.wait_all()
         if self.kind == "stage0-bf16":
             for f32, lp in zip(opt.fp32_groups, opt.fp16_groups):
                 for a, b in zip(f32, lp):
@@ -500,6 +506,8 @@ class _NexusCore:
         self.seen.update(idx)
         if self.last and not self.poisoned and len(self.seen) == len(self.parts):
             self._outer(set(idx))
+        if self.param_gather is not None and len(self.seen) == len(self.parts):
+            self.param_gather.armed = True    # DeepSpeed's gather that follows is the one to overlap
 
     def _inner(self, i: int):
         p, _ = self.parts[i]
@@ -776,9 +784,13 @@ class NexusDeepSpeedEngine:
         Every k-th call is also the outer step; it returns the outer step's info
         (``skipped``, ``gamma``, ``pseudo_grad_norm``), the other calls return None."""
         core = self._core
+        pg = core.param_gather
+        if pg is not None:
+            pg.wait_all()           # the previous micro-step's gather (its forward waited for what it used)
         core.begin_micro()
         try:
-            self._ds.step(lr_kwargs=lr_kwargs)
+            with (pg.intercept() if pg is not None else contextlib.nullcontext()):
+                self._ds.step(lr_kwargs=lr_kwargs)
         finally:
             core.in_step = False
         info = core.end_micro()
@@ -794,6 +806,13 @@ class NexusDeepSpeedEngine:
                 f"(nexus.max_consecutive_skips={limit}); the last good parameters are intact. Lower the learning "
                 "rate, check the data, or resume from the last checkpoint")
         return info
+
+    def sync_model_params(self):
+        """With ``nexus.overlap_param_gather``: finish the parameter all-gather of the last step() now. A
+        forward pass does this by itself, bucket by bucket; call it before reading the module's parameters
+        any other way between a step() and the next forward (saves and loads call it). Otherwise a no-op."""
+        if self._core.param_gather is not None:
+            self._core.param_gather.wait_all()
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """True when the next step() is the outer step (the k-th micro-step)."""
@@ -856,6 +875,7 @@ class NexusDeepSpeedEngine:
         Default tag: ``global_step<outer steps>``."""
         if tag is None:
             tag = f"global_step{self._core.step_index}"
+        self.sync_model_params()
         return _atomic_save(self._ds, save_dir, tag, dict(client_state or {}), save_latest,
                             step=self._core.step_index, **kwargs)
 
@@ -863,6 +883,7 @@ class NexusDeepSpeedEngine:
         """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed."""
         core = self._core
         core.loaded = False
+        self.sync_model_params()
         path, client_state = self._ds.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             return None, None
@@ -929,6 +950,12 @@ def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
         ds_engine.lr_scheduler = wrapped
     core = _NexusCore(layout, prepared.nexus, groups, k=prepared.k, clip=prepared.clip, num_params=num_params)
     core.bind(ds_engine, client)
+    if prepared.overlap_param_gather:
+        from .param_gather import DeferredParamGather
+        core.param_gather = DeferredParamGather(ds_engine.optimizer, ds_engine.module, prepared.param_gather_bucket_size)
+        if core.param_gather.num_buckets == 0:
+            log.warning("nexus.overlap_param_gather: DeepSpeed's data-parallel group has one rank (source-parallel "
+                        "with one rank per source), so there is no parameter all-gather to overlap")
     _quiet_deepspeed_save_writers(ds_engine, core.sp, core.my_source)
     return NexusDeepSpeedEngine(ds_engine, client, core, prepared, wrapped)
 

@@ -36,6 +36,10 @@ NEXUS_KEYS = {
     "min_grad_norm": "a source whose gradient norm is below this is dropped from the micro-step",
     "max_consecutive_skips": "abort after this many NaN/Inf outer steps in a row (0 = never)",
     "seed": "seed of the sequential layout's per-micro-step source draws",
+    "overlap_param_gather": "ZeRO-1/2: all-gather the updated parameters during the next forward pass, bucket by "
+                            "bucket, instead of at the end of step() (default false)",
+    "param_gather_bucket_size": "elements of the gathered parameters per bucket with overlap_param_gather "
+                                "(default 40000000)",
 }
 
 _LAYOUT_KEYS = {"layout": "mode", "sources": "sources", "weights": "weights", "seed": "seed"}
@@ -62,6 +66,11 @@ class PreparedConfig:
     """DeepSpeed's data-parallel size: all ranks (sequential) or one source group (source-parallel)."""
     user: dict = field(default_factory=dict)
     """The user's config as read (with the ``nexus`` section), for reference."""
+    overlap_param_gather: bool = False
+    """``nexus.overlap_param_gather``: ZeRO-1/2's parameter all-gather overlapped with the next forward
+    (engines/deepspeed/param_gather.py)."""
+    param_gather_bucket_size: int = 40_000_000
+    """``nexus.param_gather_bucket_size``: elements of the gathered parameters per bucket."""
 
 
 def load_ds_config(ds_config) -> dict:
@@ -134,6 +143,16 @@ def check_nexus_section(section) -> dict:
         raise NexusConfigError("ds_config nexus.sources must be a non-empty list of source names")
     if "weights" in section and section["weights"] is not None and not isinstance(section["weights"], list):
         raise NexusConfigError("ds_config nexus.weights must be a list with one weight per source")
+    if "overlap_param_gather" in section and not isinstance(section["overlap_param_gather"], bool):
+        raise NexusConfigError(f"ds_config nexus.overlap_param_gather={section['overlap_param_gather']!r}: must be "
+                               "true or false")
+    if "param_gather_bucket_size" in section:
+        v = section["param_gather_bucket_size"]
+        if isinstance(v, float) and v.is_integer():
+            v = section["param_gather_bucket_size"] = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise NexusConfigError(f"ds_config nexus.param_gather_bucket_size={v!r}: must be an integer >= 1 "
+                                   "(elements of the gathered parameters per bucket, e.g. 40000000)")
     return dict(section)
 
 
@@ -250,6 +269,12 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
     if (z.get("mics_shard_size") or -1) > 0 or (z.get("zero_hpz_partition_size") or 1) > 1:
         raise NexusConfigError("ds_config zero_optimization.mics_shard_size / zero_hpz_partition_size: MiCS and "
                                "ZeRO++ hierarchical partitioning are not supported by the Nexus adapter yet; remove them")
+    overlap_pg = bool(section.get("overlap_param_gather", False)) and optim_name == "nexus"
+    if overlap_pg and stage not in (1, 2):
+        raise NexusConfigError(
+            f"ds_config nexus.overlap_param_gather=true with zero_optimization.stage={stage}: it overlaps ZeRO-1/2's "
+            "parameter all-gather; stage 0 gathers nothing and ZeRO-3 already prefetches parameters during the "
+            "forward (stage3_prefetch_bucket_size). Use stage 1 or 2, or remove nexus.overlap_param_gather")
     if optim_name == "nexus" and stage in (1, 2) and "use_multi_rank_bucket_allreduce" not in z:
         # Nexus reduces every micro-step: reduce each partition to its owner (a reduce-scatter's bytes) instead
         # of DeepSpeed 0.19's default all-reduce of the buckets, which sends twice that (docs/performance.md)
@@ -326,7 +351,8 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
         cfg["train_batch_size"] = mb * k * dp
     bf16 = _enabled(cfg.get("bf16")) or _enabled(cfg.get("bfloat16"))
     return PreparedConfig(ds=cfg, k=k, micro_batch=mb, clip=float(clip), layout=layout, nexus=nexus,
-                          zero_stage=int(stage), bf16=bf16, dp_size=dp, user=user)
+                          zero_stage=int(stage), bf16=bf16, dp_size=dp, user=user, overlap_param_gather=overlap_pg,
+                          param_gather_bucket_size=int(section.get("param_gather_bucket_size", 40_000_000)))
 
 
 def default_trainer_ds_config(micro_batch: int, k: int) -> dict:
