@@ -19,8 +19,9 @@ gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``ov
   process before any engine is built (DeepSpeed binds its all-gather / reduce-scatter functions when
   it initialises, so it binds the counting ones);
 * ratios Nexus / AdamW, and the plan model's prediction of the bytes (:mod:`nexus_megatron.plan`);
-* the critical-sharpness hook (plain engine, ``sharpness.every=1``): forward passes and seconds per
-  measurement, relative to the training step.
+* the critical-sharpness hook (``sharpness.every=1``; plain engine, DeepSpeed through its seam, Megatron
+  through ``pre_outer_step`` / ``step_with_pre_update``): forward passes and seconds per measurement,
+  relative to the training step.
 
 Runs under torchrun (``--nproc``), gloo on the CPU, NCCL on GPUs, the same command.
 """
@@ -405,7 +406,8 @@ def add_bench_arguments(a) -> None:
     a.add_argument("--ds-zero-set", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed: set zero_optimization.KEY (JSON value), e.g. use_multi_rank_bucket_allreduce=false")
     a.add_argument("--sharpness", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the critical-sharpness hook (plain engine)")
+                   help="also measure the critical-sharpness hook (every engine: one AdamW and one Nexus run with "
+                        "sharpness.every=1 on the first layout, overlap off)")
     a.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
     a.add_argument("--out", default=None, help="write every figure as JSON here (rank 0)")
 
@@ -520,7 +522,7 @@ class Spec:
 def _specs(args) -> list:
     out = [Spec(optim, layout, ov) for layout in args.layout_list for ov in args.overlap_list
            for optim in ("adamw", "nexus")]
-    if args.sharpness and args.engine == "plain":
+    if args.sharpness:
         lay = args.layout_list[0]
         out += [Spec("adamw", lay, False, True), Spec("nexus", lay, False, True)]
     return out
@@ -638,12 +640,12 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
         _quiet_barrier()
         COUNTER.active = timed
         t0, c0 = time.perf_counter(), time.process_time()
-        for src, batch in micro:
+        for m, (src, batch) in enumerate(micro):
+            if hook is not None and m == k - 1:   # before the last micro-step: DeepSpeed's hook runs inside it
+                hook.begin_step(step + 1, [b for _, b in micro])
             loss = lm_loss(module, batch)
             engine.backward(loss)
             engine.micro_step(src)
-        if hook is not None:
-            hook.begin_step(step + 1, [b for _, b in micro])
         engine.outer_step()
         _sync(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0

@@ -82,10 +82,14 @@ def test_plain_bench_counts_equal_the_plan(tmp_path):
 def test_deepspeed_bench_counts_match_the_plan(tmp_path):
     pytest.importorskip("deepspeed")
     from tests.distributed import free_port
-    stdout, data = _bench(tmp_path, "--engine", "deepspeed", "--zero", "2", "--overlap", "off,on", "--no-sharpness",
+    stdout, data = _bench(tmp_path, "--engine", "deepspeed", "--zero", "2", "--overlap", "off,on",
                           "--bucket-size", "5000", port=free_port())
     assert "DeepSpeed ZeRO-2" in stdout and "nexus.overlap_param_gather" in stdout
-    rows = data["rows"]
+    # the critical-sharpness hook through DeepSpeed's seam (inside the last micro-step's step())
+    assert "critical-sharpness hook" in stdout
+    sh = [r for r in data["rows"] if r["sharpness"]]
+    assert len(sh) == 2 and all(r["sharpness_passes"] >= 3 and r["sharpness_s"] > 0 for r in sh)
+    rows = [r for r in data["rows"] if not r["sharpness"]]
     assert len(rows) == 8
     for r in rows:
         # overlap on: Nexus's per-micro-step parameter all-gather is deferred into the next forward, in buckets
@@ -124,7 +128,11 @@ def test_megatron_bench_counts_equal_the_plan(tmp_path):
     from tests.distributed import free_port
     stdout, data = _bench(tmp_path, "--bucket-size", "600", port=free_port(), entry=("tests.mcore_bench_cpu",))
     assert "megatron-core distributed optimizer" in stdout and "CPU SHIM" in stdout
-    rows = data["rows"]
+    # the critical-sharpness hook: Nexus's pre_outer_step, Megatron's own optimizer through step_with_pre_update
+    sh = [r for r in data["rows"] if r["sharpness"]]
+    assert {r["optim"] for r in sh} == {"adamw", "nexus"}
+    assert all(r["sharpness_passes"] >= 3 and r["sharpness_s"] > 0 for r in sh)
+    rows = [r for r in data["rows"] if not r["sharpness"]]
     assert {(r["optim"], r["layout"], r["overlap"]) for r in rows} == {
         (o, lay, ov) for o in ("adamw", "nexus") for lay in ("sequential", "source-parallel") for ov in (False, True)}
     k = data["config"]["train"]["micro_steps"]

@@ -17,6 +17,7 @@ megatron-core needs CUDA. This module never installs the CPU shim of the tests (
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from typing import Optional
@@ -188,9 +189,18 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         dp_rank = ps.get_data_parallel_rank()
         reader = lambda src, step, micro: dp_rank   # noqa: E731
     it = _Iterator(sources, names, layout, B, reader)
+    hook = None
+    if spec.sharpness:   # the critical-sharpness hook in every outer step, on the step's own micro-batches
+        from ...sharpness import SharpnessConfig
+        from .sharpness import RecordingIterator, build_megatron_sharpness_hook
+        hook = build_megatron_sharpness_hook(
+            SharpnessConfig(enabled=True, every=1, split="step", relative=True, batches=1), opt, [ddp],
+            train_samplers=[sources[n].train for n in names], val_samplers=[sources[n].val for n in names],
+            names=names, weights=layout.weights.tolist(), micro_batch_size=B, seq_length=L)
+        it = RecordingIterator(it)
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
-    times, cpu_times = [], []
+    times, cpu_times, hook_s, hook_passes = [], [], [], []
     COUNTER.take()
     for step in range(warmup + steps):
         timed = step >= warmup
@@ -205,7 +215,15 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         opt.zero_grad()
         fb(forward_step_func=_forward_step, data_iterator=it, model=[ddp], num_microbatches=k, seq_length=L,
            micro_batch_size=B, forward_only=False)
-        ok, _, _ = opt.step()
+        if hook is None:
+            ok, _, _ = opt.step()
+        else:
+            hook.begin_step(step + 1, it.take())
+            if nexus:                     # installed as the Nexus optimizer's pre_outer_step
+                ok, _, _ = opt.step()
+            else:                         # Megatron's own optimizer: the hook right before its update
+                from .optimizer import step_with_pre_update
+                ok, _, _ = step_with_pre_update(opt, hook)
         _sync(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         COUNTER.active = False
@@ -214,6 +232,10 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         if timed:
             times.append(dt)
             cpu_times.append(dc)
+            if hook is not None:
+                mm = hook.pop_metrics()
+                hook_s.append(mm.get("sharpness/time_s", math.nan))
+                hook_passes.append(mm.get("sharpness/forward_passes_total", math.nan))
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_megatron(ddp, opt)
     peak = mem.peak()
@@ -228,13 +250,18 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
     main_numel = opt.numel if nexus else sum(
         p.numel() for c in getattr(opt, "chained_optimizers", [opt]) for g in c.optimizer.param_groups
         for p in g["params"])
-    row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": False,
+    row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
            "engine": "megatron", "step_s": statistics.median(times), "step_times": times, "cpu_times": cpu_times,
            "cpu_s": statistics.median(cpu_times), "tokens_per_s": world // tp * k * B * L / statistics.median(times),
            "state": state, "peak_bytes": peak, "peak_what": mem.what, "comm": comm, "params": P,
            "flat_numel": None, "grad_buffer_numel": grad_numel, "main_numel": main_numel,
            "buckets": len(ddp.bucket_groups), "overlap_grad_reduce": ov_grad, "overlap_param_gather": ov_param,
            "dist_opt": args.dist_opt, "tp": tp}
-    del opt, ddp, model, fb, it
+    if hook is not None:
+        h = _max_over_ranks(hook_s, device)
+        row["sharpness_s"] = statistics.median(h)
+        row["sharpness_passes"] = statistics.median(hook_passes)
+        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+    del opt, ddp, model, fb, it, hook
     gc.collect()
     return row
