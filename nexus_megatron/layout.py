@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -101,6 +101,15 @@ class Reduced:
     """bool [K]: present and with norm >= min_grad_norm (the sources that moved the parameters)."""
     nonfinite: bool
     """NaN/Inf somewhere in the micro-step's gradients: the outer step must be skipped."""
+    gathers: list = field(default_factory=list)
+    """``(lo, hi, work)``: all-gathers of d into ``flat[lo:hi]`` still in flight, in launch order
+    (source-parallel with S > 1 and ``finish_normalized(..., defer_gather=True)``): wait for each before
+    reading its range, or call :meth:`wait_gathers`."""
+
+    def wait_gathers(self) -> None:
+        gathers, self.gathers = self.gathers, []
+        for _, _, w in gathers:
+            w.wait()
 
 
 def _segments_sq(x: torch.Tensor, segments, lo: int = 0) -> torch.Tensor:
@@ -189,8 +198,11 @@ class SourceLayout:
         """Start phase 1 on ``red.flat[lo:hi]``; returns a work handle or None."""
         raise NotImplementedError
 
-    def finish_normalized(self, red: "Reduction", source: int, *, min_grad_norm: float, segments=None) -> Reduced:
-        """Phase 2 of ``reduce_normalized`` after ``red`` (started with ``mean=False``) has run."""
+    def finish_normalized(self, red: "Reduction", source: int, *, min_grad_norm: float, segments=None,
+                          defer_gather: bool = False) -> Reduced:
+        """Phase 2 of ``reduce_normalized`` after ``red`` (started with ``mean=False``) has run.
+        ``defer_gather``: return with the source-parallel per-bucket all-gathers of d still in flight
+        (``Reduced.gathers``), so that the caller can update bucket b while the later ones arrive."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -249,7 +261,7 @@ class SequentialLayout(SourceLayout):
             return dist.all_reduce(red.flat[lo:hi], op=dist.ReduceOp.AVG, group=self.dp_group, async_op=True)
         return None
 
-    def finish_normalized(self, red, source, *, min_grad_norm, segments=None) -> Reduced:
+    def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False) -> Reduced:
         red.wait()
         flat = red.flat
         sq = torch.zeros(self.num_sources, dtype=torch.float64, device=flat.device)
@@ -318,7 +330,7 @@ class SourceParallelLayout(SourceLayout):
                                               group=self.source_group, async_op=True)
         return None
 
-    def finish_normalized(self, red, source, *, min_grad_norm, segments=None) -> Reduced:
+    def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False) -> Reduced:
         assert source == self.my_source, "source-parallel: a rank only computes its own source"
         red.wait()
         S, K = self.group_size, self.num_sources
@@ -342,12 +354,14 @@ class SourceParallelLayout(SourceLayout):
         shard.mul_(float(coef[self.my_source]))
         if K > 1:
             dist.all_reduce(shard, op=dist.ReduceOp.SUM, group=self.cross_group)
+        out = Reduced(norms, present, active, nonfinite)
         if S > 1:
-            works = [dist.all_gather_into_tensor(flat[lo:hi], shard[lo // S:hi // S], group=self.source_group,
-                                                 async_op=True) for lo, hi in red.ranges]
-            for w in works:
-                w.wait()
-        return Reduced(norms, present, active, nonfinite)
+            out.gathers = [(lo, hi, dist.all_gather_into_tensor(flat[lo:hi], shard[lo // S:hi // S],
+                                                                group=self.source_group, async_op=True))
+                           for lo, hi in red.ranges]
+            if not defer_gather:
+                out.wait_gathers()
+        return out
 
 
 class Reduction:

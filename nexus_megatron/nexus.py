@@ -348,6 +348,8 @@ class Nexus:
             self.random_delta = torch.zeros(padded, dtype=torch.float32, device=dev)
         self.inner_steps = 0
         self.poisoned = False
+        self.update_pieces = 0
+        """Pieces the last inner update was applied in (> 1: overlapped with the all-gathers of d)."""
         self.gamma_t: Optional[float] = None
         self.stats = NexusStats()
         self.stats.reset_step(layout.num_sources)
@@ -405,11 +407,24 @@ class Nexus:
         self.inner_steps += 1
         if red.nonfinite:
             self.poisoned = True
+        if self.poisoned or not bool(red.active.any()):
+            red.wait_gathers()
         if self.poisoned:
             return red
         self.stats.record_micro_step(red.norms, red.present, red.active)
         if bool(red.active.any()):
-            inner_update(self.delta, self.flat_grad, self.gamma_t)
+            if red.gathers and self.random_delta is None:
+                # the update of each bucket as soon as its all-gather of d is in (elementwise: the same
+                # numbers as one update of the whole vector), the later buckets still in flight
+                self.update_pieces = len(red.gathers)
+                for lo, hi, w in red.gathers:
+                    w.wait()
+                    inner_update(self.delta[lo:hi], self.flat_grad[lo:hi], self.gamma_t)
+                red.gathers = []
+            else:
+                red.wait_gathers()
+                self.update_pieces = 1
+                inner_update(self.delta, self.flat_grad, self.gamma_t)
             moved = self.delta
             if self.random_delta is not None:   # the control: same step length, random direction
                 seed = hash_control_seed(self.config.control_seed, self.stats.outer_steps + self.stats.skipped_steps,

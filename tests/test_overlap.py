@@ -37,7 +37,7 @@ def _nexus_run(layout, model, overlap, bucket, probe):
     opt = (OverlappedNexus(model.parameters(), outer, layout, cfg, micro_steps=K, bucket_size=bucket) if overlap
            else Nexus(model.parameters(), outer, layout, cfg, micro_steps=K))
     hist, norms = [], []
-    early = []
+    early, pieces = [], []
     if overlap and probe is not None:   # buckets started when backward reaches the first layer's weight
         first = next(model.parameters())
         h = first.register_hook(lambda g: early.append(opt.buckets.red.launched))
@@ -52,6 +52,8 @@ def _nexus_run(layout, model, overlap, bucket, probe):
             if overlap and probe is not None:   # buckets started: at the first layer, and when backward returned
                 probe.append((early[-1], opt.buckets.red.launched, len(opt.buckets.ranges)))
             red = opt.inner_step(src)
+            if probe is not None:
+                pieces.append(opt.update_pieces)
             norms.append(red.norms.clone())
         opt.step()
         hist.append(flat_params(model))
@@ -59,6 +61,7 @@ def _nexus_run(layout, model, overlap, bucket, probe):
         opt.buckets.remove()
         if probe is not None:
             h.remove()
+            probe.append(("update pieces", pieces))
     return hist, torch.stack(norms)
 
 
@@ -126,8 +129,13 @@ def _check(ranks, cases, world):
             # the reduction really runs during backward: of the 8 buckets, the two holding only the last
             # layer's gradients had started before backward reached the first layer, and all 8 had started
             # before backward returned
-            for early, launched, nb in res["probe"]:
+            *buckets, (_, pieces) = res["probe"]
+            for early, launched, nb in buckets:
                 assert nb == 8 and early >= 2 and launched == nb, (name, early, launched, nb)
+            # source-parallel with 2 ranks per source group: the inner update ran bucket by bucket, each bucket
+            # as soon as its all-gather of d was in (the later ones still in flight); otherwise in one piece
+            want = 8 if (mode == "source-parallel" and world > nsrc) else 1
+            assert pieces == [want] * (STEPS * K), (name, pieces)
         assert float((ref[-1] - flat_params(make_model())).norm()) > 1e-3   # the parameters moved
 
 

@@ -54,8 +54,10 @@ class OverlappedNexus(Nexus):
 
     def _reduce(self, source: int) -> Reduced:
         red = self.buckets.finish()          # gradients complete, every bucket started (most during backward)
+        # source-parallel with S > 1: the all-gathers of d come back in flight; inner_step updates bucket b
+        # while the later buckets are still being gathered
         return self.layout.finish_normalized(red, source, min_grad_norm=self.config.min_grad_norm,
-                                             segments=self.segments)
+                                             segments=self.segments, defer_gather=True)
 
 
 class _StartedMean:
