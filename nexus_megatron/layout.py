@@ -107,9 +107,18 @@ class Reduced:
     reading its range, or call :meth:`wait_gathers`."""
 
     def wait_gathers(self) -> None:
+        for _ in self.arrived(0):
+            pass
+
+    def arrived(self, numel: int):
+        """The ranges ``(lo, hi)`` of d, each yielded once its all-gather is in (launch order), or
+        ``(0, numel)`` once when nothing is in flight."""
         gathers, self.gathers = self.gathers, []
-        for _, _, w in gathers:
+        if not gathers:
+            yield 0, numel
+        for lo, hi, w in gathers:
             w.wait()
+            yield lo, hi
 
 
 def _segments_sq(x: torch.Tensor, segments, lo: int = 0) -> torch.Tensor:

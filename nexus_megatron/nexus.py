@@ -407,24 +407,19 @@ class Nexus:
         self.inner_steps += 1
         if red.nonfinite:
             self.poisoned = True
-        if self.poisoned or not bool(red.active.any()):
+        active = not self.poisoned and bool(red.active.any())
+        if not active or self.random_delta is not None:   # nothing updates d bucket by bucket
             red.wait_gathers()
         if self.poisoned:
             return red
         self.stats.record_micro_step(red.norms, red.present, red.active)
-        if bool(red.active.any()):
-            if red.gathers and self.random_delta is None:
-                # the update of each bucket as soon as its all-gather of d is in (elementwise: the same
-                # numbers as one update of the whole vector), the later buckets still in flight
-                self.update_pieces = len(red.gathers)
-                for lo, hi, w in red.gathers:
-                    w.wait()
-                    inner_update(self.delta[lo:hi], self.flat_grad[lo:hi], self.gamma_t)
-                red.gathers = []
-            else:
-                red.wait_gathers()
-                self.update_pieces = 1
-                inner_update(self.delta, self.flat_grad, self.gamma_t)
+        if active:
+            # each bucket as soon as its all-gather of d is in, the later ones still in flight (elementwise:
+            # the same numbers as one update of the whole vector, which is what a layout without gathers gives)
+            self.update_pieces = 0
+            for lo, hi in red.arrived(self.delta.numel()):
+                inner_update(self.delta[lo:hi], self.flat_grad[lo:hi], self.gamma_t)
+                self.update_pieces += 1
             moved = self.delta
             if self.random_delta is not None:   # the control: same step length, random direction
                 seed = hash_control_seed(self.config.control_seed, self.stats.outer_steps + self.stats.skipped_steps,

@@ -60,8 +60,7 @@ class DeferredParamGather:
     """Launches DeepSpeed's end-of-step parameter all-gather in buckets and waits for each in the forward."""
 
     def __init__(self, ds_opt, module: torch.nn.Module, bucket_numel: int = DEFAULT_BUCKET):
-        if not (isinstance(bucket_numel, int) and bucket_numel >= 1):
-            raise NexusConfigError(f"ds_config nexus.param_gather_bucket_size={bucket_numel!r}: must be an integer >= 1")
+        """``bucket_numel``: ``nexus.param_gather_bucket_size``, validated with the ds_config (config.py)."""
         self.flats, self.parts, self.pgs = _ds_buffers(ds_opt)
         self.module = module
         self.bucket_numel = bucket_numel
