@@ -1,13 +1,13 @@
 #!/bin/bash
 # CPU smoke run of the Megatron launcher (2 processes, gloo). FOR SMOKE TESTS ONLY: --cpu-test-shim applies
-# the test-only monkeypatch tests/mcore_cpu_shim.py, which fakes CUDA for megatron-core 0.16 on a CPU torch.
+# the test-only monkeypatch nexus_megatron/tools/mcore_cpu_shim.py, which fakes CUDA for megatron-core 0.16 on a CPU torch.
 #   bash launch/megatron_gpt_nexus_cpu.sh [prepared-data-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${1:-/tmp/nexus_megatron_smoke_data}
 if [ ! -f "$DATA/manifest.json" ]; then
-  $PY -c "import sys; sys.path.insert(0, '.'); from tests.conftest import write_synthetic_data; write_synthetic_data('$DATA')"
+  $PY -c "import sys; sys.path.insert(0, '.'); from nexus_megatron.data.synthetic import write_synthetic_data; write_synthetic_data('$DATA')"
 fi
 OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node 2 launch/pretrain_gpt_nexus.py --cpu-test-shim \
   --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 \

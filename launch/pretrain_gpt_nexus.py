@@ -19,7 +19,7 @@ Launch with torchrun on GPUs::
     torchrun --nproc_per_node 8 launch/pretrain_gpt_nexus.py --num-layers 24 ... --optimizer nexus
 
 CPU smoke runs only (tests, laptops): add ``--cpu-test-shim``, which imports the test-only monkeypatch
-``tests/mcore_cpu_shim.py`` (it fakes CUDA for megatron-core 0.16 on a CPU torch build) and uses gloo.
+``nexus_megatron/tools/mcore_cpu_shim.py`` (it fakes CUDA for megatron-core 0.16 on a CPU torch build) and uses gloo.
 It patches torch globally and is never imported without that flag.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the displacement in its own fp32 shard (+4 bytes/param/DP)")
     n.add_argument("--nexus-log-file", type=str, default=None, help="JSON lines of the training log (rank 0)")
     n.add_argument("--cpu-test-shim", action="store_true",
-                   help="CPU smoke runs only: apply tests/mcore_cpu_shim.py (fakes CUDA for megatron-core) and gloo")
+                   help="CPU smoke runs only: apply nexus_megatron/tools/mcore_cpu_shim.py (fakes CUDA for megatron-core) and gloo")
     from nexus_megatron.engines.megatron.megatron_lm import add_sharpness_args   # --sharpness-*
     add_sharpness_args(p)
     return p
@@ -183,7 +183,7 @@ def init_distributed(args):
     import torch
     import torch.distributed as dist
     if args.cpu_test_shim:
-        from tests.mcore_cpu_shim import patch_megatron_for_cpu   # test-only; never without the flag
+        from nexus_megatron.tools.mcore_cpu_shim import patch_megatron_for_cpu   # smoke runs only; never without the flag
         patch_megatron_for_cpu()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")

@@ -51,27 +51,27 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .report import compare_runs
+    from .tools.compare import compare_runs
 
     compare_runs(args.runs, plot=args.plot)
     return 0
 
 
 def cmd_sharpness(args) -> int:
-    from .sharpness_cli import run_sharpness
+    from .tools.sharpness_cli import run_sharpness
 
     run_sharpness(args)
     return 0
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import quickstart
+    from .tools.quickstart import quickstart
 
     return quickstart(args)
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_argv, check_bench_args, run_bench
+    from .tools.bench import bench_argv, check_bench_args, run_bench
 
     check_bench_args(args)            # bad settings fail here, before any process is spawned
     if args.nproc > 1 and not _under_launcher():
@@ -80,13 +80,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import run_plan
+    from .tools.plan import run_plan
 
     return run_plan(args)
 
 
 def cmd_experiment(args) -> int:
-    from .experiment import experiment
+    from .study.runner import experiment
 
     return experiment(args)
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sharpness", help="critical sharpness of a pretrained checkpoint (transformers directory "
                                          "or GGUF) along an accumulated AdamW direction, per data source")
-    from .sharpness_cli import add_sharpness_arguments
+    from .tools.sharpness_cli import add_sharpness_arguments
     add_sharpness_arguments(s)
     s.set_defaults(fn=cmd_sharpness)
 
@@ -134,19 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="AdamW vs Nexus (both layouts) on the same model, batch and engine: step time, "
                                      "tokens/s, memory, bytes communicated, critical-sharpness hook cost")
-    from .bench import add_bench_arguments
+    from .tools.bench import add_bench_arguments
     add_bench_arguments(b)
     b.set_defaults(fn=cmd_bench)
 
     pl = sub.add_parser("plan", help="memory per GPU and communication time per step for AdamW and Nexus "
                                      "(model size, nodes, TP/PP/DP, ZeRO or distributed optimizer, bandwidths)")
-    from .plan import add_plan_arguments
+    from .tools.plan import add_plan_arguments
     add_plan_arguments(pl)
     pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("experiment", help="the multi-seed study: AdamW, Nexus and controls, matched-loss "
                                           "comparison, downstream, closeness of minima, report (docs/results.md)")
-    from .experiment import add_experiment_arguments
+    from .study.runner import add_experiment_arguments
     add_experiment_arguments(e)
     e.set_defaults(fn=cmd_experiment)
     return p

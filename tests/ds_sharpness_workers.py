@@ -215,7 +215,7 @@ def trainer_worker(rank, world, runs):
 
 def command_worker(rank, world, argv):
     """``nexus-megatron sharpness ARGV`` on this rank (the process group is already up, as under torchrun)."""
-    from nexus_megatron.sharpness_cli import run_sharpness, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import run_sharpness, sharpness_parser
     t0 = time.time()
     res = run_sharpness(sharpness_parser().parse_args(argv))
     return {"result": res, "seconds": time.time() - t0}
@@ -233,7 +233,7 @@ def gathered_worker(rank, world, argv, configs):
     command's ZeRO-3 engine (DeepSpeed's parameter trace is complete from the second micro-step on)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from nexus_megatron.engines.deepspeed.sharpness import ZeroCommand
-    from nexus_megatron.sharpness_cli import _names, prepared_batches, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import _names, prepared_batches, sharpness_parser
     out = {}
     for cfg in configs:
         args = sharpness_parser().parse_args(argv + ["--deepspeed-config", cfg])

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m tests.mcore_bench_cpu --nproc 2 [bench arguments]
 
-megatron-core needs CUDA; tests/mcore_cpu_shim.py rewrites its CUDA calls to CPU (device='cuda' tensors,
+megatron-core needs CUDA; nexus_megatron/tools/mcore_cpu_shim.py rewrites its CUDA calls to CPU (device='cuda' tensors,
 ``torch.cuda.current_device()``, the CUDA RNG tracker, ``Tensor.type()`` strings). The package never imports
 that shim, so this entry installs it in the launcher and in every torchrun worker, then runs the package's own
 ``bench`` command (same arguments, ``--engine megatron`` implied). Figures taken this way are CPU smoke figures
@@ -14,16 +14,16 @@ import sys
 
 
 def main(argv=None) -> int:
-    from nexus_megatron.bench import COUNTER
+    from nexus_megatron.tools.bench import COUNTER
     COUNTER.install()     # before the shim imports megatron-core (it binds torch.distributed's collectives)
-    from tests.mcore_cpu_shim import patch_megatron_for_cpu
+    from nexus_megatron.tools.mcore_cpu_shim import patch_megatron_for_cpu
     patch_megatron_for_cpu()
     from nexus_megatron.cli import build_parser
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--engine" not in argv:
         argv = ["--engine", "megatron"] + argv
     args = build_parser().parse_args(["bench"] + argv)
-    from nexus_megatron.bench import bench_argv, check_bench_args, run_bench
+    from nexus_megatron.tools.bench import bench_argv, check_bench_args, run_bench
     check_bench_args(args)
     under = "LOCAL_RANK" in os.environ or "RANK" in os.environ
     if args.nproc > 1 and not under:

@@ -4,7 +4,7 @@ Megatron, and a single-process reference written from ALGORITHMS.md §1.1 (same 
 each source's gradient on the concatenated micro-batches, the Nexus update, torch AdamW).
 
 Every function that touches megatron-core runs inside a worker process that applied the CPU shim
-(tests/mcore_cpu_shim.py) first; the shim never enters the package's runtime code."""
+(nexus_megatron/tools/mcore_cpu_shim.py) first; the shim never enters the package's runtime code."""
 from __future__ import annotations
 
 import zlib
@@ -19,7 +19,7 @@ SOURCES = ("web", "code", "math")
 
 
 def init_megatron(tp=1, pp=1):
-    from tests.mcore_cpu_shim import patch_megatron_for_cpu
+    from nexus_megatron.tools.mcore_cpu_shim import patch_megatron_for_cpu
     patch_megatron_for_cpu()
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

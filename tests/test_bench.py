@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nexus_megatron.plan import comm_ops, state_bytes, validate
+from nexus_megatron.tools.plan import comm_ops, state_bytes, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "model.hidden_size=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
@@ -31,7 +31,7 @@ def _bench(tmp_path, *extra, port, entry=("nexus_megatron.cli", "bench")):
 
 
 def _plan_for(row, data, buckets=1):
-    from nexus_megatron.bench import plan_input_for
+    from nexus_megatron.tools.bench import plan_input_for
     import argparse
     args = argparse.Namespace(zero=data["zero"], bf16=data["bf16"], sources=2, ds_zero_set=[])
     return validate(plan_input_for(row, data["config"], args, data["world"], "cpu"))

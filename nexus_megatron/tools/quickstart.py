@@ -6,10 +6,10 @@ import subprocess
 import sys
 import time
 
-from .cli import launch_torchrun
-from .config import load_config
+from ..cli import launch_torchrun
+from ..config import load_config
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def launch_deepspeed(nproc: int, argv: list) -> int:
@@ -28,8 +28,8 @@ def launch_deepspeed(nproc: int, argv: list) -> int:
 
 
 def quickstart(args) -> int:
-    from .data.prepare import SIZE_PRESETS, prepare_data
-    from .report import compare_runs
+    from ..data.prepare import SIZE_PRESETS, prepare_data
+    from .compare import compare_runs
 
     config = args.config or os.path.join(REPO_CONFIGS, "quickstart.yaml")
     common = [f"data.path={args.data}", "train.resume=false"]

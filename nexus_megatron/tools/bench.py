@@ -3,7 +3,7 @@
 On the same model, batch, engine and layout (synthetic tokens: timing and bytes do not depend on the
 text), for the AdamW baseline and for Nexus in each source layout, with and without overlap of the
 gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``overlap_comm``; Megatron:
-``overlap_grad_reduce`` and ``overlap_param_gather``, see :mod:`nexus_megatron.engines.megatron.bench`):
+``overlap_grad_reduce`` and ``overlap_param_gather``, see :mod:`nexus_megatron.tools.bench_megatron`):
 
 * step time: median over the timed outer steps (after warm-up) of the slowest rank's wall time;
   tokens/s from it;
@@ -15,10 +15,10 @@ gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``ov
   /proc/self/clear_refs) -- activations, transient gradients and allocator behaviour included;
 * bytes communicated per outer step and per micro-step: every collective of ``torch.distributed``
   called during the timed steps is counted (payload, and ring "bus" bytes sent per rank, see
-  :func:`nexus_megatron.plan.bus_factor`), by wrapping ``torch.distributed``'s collectives in this
+  :func:`nexus_megatron.tools.plan.bus_factor`), by wrapping ``torch.distributed``'s collectives in this
   process before any engine is built (DeepSpeed binds its all-gather / reduce-scatter functions when
   it initialises, so it binds the counting ones);
-* ratios Nexus / AdamW, and the plan model's prediction of the bytes (:mod:`nexus_megatron.plan`);
+* ratios Nexus / AdamW, and the plan model's prediction of the bytes (:mod:`nexus_megatron.tools.plan`);
 * the critical-sharpness hook (``sharpness.every=1``; plain engine, DeepSpeed through its seam, Megatron
   through ``pre_outer_step`` / ``step_with_pre_update``): forward passes and seconds per measurement,
   relative to the training step.
@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import NexusConfigError
+from ..errors import NexusConfigError
 
 BENCH_MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4}
 BENCH_VOCAB = 8192
@@ -356,7 +356,7 @@ class SyntheticSampler:
         self.vocab, self.seq_len, self.key = vocab, seq_len, (seed, source, split)
 
     def batch(self, start: int, count: int) -> torch.Tensor:
-        from .layout import hash_seed
+        from ..layout import hash_seed
         rows = [torch.randint(0, self.vocab, (self.seq_len + 1,),
                               generator=torch.Generator().manual_seed(hash_seed(*self.key, start + j)))
                 for j in range(count)]
@@ -446,8 +446,8 @@ def _split(value: str, allowed, what: str) -> list:
 
 def check_bench_args(args) -> dict:
     """Validate everything before any process starts; returns the base config dict of the runs."""
-    from .config import load_config, to_dict
-    from .layout import LAYOUTS
+    from ..config import load_config, to_dict
+    from ..layout import LAYOUTS
 
     for name in ("sources", "steps", "nproc", "bucket_size", "rounds"):
         v = getattr(args, name)
@@ -463,7 +463,7 @@ def check_bench_args(args) -> dict:
         raise NexusConfigError("bench --bf16: the plain engine keeps fp32 parameters; use --engine deepspeed --bf16 "
                                "or --engine megatron --bf16")
     if args.engine == "megatron":
-        from .engines.megatron.bench import check_megatron_runtime
+        from .bench_megatron import check_megatron_runtime
         check_megatron_runtime()
         world = args.nproc if not _under_launcher() else int(os.environ.get("WORLD_SIZE", "1"))
         if not (isinstance(args.tp, int) and args.tp >= 1 and world % args.tp == 0):
@@ -559,7 +559,7 @@ def ds_zero_settings(args) -> dict:
 
 
 def _run_config(raw: dict, spec: Spec, args):
-    from .config import load_config
+    from ..config import load_config
 
     r = copy.deepcopy(raw)
     r["optim"]["name"] = spec.optim
@@ -600,10 +600,10 @@ def _max_over_ranks(values: list, device) -> list:
 
 def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, device,
             steps: Optional[int] = None, warmup: Optional[int] = None) -> dict:
-    from .layout import LayoutConfig, build_layout
-    from .models import build_model, count_params, lm_loss
-    from .sharpness import build_sharpness_hook
-    from .train import build_engine
+    from ..layout import LayoutConfig, build_layout
+    from ..models import build_model, count_params, lm_loss
+    from ..sharpness import build_sharpness_hook
+    from ..train import build_engine
 
     cfg = _run_config(raw, spec, args)
     names = list(cfg.data.sources)
@@ -845,7 +845,7 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
 def run_bench(args) -> int:
     raw = check_bench_args(args)
     COUNTER.install()        # before any engine (DeepSpeed binds torch.distributed functions when it starts)
-    from .train import init_distributed, local_device
+    from ..train import init_distributed, local_device
 
     rank, world = init_distributed()
     if args.threads:
@@ -862,7 +862,7 @@ def run_bench(args) -> int:
         print(f"bench: priming ({specs[0].label}, 1 step, discarded)", flush=True)
     run = run_one
     if args.engine == "megatron":
-        from .engines.megatron.bench import run_one_megatron as run
+        from .bench_megatron import run_one_megatron as run
     run(raw, specs[0], args, sources, rank, world, device, steps=1, warmup=0)   # one-time allocations
     for rnd in range(args.rounds):
         for i, spec in enumerate(specs):

@@ -85,7 +85,7 @@ def _read_metrics(path: str) -> List[dict]:
 
 def collect(st) -> Dict[str, Dict[int, dict]]:
     """{arm: {seed: {"summary", "metrics", "analysis", "match", "sharpness"}}} for what exists."""
-    from .experiment import MATCHED_SUFFIX, arm_names, run_dir
+    from .runner import MATCHED_SUFFIX, arm_names, run_dir
     data: Dict[str, Dict[int, dict]] = {}
     for arm in arm_names(st):
         for seed in st.study.seeds:
@@ -127,7 +127,7 @@ def _per_seed(data, arm, fn) -> Dict[int, float]:
 # tables
 
 def _label(st, arm: str) -> str:
-    from .experiment import MATCHED_SUFFIX
+    from .runner import MATCHED_SUFFIX
     if arm.endswith(MATCHED_SUFFIX):
         base = arm[: -len(MATCHED_SUFFIX)]
         return f"{_label(st, base)} @ matched loss"
@@ -159,13 +159,13 @@ def metric_table(st, data, arms, cols, digits=4, ref: Optional[str] = None, diff
 
 
 def _sources(st):
-    from .experiment import arm_config
+    from .runner import arm_config
     cfg = arm_config(st, st.study.reference, st.study.seeds[0])
     return list(cfg.data.sources), list(cfg.data.ood)
 
 
 def build_tables(st, data) -> Dict[str, str]:
-    from .experiment import MATCHED_SUFFIX, arm_names
+    from .runner import MATCHED_SUFFIX, arm_names
     names, ood = _sources(st)
     ref = st.study.reference
     arms = [a for a in arm_names(st) if a in data]
@@ -365,7 +365,7 @@ def plot_barrier_curves(st, data, arms, path):
 
 
 def write_plots(st, data, out_dir) -> List[str]:
-    from .experiment import MATCHED_SUFFIX, arm_names
+    from .runner import MATCHED_SUFFIX, arm_names
     names, ood = _sources(st)
     arms = [a for a in arm_names(st) if a in data]
     base = [a for a in arms if not a.endswith(MATCHED_SUFFIX)]

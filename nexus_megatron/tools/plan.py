@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
-from .errors import NexusConfigError
+from ..errors import NexusConfigError
 
 ENGINES = ("plain", "deepspeed", "megatron")
 OPTIMIZERS = (("adamw", "sequential"), ("nexus", "sequential"), ("nexus", "source-parallel"))
@@ -224,7 +224,7 @@ def llama_params(hidden: int, layers: int, heads: int, kv_heads: Optional[int], 
 
 
 def params_from_model_config(m, vocab: int) -> int:
-    from .models import default_intermediate
+    from ..models import default_intermediate
     return llama_params(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
                         m.intermediate_size or default_intermediate(m.hidden_size), vocab, m.tie_embeddings)
 
@@ -659,7 +659,7 @@ def add_plan_arguments(a) -> None:
 
 
 def input_from_args(args) -> PlanInput:
-    from .config import load_config
+    from ..config import load_config
 
     kw = {}
     if args.config:

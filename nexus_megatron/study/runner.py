@@ -10,9 +10,9 @@ and a marker file, so an interrupted study resumes where it stopped):
 3. ``match``: the reference arm (AdamW) continued at its final learning rate, in chunks, until its mean
    in-distribution validation loss is at or below the target arm's (Nexus) of the same seed, or a bound
    on extra steps is hit, into ``<out>/<arm>_matched/seed<s>/`` (done = ``match.json``);
-4. ``analyze``: per final checkpoint, downstream evaluation (:mod:`nexus_megatron.downstream`) and,
+4. ``analyze``: per final checkpoint, downstream evaluation (:mod:`nexus_megatron.study.downstream`) and,
    for the arms listed under ``minima.arms``, closeness of the per-source minima
-   (:mod:`nexus_megatron.minima`) (done = ``analysis.json``);
+   (:mod:`nexus_megatron.study.minima`) (done = ``analysis.json``);
 5. ``report``: tables (mean and 95% t-interval over seeds, paired differences against the reference)
    and PNG plots from the run directories, into ``<out>/report/``.
 
@@ -38,8 +38,8 @@ from typing import Callable, Dict, List, Optional
 
 import yaml
 
-from .config import RunConfig, load_config, to_dict
-from .errors import NexusConfigError
+from ..config import RunConfig, load_config, to_dict
+from ..errors import NexusConfigError
 
 MATCHED_SUFFIX = "_matched"
 
@@ -387,7 +387,7 @@ def build_jobs(st: Study, study_json: str) -> List[Job]:
         if m.enabled:
             marm = m.arm + MATCHED_SUFFIX
             jobs.append(Job(f"match/{marm}/seed{seed}",
-                            [py, "-m", "nexus_megatron.experiment", "match", study_json, str(seed)], 1,
+                            [py, "-m", "nexus_megatron.study.runner", "match", study_json, str(seed)], 1,
                             [f"train/{m.arm}/seed{seed}", f"train/{m.target}/seed{seed}"],
                             _marker_done(os.path.join(run_dir(st, marm, seed), "match.json"), match_settings(st))))
         for arm in arm_names(st):
@@ -395,7 +395,7 @@ def build_jobs(st: Study, study_json: str) -> List[Job]:
                 continue
             dep = (f"match/{arm}/seed{seed}" if arm.endswith(MATCHED_SUFFIX) else f"train/{arm}/seed{seed}")
             jobs.append(Job(f"analyze/{arm}/seed{seed}",
-                            [py, "-m", "nexus_megatron.experiment", "analyze", study_json, arm, str(seed)], 1,
+                            [py, "-m", "nexus_megatron.study.runner", "analyze", study_json, arm, str(seed)], 1,
                             [dep], _marker_done(os.path.join(run_dir(st, arm, seed), "analysis.json"),
                                                 analysis_settings(st, arm))))
     return jobs
@@ -471,7 +471,7 @@ def prepare(st: Study, say=print) -> None:
     p = st.study.prepare
     cfg = arm_config(st, st.study.reference, st.study.seeds[0])
     if p.enabled:
-        from .data.prepare import prepare_data
+        from ..data.prepare import prepare_data
         prepare_data(cfg.data.path, sources=tuple(cfg.data.sources), ood=tuple(cfg.data.ood),
                      train_tokens_per_source=p.train_tokens, val_tokens_per_source=p.val_tokens,
                      tokenizer=p.tokenizer, vocab_size=p.vocab_size, seed=p.seed, pkg_dir=st.study.pkg_dir,
@@ -505,8 +505,8 @@ def _read_metrics_list(path: str) -> List[dict]:
 def run_match(st: Study, seed: int) -> dict:
     import torch
 
-    from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
-    from .train import train
+    from ..checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+    from ..train import train
 
     torch.set_num_threads(1)
     m = st.matched
@@ -568,9 +568,9 @@ def run_match(st: Study, seed: int) -> dict:
 
 def load_final_model(rd: str):
     """(RunConfig, model, client_state) of the newest checkpoint in a run directory."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .data.shards import load_manifest
-    from .models import build_model
+    from ..checkpoint import latest_checkpoint, load_checkpoint
+    from ..data.shards import load_manifest
+    from ..models import build_model
 
     with open(os.path.join(rd, "config.json")) as f:
         cfg = load_config(None, [], base=json.load(f))
@@ -589,9 +589,9 @@ def load_final_model(rd: str):
 def run_analyze(st: Study, arm: str, seed: int) -> dict:
     import torch
 
-    from .checkpoint import atomic_write_text
-    from .data.shards import open_sources
-    from .models import lm_loss
+    from ..checkpoint import atomic_write_text
+    from ..data.shards import open_sources
+    from ..models import lm_loss
 
     torch.set_num_threads(1)
     rd = run_dir(st, arm, seed)
@@ -600,7 +600,7 @@ def run_analyze(st: Study, arm: str, seed: int) -> dict:
     out = {"settings": settings, "arm": arm, "seed": seed, "step": client["step"], "tokens": client["tokens"]}
     t0 = time.time()
     if settings["downstream"]:
-        from .data.tokenizer import load_tokenizer
+        from ..data.tokenizer import load_tokenizer
         from .downstream import evaluate_tasks
         tinfo = manifest.get("tokenizer")
         tok_dir = os.path.join(cfg.data.path, tinfo.get("path", "tokenizer") if isinstance(tinfo, dict) else "tokenizer")
@@ -675,7 +675,7 @@ def experiment(args) -> int:
         json.dump(timing, f, indent=1)
     failed = [n for n, r in rec.items() if not (r["status"] == "ok" or r["status"].startswith("skipped"))]
     if "report" in steps:
-        from .study_report import write_report
+        from .report import write_report
         write_report(st, os.path.join(out, "report"), say=lambda m: print(m, flush=True))
     print(f"study finished in {time.time() - t0:.0f}s" + (f"; {len(failed)} job(s) did not finish: "
                                                            f"{', '.join(failed)}" if failed else ""), flush=True)

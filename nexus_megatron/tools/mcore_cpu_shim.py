@@ -1,0 +1,65 @@
+"""TESTS AND CPU SMOKE RUNS ONLY: run megatron-core 0.16.x on a CPU-only torch build (gloo).
+
+megatron-core hard-codes CUDA in a few places (``device='cuda'`` tensors, ``torch.cuda.current_device()``
+buffers, the CUDA RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` checks). This shim rewrites
+them to CPU for the current process. It patches torch globally, so:
+
+* never import it from ``nexus_megatron`` runtime code (only tests, ``bench --engine megatron`` on CPU through
+  the tests' wrapper, and ``launch/pretrain_gpt_nexus.py --cpu-test-shim`` smoke runs);
+* never apply it in a process that also runs DeepSpeed (it fakes ``Tensor.type()`` strings).
+
+Source: /work/shared/notes/feasibility.md §3 (verified there with TP=1/2, PP=2, DDP, DistributedOptimizer).
+"""
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda(d):
+    return (isinstance(d, str) and d.startswith("cuda")) or (isinstance(d, torch.device) and d.type == "cuda")
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites device='cuda' / torch.device('cuda') args of every torch call to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if any(_is_cuda(a) for a in args):
+            args = tuple(_CPU if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+_MODE = None
+_PATCHED = False
+
+
+def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
+    """Idempotent. Call at the start of a worker process, before building megatron models."""
+    global _MODE, _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    torch.cuda.current_device = lambda: _CPU            # buffers allocated on device=current_device()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()   # "CUDA" RNG := CPU RNG
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    import megatron.core.tensor_parallel.random as mrandom
+    mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    if _MODE is None:
+        _MODE = CudaToCpuMode()
+        _MODE.__enter__()                                 # process-wide, stays active
+    torch._nexus_megatron_cpu_shim = True               # lets `bench --engine megatron` run without CUDA
+    if fake_cuda_tensor_type:                             # optimizers compare p.type() to 'torch.cuda.FloatTensor'
+        _orig = torch.Tensor.type
+
+        def _type(self, dtype=None, non_blocking=False, **kw):
+            if dtype is None:
+                t = _orig(self)
+                return t if t.startswith("torch.cuda.") else t.replace("torch.", "torch.cuda.", 1)
+            return _orig(self, dtype, non_blocking, **kw)
+        torch.Tensor.type = _type
