@@ -3,30 +3,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from .errors import CheckpointError, DataError, NexusConfigError, NexusNonFiniteError
-
-
-def _under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
-
-
-def launch_torchrun(nproc: int, argv: list) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", os.environ.get("MASTER_PORT", "29531"), "-m", "nexus_megatron.cli", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+from .tools.launch import launch_torchrun, under_launcher
 
 
 def cmd_train(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)   # bad settings fail here, before any process is spawned
-    if args.nproc > 1 and not _under_launcher():
+    if args.nproc > 1 and not under_launcher():
         argv = ["train", "--config", args.config] if args.config else ["train"]
         for s in args.set:
             argv += ["--set", s]
@@ -74,7 +61,7 @@ def cmd_bench(args) -> int:
     from .tools.bench import bench_argv, check_bench_args, run_bench
 
     check_bench_args(args)            # bad settings fail here, before any process is spawned
-    if args.nproc > 1 and not _under_launcher():
+    if args.nproc > 1 and not under_launcher():
         return launch_torchrun(args.nproc, bench_argv(args))
     return run_bench(args)
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-
 
 def default_intermediate(hidden: int) -> int:
     return -(-int(8 * hidden / 3) // 64) * 64
 
 
-def build_model(m: ModelConfig, vocab_size: int, seq_len: int, seed: int, eot_id: int = 0):
+def build_model(m, vocab_size: int, seq_len: int, seed: int, eot_id: int = 0):
+    """A LlamaForCausalLM in fp32 from ``m``, a :class:`nexus_megatron.config.ModelConfig` (seeded init)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

@@ -233,11 +233,11 @@ def gathered_worker(rank, world, argv, configs):
     command's ZeRO-3 engine (DeepSpeed's parameter trace is complete from the second micro-step on)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from nexus_megatron.engines.deepspeed.sharpness import ZeroCommand
-    from nexus_megatron.tools.sharpness_cli import _names, prepared_batches, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import name_list, prepared_batches, sharpness_parser
     out = {}
     for cfg in configs:
         args = sharpness_parser().parse_args(argv + ["--deepspeed-config", cfg])
-        names, ood = _names(args.sources), _names(args.ood)
+        names, ood = name_list(args.sources), name_list(args.ood)
         cmd = ZeroCommand(args, len(names))
         model, tok = cmd.load()
         params = list(model.parameters())

@@ -14,7 +14,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from nexus_megatron.tools.bench import COUNTER
+    from nexus_megatron.tools.measure import COUNTER
     COUNTER.install()     # before the shim imports megatron-core (it binds torch.distributed's collectives)
     from nexus_megatron.tools.mcore_cpu_shim import patch_megatron_for_cpu
     patch_megatron_for_cpu()

@@ -268,7 +268,7 @@ def test_chunked_update_is_adamw_direction(opt_cls, steps, kw):
 def test_refusals(monkeypatch):
     from argparse import Namespace
     from nexus_megatron.engines.deepspeed.sharpness import command_ds_config
-    from nexus_megatron.tools.sharpness_cli import _validate, sharpness_parser
+    from nexus_megatron.tools.sharpness_cli import sharpness_parser, validate_args
 
     class Other:
         name = "megatron"
@@ -276,10 +276,10 @@ def test_refusals(monkeypatch):
         build_sharpness_hook(SharpnessConfig(enabled=True), Other(), {}, [], [], [], micro_batch_size=1)
     base = sharpness_parser().parse_args(["--model", "m", "--batch-size", "3"])
     with pytest.raises(NexusConfigError, match="--zero-stage and --deepspeed-config"):
-        _validate(Namespace(**{**vars(base), "zero_stage": 3, "deepspeed_config": "x.json"}))
+        validate_args(Namespace(**{**vars(base), "zero_stage": 3, "deepspeed_config": "x.json"}))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(NexusConfigError, match="--batch-size=3 is not a multiple of the 2 ranks"):
-        _validate(Namespace(**{**vars(base), "zero_stage": 3}))
+        validate_args(Namespace(**{**vars(base), "zero_stage": 3}))
     ok = Namespace(**{**vars(base), "batch_size": 4, "zero_stage": 3})
     cfg = command_ds_config(ok, world=2, sources=3)
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_accumulation_steps"] == 3

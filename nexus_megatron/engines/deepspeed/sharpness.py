@@ -39,7 +39,7 @@ import torch.distributed as dist
 from ...errors import NexusConfigError
 from ...nexus import pseudo_gradient
 from ...sharpness import SharpnessSeam, _adam_hyper
-from .adapter import init_adamw_state
+from .runtime import init_adamw_state
 
 CHUNK = 1 << 22   # elements per chunk of the direction's temporaries (16 MiB in fp32)
 
@@ -470,7 +470,7 @@ class ZeroCommand:
     fp32 masters nor the parameters ever move."""
 
     def __init__(self, args, sources: int):
-        from .adapter import prepare_deepspeed_runtime
+        from .runtime import prepare_deepspeed_runtime
         self.args = args
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.ds_config = command_ds_config(args, world, sources)      # every setting checked before DeepSpeed starts
@@ -485,7 +485,7 @@ class ZeroCommand:
         self._t_u = 0.0
 
     def load(self):
-        from ...tools.sharpness_cli import build_adamw, load_model_and_tokenizer
+        from ...tools.pretrained import build_adamw, load_model_and_tokenizer
         hf = None
         if self.stage == 3:   # transformers builds the model under deepspeed.zero.Init and loads it partition-wise
             from transformers.integrations.deepspeed import HfDeepSpeedConfig

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -97,10 +97,7 @@ from megatron.core.transformer.module import param_is_not_shared  # noqa: E402
 NEXUS_STATE_KEY = "nexus"
 
 
-def _children(inner) -> list:
-    if isinstance(inner, ChainedOptimizer):
-        return list(inner.chained_optimizers)
-    return [inner]
+from .params import main_params as _main_params, optimizer_children as _children  # noqa: E402
 
 
 def _overlapped(chunk) -> bool:
@@ -231,14 +228,6 @@ def step_with_pre_update(optimizer: MegatronOptimizer, fn=None):
         return optimizer.step()
     finally:
         del optimizer.step_with_ready_grads
-
-
-def _main_params(child) -> List[torch.Tensor]:
-    """The fp32 tensors the outer Adam updates (FP32Optimizer: the model params; Float16: fp32 copies;
-    DistributedOptimizer: fp32 shards of this rank's data-parallel range)."""
-    if getattr(child, "is_stub_optimizer", False) or getattr(child, "optimizer", None) is None:
-        return []
-    return [p for g in child.optimizer.param_groups for p in g["params"]]
 
 
 class NexusMegatronOptimizer(MegatronOptimizer):

@@ -47,7 +47,8 @@ from ...errors import NexusConfigError
 from ...sharpness import (STEP, ProbeSet, SharpnessConfig, SharpnessHook, SharpnessMeter, adamw_direction,
                           sharpness_metrics)
 from .data import make_megatron_batch
-from .optimizer import NexusMegatronOptimizer, _children, _main_params, publish_main_params
+from .optimizer import NexusMegatronOptimizer, publish_main_params
+from .params import main_params, optimizer_children
 
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
 
@@ -125,10 +126,10 @@ class MegatronHost:
     def __init__(self, optimizer, *, dp_group=None):
         self.optimizer = optimizer
         self.nexus = isinstance(optimizer, NexusMegatronOptimizer)
-        children = optimizer.children if self.nexus else _children(optimizer)
+        children = optimizer.children if self.nexus else optimizer_children(optimizer)
         self._validate(optimizer, children)
-        self.children = [c for c in children if _main_params(c)]
-        self.mains: List[torch.Tensor] = [p for c in children for p in _main_params(c)]
+        self.children = [c for c in children if main_params(c)]
+        self.mains: List[torch.Tensor] = [p for c in children for p in main_params(c)]
         self.publish_children = children
         ps = _ps()
         if ps is not None and ps.get_context_parallel_world_size() > 1:
@@ -168,7 +169,7 @@ class MegatronHost:
                     raise NexusConfigError("critical sharpness on Megatron: Megatron FSDP is not supported (every "
                                            "probe needs the gathered parameters); use the distributed optimizer "
                                            "or set --sharpness-every 0")
-            for p in _main_params(child):
+            for p in main_params(child):
                 if p.dtype != torch.float32:
                     raise NexusConfigError(f"critical sharpness on Megatron: main params must be fp32, got {p.dtype}")
 
@@ -177,7 +178,7 @@ class MegatronHost:
         """u, one tensor per main param (this rank's shards), from ``main_param.grad`` and the Adam state."""
         out = []
         for child in self.children:
-            out += child_direction(child.optimizer, _main_params(child))
+            out += child_direction(child.optimizer, main_params(child))
         return out
 
     def hyper(self) -> tuple:
