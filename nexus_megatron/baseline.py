@@ -10,10 +10,10 @@ import torch
 
 from .functional import sum_sq
 from .layout import SourceLayout
-from .outer import OuterBook, check_resume
+from .outer import BookViews, OuterBook, check_resume
 
 
-class MixtureAdamW:
+class MixtureAdamW(BookViews):
     """Same interface as :class:`nexus_megatron.nexus.Nexus` (inner_step / step / state_dict)."""
 
     def __init__(self, params, outer: torch.optim.Optimizer, layout: SourceLayout, *, micro_steps: int,
@@ -32,14 +32,6 @@ class MixtureAdamW:
                               max_consecutive_skips=max_consecutive_skips)
         self.pre_outer_step = None
         """Called as ``fn(self)`` with the reduced, clipped gradient in ``p.grad``, before AdamW steps."""
-
-    @property
-    def stats(self):
-        return self.book.stats
-
-    @property
-    def inner_steps(self) -> int:
-        return self.book.inner_steps
 
     @torch.no_grad()
     def inner_step(self, source: int):

@@ -526,35 +526,54 @@ class GradBuckets:
 
 
 _GROUP_CACHE: dict = {}
+"""The package's one cache of process groups: member ranks -> group (None for a group of one rank that no
+caller asked to materialize)."""
+
+
+def new_groups(member_lists, *, singletons: bool = False):
+    """The process groups with these member lists, created in this order (``dist.new_group`` is collective
+    over the world: every rank must call this with the same lists), each once per job; returns this rank's
+    group (the first list holding it), or None when it is in none. A one-rank list gives None unless
+    ``singletons`` (DeepSpeed and Megatron want a real group object even for one rank). Every engine builds
+    its groups here (the layouts' source and cross groups, DeepSpeed's data-parallel and one-rank
+    model-parallel groups, Megatron's optimizer instances)."""
+    me = dist.get_rank()
+    mine = None
+    for members in member_lists:
+        members = tuple(int(r) for r in members)
+        if len(members) > 1 or singletons:
+            if members not in _GROUP_CACHE:
+                _GROUP_CACHE[members] = dist.new_group(list(members))
+            g = _GROUP_CACHE[members]
+        else:
+            g = None
+        if mine is None and me in members:
+            mine = g
+    return mine
+
+
+def _all_dp_groups(dp_ranks: Sequence[int]) -> list:
+    """The data-parallel rank lists of every data-parallel group of the job (collective)."""
+    all_dp = [None] * dist.get_world_size()
+    dist.all_gather_object(all_dp, list(dp_ranks))
+    return sorted({tuple(r) for r in all_dp})
+
+
+_SOURCE_GROUPS: dict = {}
 
 
 def _build_source_groups(dp_ranks: Sequence[int], K: int, S: int):
-    """Create the source groups and cross groups of every data-parallel group in the job (new_group
-    is collective over the world, so every rank creates all of them in the same order) and return
-    this rank's two."""
+    """The source groups and cross groups of every data-parallel group in the job (built through
+    :func:`new_groups`, in the same order on every rank); returns this rank's two."""
     if not (dist.is_available() and dist.is_initialized()):
         return None, None
     key = (tuple(dp_ranks), K, S)
-    if key in _GROUP_CACHE:
-        return _GROUP_CACHE[key]
-    all_dp = [None] * dist.get_world_size()
-    dist.all_gather_object(all_dp, list(dp_ranks))
-    unique = sorted({tuple(r) for r in all_dp})
-    me = dist.get_rank()
-    mine_src = mine_cross = None
-    for ranks in unique:
-        for i in range(K):
-            members = list(ranks[i * S:(i + 1) * S])
-            g = dist.new_group(members) if len(members) > 1 else None
-            if me in members:
-                mine_src = g
-        for j in range(S):
-            members = [ranks[i * S + j] for i in range(K)]
-            g = dist.new_group(members) if len(members) > 1 else None
-            if me in members:
-                mine_cross = g
-    _GROUP_CACHE[key] = (mine_src, mine_cross)
-    return mine_src, mine_cross
+    if key not in _SOURCE_GROUPS:
+        unique = _all_dp_groups(dp_ranks)
+        src = new_groups([ranks[i * S:(i + 1) * S] for ranks in unique for i in range(K)])
+        cross = new_groups([[ranks[i * S + j] for i in range(K)] for ranks in unique for j in range(S)])
+        _SOURCE_GROUPS[key] = (src, cross)
+    return _SOURCE_GROUPS[key]
 
 
 _LAYOUT_REGISTRY = {"sequential": SequentialLayout, "source-parallel": SourceParallelLayout}

@@ -95,14 +95,14 @@ def validate_nexus_config(cfg: NexusConfig) -> None:
 from .functional import (SQ_CHUNK, accumulate_direction, combine_normalized, hash_control_seed,  # noqa: E402,F401
                          inner_gamma, inner_update, moved_point, norm_segments, pseudo_gradient,
                          pseudo_gradient_from_sum, random_direction, source_coefficients, sum_sq)
-from .outer import NexusStats, OuterBook, check_resume  # noqa: E402,F401
+from .outer import BookViews, NexusStats, OuterBook, check_resume  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------
 # Plain-PyTorch adapter
 # ---------------------------------------------------------------------------------------------------
 
-class Nexus:
+class Nexus(BookViews):
     """Nexus around any torch optimizer (the outer optimizer; AdamW by default in the trainer).
 
     Usage in a bare training loop (each rank reads the source the layout assigns it)::
@@ -184,23 +184,7 @@ class Nexus:
         """Called as ``fn(self)`` after the pseudo-gradient is in ``p.grad`` (params at theta_t) and before
         the outer optimizer steps; it must leave parameters, gradients and optimizer state as it found them."""
 
-    # -- the bookkeeper's state, under the names callers use ----------------------------------------
-    @property
-    def stats(self) -> NexusStats:
-        return self.book.stats
-
-    @property
-    def inner_steps(self) -> int:
-        return self.book.inner_steps
-
-    @property
-    def poisoned(self) -> bool:
-        return self.book.poisoned
-
-    @property
-    def gamma_t(self) -> Optional[float]:
-        return self.book.gamma_t
-
+    # -- the bookkeeper's state (stats, inner_steps, poisoned, gamma_t: BookViews) and aliases --------
     @property
     def delta(self) -> torch.Tensor:
         """The displacement theta - theta_t of the current outer step, -gamma_t * d_sum (a new tensor)."""

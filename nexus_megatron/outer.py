@@ -165,6 +165,29 @@ class OuterBook:
         self.stats.load_counters(sd.get("stats", {}))
 
 
+class BookViews:
+    """The bookkeeper's state under the names the engines' callers use (``opt.stats``, ``opt.inner_steps``,
+    ``opt.poisoned``, ``opt.gamma_t``), for a class that holds its :class:`OuterBook` as ``self.book``."""
+
+    book: OuterBook
+
+    @property
+    def stats(self) -> NexusStats:
+        return self.book.stats
+
+    @property
+    def inner_steps(self) -> int:
+        return self.book.inner_steps
+
+    @property
+    def poisoned(self) -> bool:
+        return self.book.poisoned
+
+    @property
+    def gamma_t(self) -> Optional[float]:
+        return self.book.gamma_t
+
+
 def check_resume(saved_layout: Optional[dict], layout_now: dict, *, what: str = "nexus.layout, data.sources, "
                  "data.weights and number of ranks", **pairs) -> None:
     """The one resume-compatibility check: the checkpoint's layout description must equal this run's, and

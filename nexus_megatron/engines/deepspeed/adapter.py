@@ -62,9 +62,9 @@ from ... import checkpoint as _ckpt
 from ...errors import CheckpointError, NexusConfigError
 from ...faults import fault_point
 from ...functional import accumulate_direction, clip_factor, moved_point, pseudo_gradient_from_sum, sum_sq
-from ...layout import LayoutConfig, SourceLayout, build_layout
+from ...layout import LayoutConfig, SourceLayout, build_layout, new_groups
 from ...nexus import NexusConfig
-from ...outer import OuterBook, check_resume
+from ...outer import BookViews, OuterBook, check_resume
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 
@@ -104,30 +104,22 @@ def prepare_deepspeed_runtime():
 # ---------------------------------------------------------------------------------------------------
 # process groups and the mpu handed to DeepSpeed
 
-_GROUPS: dict = {}
-
-
 class NexusGroups:
-    """The groups of one layout: DeepSpeed's data-parallel group (all ranks, or this rank's source group),
-    a one-rank model-parallel group per rank, and a group of all ranks. Created collectively, cached."""
+    """The groups of one layout (built by :func:`nexus_megatron.layout.new_groups`, the package's one group
+    builder): DeepSpeed's data-parallel group (all ranks, or this rank's source group: the layout's), a
+    one-rank model-parallel group per rank, and a group of all ranks. Collective."""
 
-    def __init__(self, mode: str, num_sources: int):
+    def __init__(self, layout: Optional[SourceLayout] = None):
         world, me = dist.get_world_size(), dist.get_rank()
         ranks = list(range(world))
-        key = (mode, num_sources, world)
-        if key not in _GROUPS:
-            everyone = dist.new_group(ranks)
-            singles = [dist.new_group([r]) for r in ranks]
-            if mode == "source-parallel":
-                S = world // num_sources
-                blocks = [ranks[i * S:(i + 1) * S] for i in range(num_sources)]
-                made = [dist.new_group(b) for b in blocks]
-                mine = next(i for i, b in enumerate(blocks) if me in b)
-                dp_group, dp_ranks = made[mine], blocks[mine]
-            else:
-                dp_group, dp_ranks = everyone, ranks
-            _GROUPS[key] = (everyone, singles[me], dp_group, dp_ranks)
-        self.everyone, self.mp_group, self.dp_group, self.dp_ranks = _GROUPS[key]
+        self.everyone = new_groups([ranks], singletons=True)
+        self.mp_group = new_groups([[r] for r in ranks], singletons=True)
+        if layout is not None and layout.mode == "source-parallel":
+            S = layout.group_size
+            self.dp_ranks = [layout.dp_ranks[i] for i in range(layout.my_source * S, (layout.my_source + 1) * S)]
+            self.dp_group = layout.source_group if S > 1 else self.mp_group
+        else:
+            self.dp_group, self.dp_ranks = self.everyone, ranks
         self.dp_size = len(self.dp_ranks)
 
 
@@ -291,7 +283,7 @@ def client_optimizer_from(optimizer, model, model_parameters=None) -> NexusAdamW
 # ---------------------------------------------------------------------------------------------------
 # the algorithm on DeepSpeed's master partitions
 
-class _NexusCore:
+class _NexusCore(BookViews):
     """Nexus state and logic for one DeepSpeed engine (one per rank)."""
 
     def __init__(self, layout: SourceLayout, cfg: NexusConfig, groups: NexusGroups, *, k: int, clip: float,
@@ -336,18 +328,10 @@ class _NexusCore:
         clipping factor (critical sharpness, engines/deepspeed/sharpness.py); it must leave all of them as it
         found them."""
 
-    # -- the bookkeeper's state, under the names callers use ----------------------------------------
-    @property
-    def stats(self):
-        return self.book.stats
-
+    # -- the bookkeeper's state (stats, inner_steps, poisoned, gamma_t: BookViews) and aliases --------
     @property
     def micro(self) -> int:
         return self.book.inner_steps
-
-    @property
-    def poisoned(self) -> bool:
-        return self.book.poisoned
 
     @property
     def gamma(self) -> Optional[float]:
@@ -933,7 +917,7 @@ def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
     deepspeed = prepare_deepspeed_runtime()
     if layout is None:
         layout = build_layout(prepared.layout)
-    groups = NexusGroups(layout.mode, layout.num_sources)
+    groups = NexusGroups(layout)
     _broadcast_model(model)
     num_params = _num_params(model)
     ds_engine, _, _, sched = deepspeed.initialize(model=model, optimizer=client, lr_scheduler=lr_scheduler,
@@ -1089,7 +1073,7 @@ class DeepSpeedAdamWEngine(Engine):
         deepspeed = prepare_deepspeed_runtime()
         o = cfg.optim
         opt = torch.optim.AdamW(_outer_param_groups(cfg, model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        groups = NexusGroups("sequential", 1)
+        groups = NexusGroups()
         _broadcast_model(model)
         self.ds, self.opt, _, _ = deepspeed.initialize(
             model=model, optimizer=opt, config=copy.deepcopy(prepared.ds), mpu=NexusMPU(groups),

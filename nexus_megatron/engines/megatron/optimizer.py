@@ -78,7 +78,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ...errors import NexusConfigError
 from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum
 from ...nexus import NexusConfig
-from ...outer import OuterBook, check_resume
+from ...outer import BookViews, OuterBook, check_resume
 from .groups import NexusGroups
 from .version import check_megatron_core_version
 
@@ -240,7 +240,7 @@ def _main_params(child) -> List[torch.Tensor]:
     return [p for g in child.optimizer.param_groups for p in g["params"]]
 
 
-class NexusMegatronOptimizer(MegatronOptimizer):
+class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
     """Nexus around a Megatron optimizer (the outer optimizer, usually Adam from ``get_megatron_optimizer``).
 
     Args:
@@ -297,23 +297,6 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self.pre_outer_step = None
         """``fn(self)`` right before the outer Adam update (see the module docstring), e.g. the
         critical-sharpness hook (:mod:`.sharpness`)."""
-
-    # the bookkeeper's state, under the names callers use
-    @property
-    def stats(self):
-        return self.book.stats
-
-    @property
-    def inner_steps(self) -> int:
-        return self.book.inner_steps
-
-    @property
-    def poisoned(self) -> bool:
-        return self.book.poisoned
-
-    @property
-    def gamma_t(self) -> Optional[float]:
-        return self.book.gamma_t
 
     # ------------------------------------------------------------------------------------------
     # construction
