@@ -92,7 +92,12 @@ def test_megatron_conforms():
             jobs[ref_key] = (ref_key, spec, dp, list(runs[0]["lrs"]))
             checks += [(runs[i], spec, ref_key, f"megatron {key} rank {i}") for i in range(len(runs))]
     refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
+    failures = []
     for got, spec, ref_key, label in checks:
-        _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
+        try:
+            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
     names = {k.split("/", 1)[1] for r in res for k in r}
     assert names | set(C.NOT_SUPPORTED["megatron"]) >= {s["name"] for s in C.SCENARIOS}
