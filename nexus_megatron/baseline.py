@@ -1,30 +1,23 @@
 """The AdamW baseline on exactly the data Nexus sees: gradients of the k micro-steps are accumulated
 locally (like DDP's no_sync) and reduced once per step over the mixture (source weights applied the
-same way as for Nexus, without normalization), clipped, and handed to AdamW."""
+same way as for Nexus, without normalization), clipped, and handed to AdamW. Skips, counters and the abort
+after ``max_consecutive_skips`` non-finite steps are Nexus's (:class:`~nexus_megatron.outer.OuterBook`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 
+from .functional import sum_sq
 from .layout import SourceLayout
-from .nexus import sum_sq
+from .outer import BookViews, OuterBook, check_resume
 
 
-@dataclass
-class BaselineStats:
-    outer_steps: int = 0
-    skipped_steps: int = 0
-    skipped_sources: int = 0
-    consecutive_skips: int = 0
-
-
-class MixtureAdamW:
+class MixtureAdamW(BookViews):
     """Same interface as :class:`nexus_megatron.nexus.Nexus` (inner_step / step / state_dict)."""
 
     def __init__(self, params, outer: torch.optim.Optimizer, layout: SourceLayout, *, micro_steps: int,
-                 clip_grad=None):
+                 clip_grad=None, max_consecutive_skips: int = 10):
         seen, ps = set(), []
         for p in params:
             if p.requires_grad and id(p) not in seen:
@@ -35,8 +28,8 @@ class MixtureAdamW:
         self.numel = sum(p.numel() for p in ps)
         self.acc = torch.zeros(self.numel, dtype=torch.float32, device=ps[0].device)
         self._views = [t.view_as(p) for t, p in zip(self.acc.split([p.numel() for p in ps]), ps)]
-        self.inner_steps = 0
-        self.stats = BaselineStats()
+        self.book = OuterBook(layout.num_sources, micro_steps=micro_steps,
+                              max_consecutive_skips=max_consecutive_skips)
         self.pre_outer_step = None
         """Called as ``fn(self)`` with the reduced, clipped gradient in ``p.grad``, before AdamW steps."""
 
@@ -46,18 +39,16 @@ class MixtureAdamW:
             if p.grad is not None:
                 v.add_(p.grad, alpha=1.0 / self.micro_steps)
                 p.grad = None
-        self.inner_steps += 1
+        self.book.end_micro()
 
     @torch.no_grad()
     def step(self) -> dict:
-        if self.inner_steps != self.micro_steps:
-            raise RuntimeError(f"step() after {self.inner_steps} inner steps but micro_steps={self.micro_steps}")
+        self.book.check_complete("MixtureAdamW.step")
         self.layout.reduce_mean(self.acc)
         norm = math.sqrt(float(sum_sq(self.acc)))
         info = {"grad_norm": norm, "skipped": False}
         if not math.isfinite(norm):
-            self.stats.skipped_steps += 1
-            self.stats.consecutive_skips += 1
+            self.book.poison()
             info["skipped"] = True
         else:
             if self.clip_grad is not None and norm > self.clip_grad:
@@ -69,19 +60,19 @@ class MixtureAdamW:
             self.outer.step()
             for p in self.params:
                 p.grad = None
-            self.stats.outer_steps += 1
-            self.stats.consecutive_skips = 0
         self.acc.zero_()
-        self.inner_steps = 0
+        self.book.end_outer(skipped=info["skipped"])
+        self.book.check_abort()
         return info
 
     def step_stats(self) -> dict:
         return {}
 
     def state_dict(self) -> dict:
-        return {"outer": self.outer.state_dict(), "stats": asdict(self.stats), "layout": self.layout.describe()}
+        return {"outer": self.outer.state_dict(), "stats": self.stats.counters(), "layout": self.layout.describe()}
 
     def load_state_dict(self, sd: dict) -> None:
+        if "layout" in sd:
+            check_resume(sd["layout"], self.layout.describe())
         self.outer.load_state_dict(sd["outer"])
-        for k, v in sd["stats"].items():
-            setattr(self.stats, k, v)
+        self.stats.load_counters(sd["stats"])

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import NexusConfigError
+from .functional import hash_seed, segments_sq, source_coefficients
 
 LAYOUTS = ("sequential", "source-parallel")
 
@@ -119,22 +120,6 @@ class Reduced:
         for lo, hi, w in gathers:
             w.wait()
             yield lo, hi
-
-
-def _segments_sq(x: torch.Tensor, segments, lo: int = 0) -> torch.Tensor:
-    """Sum of squares (fp64) of x (which holds elements [lo, lo+len(x)) of the flat vector),
-    counting only the elements inside ``segments`` (list of [start, end) of the flat vector)."""
-    from .nexus import sum_sq
-    n = x.numel()
-    if segments is None:
-        return sum_sq(x, lo).to(x.device)
-    parts, starts = [], []
-    for s, e in segments:
-        s, e = max(s - lo, 0), min(e - lo, n)
-        if e > s:
-            parts.append(x[s:e])
-            starts.append(lo + s)
-    return sum_sq(parts, starts).to(x.device)
 
 
 def _group_size(group) -> int:
@@ -232,19 +217,42 @@ class SourceLayout:
         optimizer would see it. Used for the AdamW baseline on the same data."""
         self.reduction(flat, mean=True).wait()
 
-    def _sum_norm_vector(self, vec: torch.Tensor, group) -> torch.Tensor:
-        if group is not None and _group_size(group) > 1:
-            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
-        if self.norm_group is not None and self.norm_size > 1:
-            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.norm_group)
-        return vec
+    def present_mask(self, source: int) -> torch.Tensor:
+        """bool [K]: the sources with a gradient in a micro-step in which this rank reads ``source``."""
+        if self.mode == "source-parallel":
+            return torch.ones(self.num_sources, dtype=torch.bool)
+        m = torch.zeros(self.num_sources, dtype=torch.bool)
+        m[source] = True
+        return m
 
-    def _finish(self, sq: torch.Tensor, present: torch.Tensor, min_grad_norm: float):
-        from .nexus import source_coefficients
-        norms = sq.sqrt()
-        coef, active, nonfinite = source_coefficients(norms, present, self.weights, min_grad_norm)
-        return norms, active, nonfinite, coef
+    def exchange_norms(self, sq, source: int, *, groups=(), contribute: bool = True, nonfinite: bool = False,
+                       min_grad_norm: float, device=None):
+        """The per-source norm exchange of one micro-step, the same for every engine (§1.3, §1.4).
 
+        ``sq``: this rank's contribution to the squared norm of source ``source``'s gradient (a partial sum
+        over its shard, or the full squared norm on one designated rank: ``contribute=False`` on the others);
+        ``nonfinite``: this rank saw NaN/Inf (or its framework skipped the step). One all-reduce per group in
+        ``groups`` of ``[sq per source..., non-finite flag]`` (fp64), so every rank gets the same norms and the
+        same verdict. Returns ``(Reduced, coef)``: ``coef`` fp64 [K] from
+        :func:`~nexus_megatron.functional.source_coefficients` (w_i / n_i, renormalized over the active sources)."""
+        K = self.num_sources
+        vec = torch.zeros(K + 1, dtype=torch.float64, device=device)
+        sq = float(sq) if sq is not None else float("nan")
+        if nonfinite or not math.isfinite(sq):
+            vec[K] = 1.0
+        elif contribute:
+            vec[source] = sq
+        for g in groups:
+            if g is not None and _group_size(g) > 1:
+                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=g)
+        vec = vec.cpu()
+        present = self.present_mask(source)
+        norms = vec[:K].clamp_min(0).sqrt()
+        bad = bool(vec[K] != 0) or not bool(torch.isfinite(vec).all())
+        coef, active, nf = source_coefficients(norms, present, self.weights, min_grad_norm)
+        if bad or nf:
+            return Reduced(norms, present, torch.zeros(K, dtype=torch.bool), True), torch.zeros(K, dtype=torch.float64)
+        return Reduced(norms, present, active, False), coef
 
 class SequentialLayout(SourceLayout):
     mode = "sequential"
@@ -273,14 +281,11 @@ class SequentialLayout(SourceLayout):
     def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False) -> Reduced:
         red.wait()
         flat = red.flat
-        sq = torch.zeros(self.num_sources, dtype=torch.float64, device=flat.device)
-        sq[source] = _segments_sq(flat, segments)
-        sq = self._sum_norm_vector(sq, None).cpu()  # flat is replicated over dp: sum over the model-parallel shards only
-        present = torch.zeros(self.num_sources, dtype=torch.bool)
-        present[source] = True
-        norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
+        # flat is replicated over dp: sum over the model-parallel shards only
+        out, coef = self.exchange_norms(segments_sq(flat, segments), source, groups=(self.norm_group,),
+                                        min_grad_norm=min_grad_norm, device=flat.device)
         flat.mul_(float(coef[source]))
-        return Reduced(norms, present, active, nonfinite)
+        return out
 
 
 class SourceParallelLayout(SourceLayout):
@@ -349,21 +354,18 @@ class SourceParallelLayout(SourceLayout):
             shard.div_(S)
         else:
             shard = flat
-        sq = torch.zeros(K, dtype=torch.float64, device=flat.device)
         if S == 1:   # the whole vector: the same sum however it was bucketed
-            sq[self.my_source] = _segments_sq(flat, segments)
+            sq = segments_sq(flat, segments)
         else:
+            sq = torch.zeros((), dtype=torch.float64, device=flat.device)
             for lo, hi in red.ranges:   # the flat-vector position of this rank's piece of each bucket
                 piece = (hi - lo) // S
-                sq[self.my_source] += _segments_sq(shard[lo // S:hi // S], segments,
-                                                   lo + self.pos_in_group * piece)
-        sq = self._sum_norm_vector(sq, self.dp_group if self.dp_size > 1 else None).cpu()
-        present = torch.ones(K, dtype=torch.bool)
-        norms, active, nonfinite, coef = self._finish(sq, present, min_grad_norm)
+                sq = sq + segments_sq(shard[lo // S:hi // S], segments, lo + self.pos_in_group * piece)
+        out, coef = self.exchange_norms(sq, self.my_source, groups=(self.dp_group, self.norm_group),
+                                        min_grad_norm=min_grad_norm, device=flat.device)
         shard.mul_(float(coef[self.my_source]))
         if K > 1:
             dist.all_reduce(shard, op=dist.ReduceOp.SUM, group=self.cross_group)
-        out = Reduced(norms, present, active, nonfinite)
         if S > 1:
             out.gathers = [(lo, hi, dist.all_gather_into_tensor(flat[lo:hi], shard[lo // S:hi // S],
                                                                 group=self.source_group, async_op=True))
@@ -523,45 +525,55 @@ class GradBuckets:
         return red
 
 
-def hash_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (Python's hash() of ints is not mixed enough)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h ^= (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 _GROUP_CACHE: dict = {}
+"""The package's one cache of process groups: member ranks -> group (None for a group of one rank that no
+caller asked to materialize)."""
+
+
+def new_groups(member_lists, *, singletons: bool = False):
+    """The process groups with these member lists, created in this order (``dist.new_group`` is collective
+    over the world: every rank must call this with the same lists), each once per job; returns this rank's
+    group (the first list holding it), or None when it is in none. A one-rank list gives None unless
+    ``singletons`` (DeepSpeed and Megatron want a real group object even for one rank). Every engine builds
+    its groups here (the layouts' source and cross groups, DeepSpeed's data-parallel and one-rank
+    model-parallel groups, Megatron's optimizer instances)."""
+    me = dist.get_rank()
+    mine = None
+    for members in member_lists:
+        members = tuple(int(r) for r in members)
+        if len(members) > 1 or singletons:
+            if members not in _GROUP_CACHE:
+                _GROUP_CACHE[members] = dist.new_group(list(members))
+            g = _GROUP_CACHE[members]
+        else:
+            g = None
+        if mine is None and me in members:
+            mine = g
+    return mine
+
+
+def _all_dp_groups(dp_ranks: Sequence[int]) -> list:
+    """The data-parallel rank lists of every data-parallel group of the job (collective)."""
+    all_dp = [None] * dist.get_world_size()
+    dist.all_gather_object(all_dp, list(dp_ranks))
+    return sorted({tuple(r) for r in all_dp})
+
+
+_SOURCE_GROUPS: dict = {}
 
 
 def _build_source_groups(dp_ranks: Sequence[int], K: int, S: int):
-    """Create the source groups and cross groups of every data-parallel group in the job (new_group
-    is collective over the world, so every rank creates all of them in the same order) and return
-    this rank's two."""
+    """The source groups and cross groups of every data-parallel group in the job (built through
+    :func:`new_groups`, in the same order on every rank); returns this rank's two."""
     if not (dist.is_available() and dist.is_initialized()):
         return None, None
     key = (tuple(dp_ranks), K, S)
-    if key in _GROUP_CACHE:
-        return _GROUP_CACHE[key]
-    all_dp = [None] * dist.get_world_size()
-    dist.all_gather_object(all_dp, list(dp_ranks))
-    unique = sorted({tuple(r) for r in all_dp})
-    me = dist.get_rank()
-    mine_src = mine_cross = None
-    for ranks in unique:
-        for i in range(K):
-            members = list(ranks[i * S:(i + 1) * S])
-            g = dist.new_group(members) if len(members) > 1 else None
-            if me in members:
-                mine_src = g
-        for j in range(S):
-            members = [ranks[i * S + j] for i in range(K)]
-            g = dist.new_group(members) if len(members) > 1 else None
-            if me in members:
-                mine_cross = g
-    _GROUP_CACHE[key] = (mine_src, mine_cross)
-    return mine_src, mine_cross
+    if key not in _SOURCE_GROUPS:
+        unique = _all_dp_groups(dp_ranks)
+        src = new_groups([ranks[i * S:(i + 1) * S] for ranks in unique for i in range(K)])
+        cross = new_groups([[ranks[i * S + j] for i in range(K)] for ranks in unique for j in range(S)])
+        _SOURCE_GROUPS[key] = (src, cross)
+    return _SOURCE_GROUPS[key]
 
 
 _LAYOUT_REGISTRY = {"sequential": SequentialLayout, "source-parallel": SourceParallelLayout}

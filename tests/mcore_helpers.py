@@ -228,10 +228,10 @@ def run_steps(ddp, opt, sched, groups, steps, M=1, record=None):
 # ---------------------------------------------------------------------------------------------------
 
 def reference_run(model, *, mode, num_sources, dp, steps, k, M=1, weights=None, clip=0.0, gamma=GAMMA,
-                  layout_seed=0, one_buffer=True, concat_check=False, concat_errors=None, pre_outer_step=None):
-    """Nexus written from the spec on one unsharded GPTModel (``one_buffer=False``: delta accumulated
-    separately, the spec's arithmetic = the adapter's ``exact_displacement=True``; ``one_buffer=True``: the
-    point ``theta + delta`` is the only state and delta = point - theta, the adapter's default).
+                  layout_seed=0, one_buffer=False, concat_check=False, concat_errors=None, pre_outer_step=None):
+    """Nexus written from the spec on one unsharded GPTModel (``one_buffer=False``, the default: delta
+    accumulated separately, the spec's arithmetic; ``one_buffer=True``: the point ``theta + delta`` is the only
+    state and delta = point - theta, the imprecise recovery ALGORITHMS.md §1.5 rules out, kept for comparison).
     ``pre_outer_step(t, outer, params)`` is called with G in ``p.grad`` right before each AdamW step. Returns (params after each outer step as
     {name: tensor}, per-micro-step source norms [{source: norm}])."""
     from nexus_megatron.layout import LayoutConfig, SequentialLayout

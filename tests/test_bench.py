@@ -123,7 +123,7 @@ def test_megatron_bench_counts_equal_the_plan(tmp_path):
     """megatron-core under the tests' CPU shim (tests/mcore_bench_cpu.py), distributed optimizer, overlap off
     (one bucket) and on (overlap_grad_reduce + overlap_param_gather, several buckets): every collective over
     more than one rank (calls and payload) equals the plan model's, and the state is exactly Megatron's buffers,
-    Adam's moments on the main shard and, for Nexus, one fp32 anchor of that shard."""
+    Adam's moments on the main shard and, for Nexus, the fp32 anchor and the fp32 exact displacement of that shard."""
     pytest.importorskip("megatron.core")
     from tests.distributed import free_port
     stdout, data = _bench(tmp_path, "--bucket-size", "600", port=free_port(), entry=("tests.mcore_bench_cpu",))
@@ -150,14 +150,14 @@ def test_megatron_bench_counts_equal_the_plan(tmp_path):
         assert st["params"] == st["grads"] == 4 * buf, label           # fp32 param buffer, fp32 grad buffer
         assert st["optimizer"] == 8 * shard, label                      # exp_avg, exp_avg_sq on the main shard
         assert st.get("master", 0) == 0                                  # fp32: the main shard views the params
-        assert st.get("nexus", 0) == (4 * shard if r["optim"] == "nexus" else 0), label
+        assert st.get("nexus", 0) == (8 * shard if r["optim"] == "nexus" else 0), label
         assert st["other"] < 0.01 * st["total"]
         plan_st = state_bytes(p, r["optim"], r["layout"])
         for cat in ("params", "grads", "optimizer", "nexus"):
             assert st.get(cat, 0) == pytest.approx(plan_st[cat], rel=0.02), (label, cat)
         if r["optim"] == "nexus" and r["layout"] == "sequential":
-            # one fp32 shard, 4/d bytes per parameter (d = 2, up to Megatron's bucket padding)
-            assert st["nexus"] / r["params"] == pytest.approx(2.0, rel=0.03)
+            # two fp32 shards (anchor, exact displacement), 8/d bytes per parameter (d = 2, up to bucket padding)
+            assert st["nexus"] / r["params"] == pytest.approx(4.0, rel=0.03)
             # per micro-step: one reduce-scatter + one all-gather of the padded buffer = one all-reduce of it
             # (plus the 4-byte norm scalars)
             one_ar = 4 * buf                                             # fp32 all-reduce over 2 ranks, bus bytes

@@ -281,3 +281,37 @@ def test_sum_sq_is_fp64_accurate_shard_invariant_and_as_finite_as_fp64():
         y = x.clone()
         y[7] = bad
         assert not math.isfinite(float(sum_sq(y)))
+
+
+def test_lr_zero_is_the_gamma_to_zero_limit():
+    """gamma_mode=update at lr 0 (the first step of a warmup from 0): gamma_t = 0, the inner steps do not
+    move, G = (1/k) sum_m d_m (every d_m at theta_0), no division by zero (ALGORITHMS.md §1.4)."""
+    m = Quadratics()
+    outer = torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.0)
+    opt = nexus_for(m, ("a", "b", "c"), 0.25, k=4, outer=outer, mode="update")
+    th = m.theta.detach().clone()
+    seq = run_inner(m, opt, 4)
+    assert opt.gamma_t == 0.0 and torch.equal(m.theta.detach(), th)        # the inner steps did not move
+    info = opt.step()
+    assert not info["skipped"] and torch.equal(m.theta.detach(), th)      # AdamW at lr 0: theta stays
+    t64 = th.double()
+    want = sum(m.grad(s, t64) / m.grad(s, t64).norm() for s in seq) / 4
+    # AdamW's first moment after one step is (1 - beta1) G: the limit reached the outer optimizer
+    got = outer.state[m.theta]["exp_avg"].double() / (1 - 0.9)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-8)
+    assert info["pseudo_grad_norm"] == pytest.approx(float(want.norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [1e-8, 1e-6, 1e-4])
+def test_pseudo_gradient_is_exact_at_small_gamma_on_large_weights(gamma):
+    """Weights of size ~100 (ulp 8e-6) and tiny gamma: G is still the mean of the d_m to fp32 precision
+    (recovering delta as theta - anchor would lose everything below ulp(theta))."""
+    m = Quadratics()
+    with torch.no_grad():
+        m.theta.add_(100.0)
+    opt = nexus_for(m, ("a", "b", "c"), gamma, k=4)
+    th = m.theta.detach().double().clone()
+    seq = run_inner(m, opt, 4)
+    want = sum(m.grad(s, th) / m.grad(s, th).norm() for s in seq) / 4
+    G = opt.d_sum.double() / 4
+    assert torch.allclose(G, want, rtol=1e-5, atol=1e-7), float((G - want).norm() / want.norm())

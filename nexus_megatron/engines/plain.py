@@ -80,8 +80,10 @@ class _StartedMean:
 class OverlappedMixtureAdamW(MixtureAdamW):
     """The AdamW baseline with its reduction overlapped with the last micro-step's backward."""
 
-    def __init__(self, params, outer, layout, *, micro_steps: int, clip_grad=None, bucket_size: int):
-        super().__init__(params, outer, layout, micro_steps=micro_steps, clip_grad=clip_grad)
+    def __init__(self, params, outer, layout, *, micro_steps: int, clip_grad=None, bucket_size: int,
+                 max_consecutive_skips: int = 10):
+        super().__init__(params, outer, layout, micro_steps=micro_steps, clip_grad=clip_grad,
+                         max_consecutive_skips=max_consecutive_skips)
         self.buckets = GradBuckets(self.params, self.acc, layout, bucket_numel=bucket_size,
                                    accumulate=1.0 / micro_steps)
         self.pending = None
@@ -96,7 +98,7 @@ class OverlappedMixtureAdamW(MixtureAdamW):
     @torch.no_grad()
     def inner_step(self, source: int):
         self.pending = self.buckets.finish(launch=self._last())
-        self.inner_steps += 1
+        self.book.end_micro()
 
 
 class PlainEngine(Engine):
@@ -109,11 +111,12 @@ class PlainEngine(Engine):
         self.outer = build_outer_adamw(cfg, self.params)
         k, overlap, bucket = cfg.train.micro_steps, cfg.nexus.overlap_grad_reduce, cfg.nexus.bucket_size
         if cfg.optim.name == "adamw":
+            kw = dict(micro_steps=k, clip_grad=cfg.optim.clip_grad,
+                      max_consecutive_skips=cfg.nexus.max_consecutive_skips)
             if overlap:
-                self.opt = OverlappedMixtureAdamW(self.params, self.outer, layout, micro_steps=k,
-                                                  clip_grad=cfg.optim.clip_grad, bucket_size=bucket)
+                self.opt = OverlappedMixtureAdamW(self.params, self.outer, layout, bucket_size=bucket, **kw)
             else:
-                self.opt = MixtureAdamW(self.params, self.outer, layout, micro_steps=k, clip_grad=cfg.optim.clip_grad)
+                self.opt = MixtureAdamW(self.params, self.outer, layout, **kw)
         elif overlap:
             self.opt = OverlappedNexus(self.params, self.outer, layout, nexus_config(cfg), micro_steps=k,
                                        bucket_size=bucket)

@@ -118,8 +118,8 @@ def _model(raw: dict, tp: int, bf16: bool):
 def account_megatron(ddp, opt) -> dict:
     """Exact bytes of the training state on this rank (every storage once, first category wins): params (the
     DDP param buffer, or the params themselves), grads (the DDP grad buffer), master (fp32 main-param shards
-    that are not views of the params: bf16), optimizer (Adam's moments), nexus (the anchor; the displacement
-    with exact_displacement), other (everything else reachable: step counters, model buffers)."""
+    that are not views of the params: bf16), optimizer (Adam's moments), nexus (the anchor and the sum of
+    directions d_sum, the exact displacement), other (everything else reachable: step counters, model buffers)."""
     from .measure import StateAccount, moments
     from ..engines.megatron.optimizer import NexusMegatronOptimizer
     from ..engines.megatron.params import main_params, optimizer_children
@@ -132,7 +132,7 @@ def account_megatron(ddp, opt) -> dict:
     acc.add("master", [p for c in children for p in main_params(c)])
     acc.add("optimizer", [t for c in children if getattr(c, "optimizer", None) is not None for t in moments(c.optimizer)])
     if nexus:
-        acc.add("nexus", [opt.anchor, opt.delta])
+        acc.add("nexus", [opt.anchor, opt.d_sum])
     acc.add("other", [ddp, opt])
     return acc.totals()
 

@@ -216,7 +216,7 @@ def account_engine(engine) -> dict:
         acc.add("grads", grads)
         acc.add("optimizer", moments(engine.outer))
         buckets = getattr(opt, "buckets", None)
-        acc.add("nexus", [getattr(opt, "anchor", None), getattr(opt, "delta", None),
+        acc.add("nexus", [getattr(opt, "anchor", None), getattr(opt, "d_sum", None),
                           getattr(buckets, "_shard", None)])
         acc.add("other", [module, opt, engine.outer, engine])
         return acc.totals()
@@ -236,7 +236,7 @@ def account_engine(engine) -> dict:
     if nx is not None:
         masters.append([p for p, _ in nx._core.parts])
         acc.add("master", masters)
-        acc.add("nexus", list(nx._core.anchors))
+        acc.add("nexus", list(nx._core.anchors) + list(nx._core.d_sums))
     else:
         acc.add("master", masters)
     acc.add("grads", [p.grad for p in params])

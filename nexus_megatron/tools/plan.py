@@ -5,8 +5,9 @@ the cluster (nodes x GPUs per node, link bandwidths), the parallel layout (TP, P
 Megatron's distributed optimizer) and the batch (micro batch, sequence length, k micro-steps), it gives
 for AdamW and for Nexus in both source layouts
 
-* the bytes per GPU of parameters, gradients, optimizer state, the Nexus anchor (and, on the plain
-  engine, its displacement), and an activation estimate;
+* the bytes per GPU of parameters, gradients, optimizer state, the Nexus state (the fp32 anchor and the
+  fp32 exact displacement d_sum, sharded like the master weights: 8 bytes per element held), and an
+  activation estimate;
 * the collectives of one outer step, each as (operation, group size, payload bytes, calls) with the
   ring ("bus") bytes each rank sends, and their time on the group's link;
 * the step time without and with overlap of the gradient reduction, the ratio Nexus / AdamW, and the
@@ -248,7 +249,8 @@ def _bytes(p: PlanInput):
 
 def state_bytes(p: PlanInput, optim: str, layout: str, overlap: bool = False) -> dict:
     """Bytes per GPU of the training state, by category (``params``, ``grads``, ``optimizer`` (fp32 master
-    and AdamW's two moments), ``nexus`` (anchor; plain engine: anchor and displacement)). Sharded terms
+    and AdamW's two moments), ``nexus`` (the fp32 anchor and the fp32 exact displacement d_sum, on every
+    engine: 8 bytes per element of the rank's master shard, ALGORITHMS.md §1.5)). Sharded terms
     are divided by the DP size, or by the source group size DP/K in the source-parallel layout (each
     group holds the whole sharded state). ``overlap``: the plain engine's overlapped source-parallel
     reduction keeps its shard buffer (4 bytes x padded P / group size) between micro-steps."""
@@ -270,12 +272,12 @@ def state_bytes(p: PlanInput, optim: str, layout: str, overlap: bool = False) ->
         params = pb * P_local / (d if z >= 3 else 1)
         grads = gb * P_local / (d if z >= 2 else 1)
         optimizer = opt / (d if z >= 1 else 1)
-        anchor = 4 * P_local / (d if z >= 1 else 1)
+        anchor = 8 * P_local / (d if z >= 1 else 1)           # anchor + d_sum per master-partition element
     else:
         buf = p.padded_params or P_local          # Megatron's DDP buffers (bucket padding included)
         params, grads = pb * buf, gb * buf
         optimizer = opt / (d if p.dist_opt else 1)
-        anchor = 4 * P_local / (d if p.dist_opt else 1)
+        anchor = 8 * P_local / (d if p.dist_opt else 1)       # anchor + d_sum per main-param (shard) element
     return {"params": params, "grads": grads, "optimizer": optimizer, "nexus": anchor if optim == "nexus" else 0.0}
 
 

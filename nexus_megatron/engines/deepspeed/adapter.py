@@ -8,25 +8,22 @@ How it fits into DeepSpeed (ZeRO stages 0-3, fp32 and bf16):
   (ZeRO-1/2: ``single_partition_of_fp32_groups``; ZeRO-3: ``fp32_partitioned_groups_flat``; ZeRO-1 with
   fp32 gradient accumulation in bf16: ``BF16_Optimizer``'s flat partitions; stage 0: the fp32 parameters,
   or the fp32 copies of DeepSpeed's bf16 wrapper).
-* :class:`NexusAdamW` keeps one extra fp32 tensor per master partition, the anchor ``A`` (theta_t).
-  The master partition ``M`` holds ``A + delta``. An inner step on a partition is::
+* :class:`NexusAdamW` keeps two extra fp32 tensors per master partition: the anchor ``A`` (theta_t) and
+  ``S`` = the sum of the normalized directions of the micro-steps so far (the exact displacement,
+  functional.py: delta = -gamma S). The master partition ``M`` holds ``A + delta``. An inner step on a
+  partition is::
 
-      delta = M - A                   # exact (Sterbenz) because |delta| << |A|, see below
-      d     = coef * g                # coef = w_i / n_i from nexus.source_coefficients
-      M     = A + (delta - gamma * d) # nexus.inner_update
+      d     = coef * g                # coef = w_i / n_i from layout.exchange_norms
+      S     = S + d                   # functional.accumulate_direction
+      M     = A - gamma * S           # functional.moved_point
 
   DeepSpeed then copies ``M`` to the bf16/fp32 model partition and all-gathers as usual, so the next
   forward pass sees theta_t + delta (ZeRO-1/2 with ``nexus.overlap_param_gather``: the gather runs during
-  that forward, bucket by bucket, see param_gather.py). At the k-th micro-step: ``G = -delta / (k gamma)``
-  (nexus.pseudo_gradient), clipped to ``gradient_clipping``, ``M <- A``, AdamW step on ``M`` with grad
-  ``G``, ``A <- M``.
-* Precision of ``delta = M - A``: ``M`` is stored as fl(A + delta); when ``M`` and ``A`` are within a
-  factor 2 (always the case when |delta| << |A|, and for A = 0 trivially) the subtraction is exact
-  (Sterbenz lemma), so what is lost is only the rounding of the stored ``M``: delta is kept to the
-  precision of the fp32 master weight (|error| <= ulp(A)/2 per element per micro-step), which is the
-  precision at which the forward pass sees it anyway. Keeping delta exactly would cost a second
-  partition-sized buffer; the equivalence test against the exact single-process reference stays below
-  1e-5 relative error.
+  that forward, bucket by bucket, see param_gather.py). At the k-th micro-step: ``G = S / k``
+  (functional.pseudo_gradient_from_sum: exact for every gamma_t, lr = 0 included), clipped to
+  ``gradient_clipping``, ``M <- A``, AdamW step on ``M`` with grad ``G``, ``A <- M``, ``S <- 0``.
+* Memory: 8 bytes per element of the rank's master partition (anchor + S): 8/D bytes per parameter under
+  ZeRO-1/2/3 over D data-parallel ranks, 8 at stage 0.
 * Norms: ``n_i`` is the L2 norm of the whole logical gradient. DeepSpeed steps ZeRO-1/2/3 client
   optimizers one parameter group (sub-group) at a time and sets the gradients of the other groups only
   when it reaches them, so the norm cannot be summed inside the first group's step. There, DeepSpeed's
@@ -60,11 +57,12 @@ import torch
 import torch.distributed as dist
 
 from ... import checkpoint as _ckpt
-from ...errors import CheckpointError, NexusConfigError, NexusNonFiniteError
+from ...errors import CheckpointError, NexusConfigError
 from ...faults import fault_point
-from ...layout import LayoutConfig, SourceLayout, build_layout
-from ...nexus import (NexusConfig, NexusStats, inner_gamma, inner_update, pseudo_gradient, source_coefficients,
-                      sum_sq)
+from ...functional import accumulate_direction, clip_factor, moved_point, pseudo_gradient_from_sum, sum_sq
+from ...layout import LayoutConfig, SourceLayout, build_layout, new_groups
+from ...nexus import NexusConfig
+from ...outer import BookViews, OuterBook, check_resume
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 from .runtime import init_adamw_state, prepare_deepspeed_runtime
@@ -75,30 +73,22 @@ log = logging.getLogger("nexus_megatron.deepspeed")
 # ---------------------------------------------------------------------------------------------------
 # process groups and the mpu handed to DeepSpeed
 
-_GROUPS: dict = {}
-
-
 class NexusGroups:
-    """The groups of one layout: DeepSpeed's data-parallel group (all ranks, or this rank's source group),
-    a one-rank model-parallel group per rank, and a group of all ranks. Created collectively, cached."""
+    """The groups of one layout (built by :func:`nexus_megatron.layout.new_groups`, the package's one group
+    builder): DeepSpeed's data-parallel group (all ranks, or this rank's source group: the layout's), a
+    one-rank model-parallel group per rank, and a group of all ranks. Collective."""
 
-    def __init__(self, mode: str, num_sources: int):
+    def __init__(self, layout: Optional[SourceLayout] = None):
         world, me = dist.get_world_size(), dist.get_rank()
         ranks = list(range(world))
-        key = (mode, num_sources, world)
-        if key not in _GROUPS:
-            everyone = dist.new_group(ranks)
-            singles = [dist.new_group([r]) for r in ranks]
-            if mode == "source-parallel":
-                S = world // num_sources
-                blocks = [ranks[i * S:(i + 1) * S] for i in range(num_sources)]
-                made = [dist.new_group(b) for b in blocks]
-                mine = next(i for i, b in enumerate(blocks) if me in b)
-                dp_group, dp_ranks = made[mine], blocks[mine]
-            else:
-                dp_group, dp_ranks = everyone, ranks
-            _GROUPS[key] = (everyone, singles[me], dp_group, dp_ranks)
-        self.everyone, self.mp_group, self.dp_group, self.dp_ranks = _GROUPS[key]
+        self.everyone = new_groups([ranks], singletons=True)
+        self.mp_group = new_groups([[r] for r in ranks], singletons=True)
+        if layout is not None and layout.mode == "source-parallel":
+            S = layout.group_size
+            self.dp_ranks = [layout.dp_ranks[i] for i in range(layout.my_source * S, (layout.my_source + 1) * S)]
+            self.dp_group = layout.source_group if S > 1 else self.mp_group
+        else:
+            self.dp_group, self.dp_ranks = self.everyone, ranks
         self.dp_size = len(self.dp_ranks)
 
 
@@ -245,7 +235,7 @@ def client_optimizer_from(optimizer, model, model_parameters=None) -> NexusAdamW
 # ---------------------------------------------------------------------------------------------------
 # the algorithm on DeepSpeed's master partitions
 
-class _NexusCore:
+class _NexusCore(BookViews):
     """Nexus state and logic for one DeepSpeed engine (one per rank)."""
 
     def __init__(self, layout: SourceLayout, cfg: NexusConfig, groups: NexusGroups, *, k: int, clip: float,
@@ -267,12 +257,12 @@ class _NexusCore:
         # bound to DeepSpeed's optimizer by bind()
         self.parts: list = []
         self.anchors: list = []
+        self.d_sums: list = []
+        """Per master partition: sum of the normalized directions of this outer step (fp32, exact displacement)."""
         self.index: dict = {}
         # per outer / micro step
         self.step_index = 0          # outer steps done (applied or skipped): the layout's step counter
-        self.micro = 0
-        self.gamma: Optional[float] = None
-        self.poisoned = False
+        self.book = OuterBook(self.K, micro_steps=self.k, max_consecutive_skips=cfg.max_consecutive_skips, config=cfg)
         self.in_step = False
         self.exchanged = False
         self.seen: set = set()
@@ -280,15 +270,28 @@ class _NexusCore:
         self.last_info: Optional[dict] = None
         self.last = False
         self.loaded = False
-        self.stats = NexusStats()
-        self.stats.reset_step(self.K)
+        self._legacy_delta = False
         self.clip_scale = 1.0
         self.param_gather = None
         """:class:`~.param_gather.DeferredParamGather` with ``nexus.overlap_param_gather`` (ZeRO-1/2), else None."""
         self.pre_outer_step = None
-        """Called as ``fn(self)`` in the outer step, right before the AdamW update: every master partition holds
-        its final delta, the anchors theta_t, ``clip_scale`` the pseudo-gradient's clipping factor (critical
-        sharpness, engines/deepspeed/sharpness.py); it must leave all of them as it found them."""
+        """Called as ``fn(self)`` in the outer step, right before the AdamW update: ``d_sums`` hold the final sums
+        (G = clip_scale * d_sum / k, :meth:`pseudo_grad`), the anchors theta_t, ``clip_scale`` the pseudo-gradient's
+        clipping factor (critical sharpness, engines/deepspeed/sharpness.py); it must leave all of them as it
+        found them."""
+
+    # -- the bookkeeper's state (stats, inner_steps, poisoned, gamma_t: BookViews) and aliases --------
+    @property
+    def micro(self) -> int:
+        return self.book.inner_steps
+
+    @property
+    def gamma(self) -> Optional[float]:
+        return self.book.gamma_t
+
+    def pseudo_grad(self, i: int, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """The clipped pseudo-gradient of master partition ``i`` (flat elements ``[lo, hi)``), a new tensor."""
+        return pseudo_gradient_from_sum(self.d_sums[i].view(-1)[lo:hi], self.k, scale=self.clip_scale)
 
     # -- binding ---------------------------------------------------------------------------------
     def bind(self, ds_engine, client: NexusAdamW):
@@ -326,6 +329,7 @@ class _NexusCore:
         self.parts = parts
         self.index = {id(p): i for i, (p, _) in enumerate(parts)}
         self.anchors = [p.detach().clone() for p, _ in parts]
+        self.d_sums = [torch.zeros_like(p, dtype=torch.float32) for p, _ in parts]
         for p, gi in parts:
             client.init_state(p, groups[gi])
         self.group_list = groups
@@ -373,9 +377,8 @@ class _NexusCore:
         return self.layout.source_for(self.step_index, self.micro if micro is None else micro)
 
     def begin_micro(self):
-        if self.micro == 0:
-            self.gamma = inner_gamma(self.cfg, self.current_lr(), self.num_params, self.k)
-        self.last = self.micro == self.k - 1
+        self.book.begin_micro(self.current_lr(), self.num_params, who="NexusDeepSpeedEngine.step")
+        self.last = self.book.last_micro
         self.in_step, self.exchanged, self.seen = True, False, set()
         self.group_list = list(self.client.param_groups)   # before DeepSpeed narrows it to one group per call
 
@@ -387,48 +390,35 @@ class _NexusCore:
             self._exchange(None)
         elif not self.poisoned and len(self.seen) != len(self.parts):
             raise RuntimeError(f"DeepSpeed stepped {len(self.seen)} of {len(self.parts)} master partitions")
+        book = self.book
+        book.end_micro()
         if not self.last:
-            self.micro += 1
             return None
         if self.poisoned:
             if skipped_by_ds:    # the client restored nothing: put the anchor back here
                 for (p, _), a in zip(self.parts, self.anchors):
                     p.data.copy_(a)
                 self._sync_all()
-            self.stats.skipped_steps += 1
-            self.stats.consecutive_skips += 1
-            info = {"skipped": True, "gamma": self.gamma, "inner_steps": self.k}
+            for s in self.d_sums:
+                s.zero_()
+            info = book.outer_info()
         else:
             info = self.last_info
-        self.micro, self.poisoned, self.last_info = 0, False, None
+        book.end_outer(skipped=info["skipped"])
+        self.last_info = None
         self.step_index += 1
         return info
 
     def _exchange(self, sq: Optional[torch.Tensor]):
-        """One all-reduce over all ranks of [squared norm per source..., non-finite flag]."""
-        K = self.K
+        """The layout's norm exchange, one all-reduce over all ranks (DeepSpeed's norm is already the full one
+        on every rank of a source: one designated rank per source contributes it; BF16_Optimizer's per-rank
+        partial sums are all contributed)."""
         src = self.my_source if self.sp else self.source_for()
-        vec = torch.zeros(K + 1, dtype=torch.float64, device=self.device)
-        if sq is None or not bool(torch.isfinite(sq)):
-            vec[K] = 1.0
-        elif self.designated or (self.partitioned and not self.split):
-            vec[src] = float(sq)  # partial sums (BF16_Optimizer partitions) are summed by the all-reduce
-        if dist.get_world_size() > 1:
-            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.groups.everyone)
+        red, coef = self.layout.exchange_norms(
+            sq, src, groups=(self.groups.everyone,), contribute=self.designated or (self.partitioned and not self.split),
+            nonfinite=sq is None, min_grad_norm=self.cfg.min_grad_norm, device=self.device)
         self.exchanged = True
-        vec = vec.cpu()
-        if vec[K] > 0:
-            self.poisoned = True
-        if self.poisoned:
-            return
-        present = torch.ones(K, dtype=torch.bool) if self.sp else torch.nn.functional.one_hot(
-            torch.tensor(src), K).bool()
-        norms = vec[:K].clamp_min(0).sqrt()
-        coef, active, nonfinite = source_coefficients(norms, present, self.layout.weights, self.cfg.min_grad_norm)
-        if nonfinite:
-            self.poisoned = True
-            return
-        self.stats.record_micro_step(norms, present, active)
+        self.book.record(red.norms, red.present, red.active, red.nonfinite)
         self.coef = float(coef[src])
 
     def _local_sq(self, current) -> torch.Tensor:
@@ -474,57 +464,48 @@ class _NexusCore:
         g.mul_(self.coef)                                               # this source's w_i g_i / n_i
         if self.sp and self.K > 1:
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.cross_group)  # d = sum over the sources
-        p.data.sub_(a)                                                  # delta (exact, see the docstring)
-        inner_update(p.data, g, self.gamma)                             # delta - gamma * d
+        accumulate_direction(self.d_sums[i], g)                         # S = S + d
         if not self.last:
-            p.data.add_(a)                                              # M = A + delta
-        # at the k-th micro-step M keeps delta until every partition has its final delta (_outer)
+            moved_point(a, self.d_sums[i], self.gamma, out=p.data)      # M = A - gamma S
+        # at the k-th micro-step the outer step follows (_outer) once every partition has its final S
 
     def _outer(self, current: set):
-        """The outer step, when the last partition of the k-th micro-step has its final delta."""
-        kg = self.k * self.gamma
-        sq = sum_sq([p.data for p, _ in self.parts]).to(self.device)
+        """The outer step, when the last partition of the k-th micro-step has its final sum S."""
+        sq = sum_sq(self.d_sums).to(self.device)
         if self.partitioned and self.groups.dp_size > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.dp_group)
-        gnorm = math.sqrt(float(sq)) / kg
-        scale = 1.0
-        if self.clip > 0:                      # DeepSpeed's clipping rule, applied to the pseudo-gradient
-            c = (gnorm + 1e-6) / self.clip
-            if c > 1:
-                scale = 1.0 / c
+        gnorm = math.sqrt(float(sq)) / self.k
+        scale = clip_factor(gnorm, self.clip)  # DeepSpeed's clipping rule, applied to the pseudo-gradient
         self.clip_scale = scale
         if self.pre_outer_step is not None:
             self.pre_outer_step(self)
         buf = None
-        for i, ((p, gi), a) in enumerate(zip(self.parts, self.anchors)):
+        for i, ((p, gi), a, s) in enumerate(zip(self.parts, self.anchors, self.d_sums)):
             if i in current:
                 G = p.grad
             else:
                 if buf is None:
                     buf = torch.empty(max(q.numel() for q, _ in self.parts), dtype=torch.float32, device=self.device)
                 G = buf[:p.numel()].view_as(p)
-            pseudo_gradient(p.data, self.k, self.gamma, out=G)
-            if scale != 1.0:
-                G.mul_(scale)
+            pseudo_gradient_from_sum(s, self.k, out=G, scale=scale)
             p.data.copy_(a)                    # M <- A
             p.grad = G
             self.client._adamw_step(p, self.group_list[gi])  # theta_{t+1}
             p.grad = None
             a.copy_(p.data)                    # A <- M
+            s.zero_()
             if i not in current:
                 self._lp_sync(i)               # DeepSpeed copied this partition earlier in this step()
-        self.stats.outer_steps += 1
-        self.stats.consecutive_skips = 0
-        self.last_info = {"skipped": False, "gamma": self.gamma, "inner_steps": self.k,
-                          "pseudo_grad_norm": gnorm, "clip_scale": scale}
+        self.last_info = self.book.outer_info(inner_steps=self.k, pseudo_grad_norm=gnorm, clip_scale=scale)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def step_stats(self) -> dict:
-        return self.stats.pop_step(self.layout.sources)
+        return self.book.pop_step(self.layout.sources)
 
     def state_dict(self) -> dict:
         return {
             "anchors": list(self.anchors),
+            "d_sums": list(self.d_sums),
             "part_numels": [p.numel() for p, _ in self.parts],
             "kind": self.kind,
             "step_index": self.step_index,
@@ -538,14 +519,8 @@ class _NexusCore:
         }
 
     def load_state_dict(self, sd: dict):
-        mine = self.layout.describe()
-        if sd["layout"] != mine:
-            raise NexusConfigError(
-                f"checkpoint was written with layout {sd['layout']} but this run has {mine}: resume with the same "
-                "nexus.layout, sources, weights and number of ranks")
-        if sd["k"] != self.k:
-            raise NexusConfigError(f"checkpoint was written with gradient_accumulation_steps={sd['k']} but this run "
-                                   f"has {self.k}: resume with the same value")
+        check_resume(sd["layout"], self.layout.describe(), what="nexus.layout, sources, weights and number of ranks",
+                     gradient_accumulation_steps=(sd["k"], self.k))
         numels = [p.numel() for p, _ in self.parts]
         if sd["part_numels"] != numels:
             raise NexusConfigError(
@@ -553,10 +528,12 @@ class _NexusCore:
                 f"{numels}: resume with the same ZeRO stage, number of ranks and model")
         for a, s in zip(self.anchors, sd["anchors"]):
             a.copy_(s)
-        self.step_index, self.micro = sd["step_index"], sd["micro"]
-        self.poisoned, self.gamma = sd["poisoned"], sd["gamma"]
-        for k, v in sd["stats"].items():
-            setattr(self.stats, k, v)
+        for d, s in zip(self.d_sums, sd.get("d_sums") or [None] * len(self.d_sums)):
+            d.zero_() if s is None else d.copy_(s)
+        self._legacy_delta = "d_sums" not in sd and bool(sd["micro"]) and bool(sd["gamma"])
+        self.step_index = sd["step_index"]
+        self.book.load_state({"inner_steps": sd["micro"], "poisoned": sd["poisoned"], "gamma_t": sd["gamma"],
+                              "stats": sd["stats"]})
         self.loaded = True
 
     def after_load(self, restored: bool):
@@ -564,9 +541,14 @@ class _NexusCore:
         also repairs masters restored from bf16 when load_from_fp32_weights=false); a load without optimizer
         state starts a fresh outer step from the loaded weights."""
         if not restored:
-            for (p, _), a in zip(self.parts, self.anchors):
+            for (p, _), a, s in zip(self.parts, self.anchors, self.d_sums):
                 a.copy_(p.data)
-            self.micro, self.poisoned = 0, False
+                s.zero_()
+            self.book.inner_steps, self.book.poisoned = 0, False
+        elif self._legacy_delta:   # a mid-step checkpoint written before d_sums: S = (M - A) / -gamma
+            for (p, _), a, s in zip(self.parts, self.anchors, self.d_sums):
+                torch.sub(p.data, a, out=s).div_(-self.gamma)
+            self._legacy_delta = False
         elif self.micro == 0:
             for (p, _), a in zip(self.parts, self.anchors):
                 p.data.copy_(a)
@@ -580,6 +562,7 @@ class _NexusCore:
             "dp_size": self.groups.dp_size,
             "master_numel": sum(p.numel() for p, _ in self.parts),
             "anchor_numel": sum(a.numel() for a in self.anchors),
+            "d_sum_numel": sum(s.numel() for s in self.d_sums),
             "exp_avg_numel": sum(st[p]["exp_avg"].numel() for p, _ in self.parts if "exp_avg" in st[p]),
             "exp_avg_sq_numel": sum(st[p]["exp_avg_sq"].numel() for p, _ in self.parts if "exp_avg_sq" in st[p]),
             "num_params": self.num_params,
@@ -751,12 +734,7 @@ class NexusDeepSpeedEngine:
         if not info["skipped"] and self._sched is not None:
             self._sched.outer_step()
         self.last_outer_info = info
-        limit = core.cfg.max_consecutive_skips
-        if info["skipped"] and limit and core.stats.consecutive_skips >= limit:
-            raise NexusNonFiniteError(
-                f"{core.stats.consecutive_skips} outer steps in a row had NaN/Inf gradients "
-                f"(nexus.max_consecutive_skips={limit}); the last good parameters are intact. Lower the learning "
-                "rate, check the data, or resume from the last checkpoint")
+        core.book.check_abort()
         return info
 
     def sync_model_params(self):
@@ -891,7 +869,7 @@ def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
     deepspeed = prepare_deepspeed_runtime()
     if layout is None:
         layout = build_layout(prepared.layout)
-    groups = NexusGroups(layout.mode, layout.num_sources)
+    groups = NexusGroups(layout)
     _broadcast_model(model)
     num_params = _num_params(model)
     ds_engine, _, _, sched = deepspeed.initialize(model=model, optimizer=client, lr_scheduler=lr_scheduler,
@@ -1047,7 +1025,7 @@ class DeepSpeedAdamWEngine(Engine):
         deepspeed = prepare_deepspeed_runtime()
         o = cfg.optim
         opt = torch.optim.AdamW(_outer_param_groups(cfg, model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        groups = NexusGroups("sequential", 1)
+        groups = NexusGroups()
         _broadcast_model(model)
         self.ds, self.opt, _, _ = deepspeed.initialize(
             model=model, optimizer=opt, config=copy.deepcopy(prepared.ds), mpu=NexusMPU(groups),

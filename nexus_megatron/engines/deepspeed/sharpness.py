@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from ...errors import NexusConfigError
-from ...nexus import pseudo_gradient
 from ...sharpness import SharpnessSeam, _adam_hyper
 from .runtime import init_adamw_state
 
@@ -259,14 +258,11 @@ def _hyper(group: dict) -> tuple:
 @torch.no_grad()
 def nexus_direction(core):
     """At the Nexus core's seam: u of the outer AdamW with the clipped pseudo-gradient, theta_t = anchor."""
-    client, k, gamma, scale = core.client, core.k, core.gamma, core.clip_scale
+    client = core.client
     us = []
-    for (p, gi), a in zip(core.parts, core.anchors):
-        delta = p.data.view(-1)
-
-        def grad_of(s, e, delta=delta):
-            G = pseudo_gradient(delta[s:e], k, gamma)
-            return G.mul_(scale) if scale != 1.0 else G
+    for i, ((p, gi), a) in enumerate(zip(core.parts, core.anchors)):
+        def grad_of(s, e, i=i):
+            return core.pseudo_grad(i, s, e)
         u = torch.empty_like(a)
         adamw_update_into(u.view(-1), grad_of, a.view(-1), client.state.get(p, {}), core.group_list[gi],
                           decoupled=_adam_hyper(client, core.group_list[gi])[4])

@@ -31,10 +31,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ...errors import NexusConfigError
-from ...layout import LayoutConfig, SourceLayout, build_layout
-
-_CACHE: dict = {}
-
+from ...layout import LayoutConfig, SourceLayout, build_layout, new_groups
 
 @dataclass
 class NexusGroups:
@@ -81,14 +78,9 @@ def build_nexus_groups(layout_cfg: LayoutConfig) -> NexusGroups:
         raise NexusConfigError("build_nexus_groups() needs megatron.core.parallel_state.initialize_model_parallel() first")
     dp = ps.get_data_parallel_group(with_context_parallel=True)
     mp = ps.get_model_parallel_group()
-    key = (layout_cfg, tuple(dist.get_process_group_ranks(dp)))
-    if key in _CACHE:
-        return _CACHE[key]
     layout = build_layout(layout_cfg, dp_group=dp, norm_group=mp)
     if layout.mode == "sequential":
-        groups = NexusGroups(layout, None, dp, None, dist.get_world_size(dp), 1)
-        _CACHE[key] = groups
-        return groups
+        return NexusGroups(layout, None, dp, None, dist.get_world_size(dp), 1)
 
     if ps.get_context_parallel_world_size() > 1:
         raise NexusConfigError("nexus.layout=source-parallel with --context-parallel-size > 1 is not supported "
@@ -98,21 +90,16 @@ def build_nexus_groups(layout_cfg: LayoutConfig) -> NexusGroups:
                                "yet: use nexus.layout=sequential")
     K, S = layout.num_sources, layout.group_size
     positions = _gather_dp_positions(dp)
-    me = dist.get_rank()
     # Source blocks and cross groups (the layout built those with more than one member).
     block = layout.source_group
     if block is None:                                   # S == 1: a group of one rank for DDP / the optimizer
-        block = dist.new_group([me], use_local_synchronization=True)
+        block = new_groups([[r] for r in range(dist.get_world_size())], singletons=True)
     cross = layout.cross_group                          # None when K == 1
     # Instances: source block i of every data-parallel group = all ranks (TP x PP x block) that share one
     # shard layout; the grad-norm group of the distributed optimizer.
     dp_index = {r: ranks.index(r) for r, ranks in positions}
-    instance = None
-    for i in range(K):
-        members = sorted(r for r, j in dp_index.items() if j // S == i)
-        g = dist.new_group(members)
-        if me in members:
-            instance = g
+    instance = new_groups([sorted(r for r, j in dp_index.items() if j // S == i) for i in range(K)],
+                          singletons=True)
     from megatron.core.process_groups_config import ProcessGroupCollection
     pgc = ProcessGroupCollection()
     pgc.tp = ps.get_tensor_model_parallel_group()
@@ -131,9 +118,7 @@ def build_nexus_groups(layout_cfg: LayoutConfig) -> NexusGroups:
     pgc.intra_dist_opt = instance
     if cross is not None:
         pgc.inter_dist_opt = cross
-    groups = NexusGroups(layout, pgc, block, cross, S, K)
-    _CACHE[key] = groups
-    return groups
+    return NexusGroups(layout, pgc, block, cross, S, K)
 
 
 def nexus_finalize_model_grads(groups: NexusGroups):

@@ -22,9 +22,10 @@ One micro-step (``inner_step``), after a forward/backward pass and Megatron's gr
     n_i  = inner.get_grad_norm()                # Megatron's filters: TP duplicates and shared
                                                 # embeddings counted once, reduced over the grad-stats
                                                 # group (= the ranks holding source i's gradient)
-    coef = source_coefficients([n_1..n_K], ...) # w_i / n_i, weights renormalized, drop n_i < min
+    coef = layout.exchange_norms(n_i^2, ...)    # w_i / n_i, weights renormalized, drop n_i < min
     d    = sum_i coef_i g_i                     # source-parallel: scaled shard all-reduced across blocks
-    main <- main - gamma * d                    # = anchor + delta
+    S    <- S + d                               # functional.accumulate_direction (exact displacement)
+    main <- anchor - gamma * S                  # = anchor + delta (functional.moved_point)
     main -> model params (+ param all-gather)   # what the next forward pass sees (not after the last
                                                 # micro-step: step() publishes, so k gathers per outer step)
     zero DDP grad buffers
@@ -39,8 +40,8 @@ probes, :func:`~.checkpoint.save_checkpoint`; elsewhere call :func:`sync_model_p
 
 The outer step (``step``), after ``k`` micro-steps::
 
-    main.grad <- G = -(main - anchor) / (k * gamma)     # the pseudo-gradient
-    main      <- anchor                                 # restore theta_t
+    main.grad <- G = S / k                              # the pseudo-gradient, exact for every gamma_t >= 0
+    main      <- anchor ; S <- 0                        # restore theta_t
     clip G (OptimizerConfig.clip_grad, Megatron's clip)
     pre_outer_step(self)                                # optional seam (critical sharpness), see below
     Adam step on G ; main -> model (+ all-gather)
@@ -53,15 +54,11 @@ on every rank (main -> model + param all-gather), so model and main params agree
 It must leave all of that as it found it. :func:`step_with_pre_update` gives a plain Megatron (AdamW)
 optimizer the same seam.
 
-Memory: the anchor is one fp32 buffer shaped like this rank's main params: with the distributed
-optimizer that is one extra fp32 *shard* (4/d bytes per parameter), without it one fp32 copy (4 bytes per
-parameter). The displacement is not stored: ``delta = main - anchor``. For the elements where
-``|delta| <= |anchor|`` (``main`` and ``anchor`` within a factor 2 of each other, the normal case),
-that subtraction is exact (Sterbenz), so G is exactly the displacement the model saw; the only rounding
-is the one of ``main - gamma * d`` itself (one fp32 rounding of the parameter per micro-step, the same as
-any optimizer step). ``exact_displacement=True`` keeps delta in a second fp32 buffer (another 4/d bytes
-per parameter) and recomputes ``main = anchor + delta``, which reproduces the plain-PyTorch adapter
-(:class:`nexus_megatron.nexus.Nexus`) operation for operation.
+Memory: the anchor and ``S`` (the sum of the normalized directions, the exact displacement of
+functional.py) are fp32 buffers shaped like this rank's main params: with the distributed optimizer two
+extra fp32 *shards* (8/d bytes per parameter), without it two fp32 copies (8 bytes per parameter). G is
+``S / k``, never ``(main - anchor) / (k gamma)`` (which loses up to ulp(theta)/2 per element and micro-step
+times ``1 / (k gamma)``, §1.5), and at ``gamma_t = 0`` (lr 0 in a warmup) the same formula is the limit.
 
 NaN/Inf: a non-finite gradient norm in any micro-step (or ``found_inf`` from Megatron's grad scaler)
 poisons the outer step; ``step()`` then restores the anchor and returns ``(False, None, None)``, the
@@ -78,8 +75,10 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ...errors import NexusConfigError, NexusNonFiniteError
-from ...nexus import NexusConfig, NexusStats, inner_gamma, source_coefficients
+from ...errors import NexusConfigError
+from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum
+from ...nexus import NexusConfig
+from ...outer import BookViews, OuterBook, check_resume
 from .groups import NexusGroups
 from .version import check_megatron_core_version
 
@@ -230,7 +229,7 @@ def step_with_pre_update(optimizer: MegatronOptimizer, fn=None):
         del optimizer.step_with_ready_grads
 
 
-class NexusMegatronOptimizer(MegatronOptimizer):
+class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
     """Nexus around a Megatron optimizer (the outer optimizer, usually Adam from ``get_megatron_optimizer``).
 
     Args:
@@ -240,7 +239,8 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         groups: the layout and its process groups (:func:`~.groups.build_nexus_groups`).
         nexus_config: inner step size and degenerate-case thresholds.
         micro_steps: k, the number of inner steps (forward/backward passes) per outer step.
-        exact_displacement: keep delta in its own fp32 buffer (see the module docstring).
+        exact_displacement: accepted for compatibility and ignored: the displacement is always kept exactly
+            (the module docstring).
 
     Usage (one outer step; :func:`~.schedule.nexus_forward_backward` does the loop for Megatron's
     schedules)::
@@ -266,7 +266,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self.layout = groups.layout
         self.nexus_config = nexus_config
         self.micro_steps = micro_steps
-        self.exact_displacement = exact_displacement
+        self.exact_displacement = True   # always (the argument is accepted for compatibility)
         self.children = _children(inner)
         self.is_stub_optimizer = all(getattr(c, "is_stub_optimizer", False) for c in self.children)
         self._validate()
@@ -277,16 +277,12 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             for child in self.children:
                 if isinstance(child, DistributedOptimizer):
                     child.distributed_optimizer_instance_id = self.layout.my_source
+        self.book = OuterBook(self.layout.num_sources, micro_steps=micro_steps,
+                              max_consecutive_skips=nexus_config.max_consecutive_skips, config=nexus_config)
         self._build_buffers()
         self.num_norm_params = self._count_norm_params()
-        self.inner_steps = 0
-        self.poisoned = False
-        self.gamma_t: Optional[float] = None
         self.iteration = 0
-        self.stats = NexusStats()
-        self.stats.reset_step(self.layout.num_sources)
         self.last_norms: Optional[torch.Tensor] = None
-        self._acc: Optional[torch.Tensor] = None   # only while lr == 0 in gamma_mode='update'
         self.pre_outer_step = None
         """``fn(self)`` right before the outer Adam update (see the module docstring), e.g. the
         critical-sharpness hook (:mod:`.sharpness`)."""
@@ -349,8 +345,9 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         self._device = device   # small collectives (norms, counts) live here: NCCL needs device tensors
         self.anchor = torch.empty(self.numel, dtype=torch.float32, device=device)
         self._anchor_views = self._views(self.anchor)
-        self.delta = torch.zeros(self.numel, dtype=torch.float32, device=device) if self.exact_displacement else None
-        self._delta_views = self._views(self.delta) if self.delta is not None else None
+        self.d_sum = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        """sum_m d_m of this outer step on this rank's main params (the exact displacement)."""
+        self._dsum_views = self._views(self.d_sum)
         self._load_anchor_from_main()
 
     def _views(self, flat):
@@ -385,15 +382,13 @@ class NexusMegatronOptimizer(MegatronOptimizer):
     def _load_anchor_from_main(self):
         if self._mains:
             torch._foreach_copy_(self._anchor_views, [p.detach() for p in self._mains])
-        if self.delta is not None:
-            self.delta.zero_()
+        self.d_sum.zero_()
 
     @torch.no_grad()
     def _restore_anchor(self):
         if self._mains:
             torch._foreach_copy_([p.data for p in self._mains], self._anchor_views)
-        if self.delta is not None:
-            self.delta.zero_()
+        self.d_sum.zero_()
 
     def _publish(self, defer_gather: bool = True):
         """Main params -> model params, and the param all-gather of the distributed optimizer (what
@@ -433,13 +428,12 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         """One micro-step, after a forward/backward pass whose gradients Megatron has reduced
         (``finalize_model_grads``). Moves the main and model params to ``anchor + delta`` and zeroes the
         DDP grad buffers. Collective over the whole job. Returns the per-source norms (fp64 [K])."""
+        book = self.book
         k = self.micro_steps
-        if self.inner_steps >= k:
-            raise RuntimeError(f"NexusMegatronOptimizer.inner_step() called {self.inner_steps + 1} times in one outer "
-                               f"step but micro_steps={k}: call step() after every {k} inner steps")
-        m = self.inner_steps
-        if self.poisoned:   # the outer step is lost already (the same on every rank): no collectives
-            self.inner_steps += 1
+        gamma = book.begin_micro(self.current_lr(), self.num_norm_params, who="NexusMegatronOptimizer.inner_step")
+        m = book.inner_steps
+        if book.poisoned:   # the outer step is lost already (the same on every rank): no collectives
+            book.end_micro()
             self.inner.zero_grad(set_to_none=True)
             self._zero_grad_buffers()
             return self.last_norms
@@ -448,37 +442,21 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         src = self.source_for(m) if source is None else int(source)
         if sp and src != layout.my_source:
             raise RuntimeError(f"source-parallel: this rank reads source {layout.my_source}, not {src}")
-        if m == 0:
-            self.gamma_t = inner_gamma(self.nexus_config, self.current_lr(), self.num_norm_params, k)
         found_inf = bool(self.inner.prepare_grads())
         norm = float(self.inner.get_grad_norm())
-        K = layout.num_sources
-        norms = torch.zeros(K, dtype=torch.float64)
-        norms[src] = norm
-        if sp:
-            present = torch.ones(K, dtype=torch.bool)
-            flags = torch.tensor([1.0 if found_inf else 0.0], dtype=torch.float64)
-            vec = torch.cat([norms, flags]).to(self._device)
-            if self.groups.cross_group is not None:
-                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.groups.cross_group)
-            vec = vec.cpu()
-            norms, found_inf = vec[:K], bool(vec[K] > 0) or not math.isfinite(float(vec[K]))
-        else:
-            present = torch.zeros(K, dtype=torch.bool)
-            present[src] = True
-        coef, active, nonfinite = source_coefficients(norms, present, layout.weights, self.nexus_config.min_grad_norm)
+        # each rank of the cross group holds its source's full norm (Megatron reduced it over the grad-stats group)
+        red, coef = layout.exchange_norms(norm * norm if math.isfinite(norm) else float("nan"), src,
+                                          groups=(self.groups.cross_group,) if sp else (), nonfinite=found_inf,
+                                          min_grad_norm=self.nexus_config.min_grad_norm, device=self._device)
+        norms = red.norms
         self.last_norms = norms
-        self.inner_steps += 1
-        if nonfinite or found_inf:
-            self.poisoned = True
-        if not self.poisoned:
-            self.stats.record_micro_step(norms, present, active)
-            if bool(active.any()):
-                self._move(float(coef[src]), sp)
-                if self.gamma_t and m < k - 1:
-                    # After the last inner step no pass runs before step(), which reads the main params and
-                    # publishes theta_{t+1} (or theta_t for the pre_outer_step seam): no copy, no all-gather.
-                    self._publish()
+        book.end_micro()
+        if book.record(red.norms, red.present, red.active, red.nonfinite):
+            self._move(float(coef[src]), sp)
+            if gamma and m < k - 1:
+                # After the last inner step no pass runs before step(), which reads the main params and
+                # publishes theta_{t+1} (or theta_t for the pre_outer_step seam): no copy, no all-gather.
+                self._publish()
         # The gradient is consumed: clear main_param.grad / param.grad (FP32Optimizer points param.grad at
         # the DDP buffer; autograd would accumulate into it on the next backward) and the DDP buffers.
         self.inner.zero_grad(set_to_none=True)
@@ -493,31 +471,19 @@ class NexusMegatronOptimizer(MegatronOptimizer):
                 dist.all_reduce(torch.zeros(0, device=self._device), group=self.groups.cross_group)
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mains]
-        gamma = self.gamma_t
         if sp and self.groups.cross_group is not None:
             flat = _flatten_dense_tensors(grads)
             flat.mul_(c)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.groups.cross_group)
-            d = _unflatten_dense_tensors(flat, grads)
-            alpha = -gamma
+            d, c = _unflatten_dense_tensors(flat, grads), 1.0
         else:
             d = grads
-            alpha = -gamma * c
-        if gamma == 0.0:
-            # lr = 0 (e.g. the first iteration of a warmup from 0) in gamma_mode='update': the inner steps
-            # do not move and G is the gamma -> 0 limit of -delta / (k gamma), the mean of the d_m. It is
-            # accumulated in a transient buffer that lives until the outer step.
-            if self._acc is None:
-                self._acc = torch.zeros(self.numel, dtype=torch.float32, device=mains[0].device)
-            scaled = sp and self.groups.cross_group is not None      # flat already holds coef * g
-            torch._foreach_add_(self._views(self._acc), list(d), alpha=1.0 if scaled else c)
-            return
-        if self.delta is not None:
-            torch._foreach_add_(self._delta_views, list(d), alpha=alpha)
-            torch._foreach_copy_([p.data for p in mains], self._anchor_views)
-            torch._foreach_add_([p.data for p in mains], self._delta_views)
-        else:
-            torch._foreach_add_([p.data for p in mains], list(d), alpha=alpha)
+        gamma = self.gamma_t
+        for s, g in zip(self._dsum_views, d):
+            accumulate_direction(s, g, c)                       # S <- S + d
+        if gamma:   # gamma_t = 0 (lr 0): the inner steps do not move; G = S / k is the limit
+            for p, a, s in zip(mains, self._anchor_views, self._dsum_views):
+                moved_point(a, s, gamma, out=p.data)           # main <- anchor - gamma S
 
     # -- MegatronOptimizer interface --------------------------------------------------------------
     @torch.no_grad()
@@ -525,31 +491,15 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         """Outer step, first half: main.grad <- G, main <- anchor. Returns True if the step is poisoned
         (NaN/Inf in a micro-step); then the params are already back at the anchor."""
         k = self.micro_steps
-        if self.inner_steps != k:
-            raise RuntimeError(f"NexusMegatronOptimizer.step() after {self.inner_steps} inner steps but "
-                               f"micro_steps={k}: call inner_step() after each forward/backward pass "
-                               "(nexus_forward_backward does it)")
+        self.book.check_complete("NexusMegatronOptimizer.step")
         if self.poisoned:
-            self._acc = None
             self._restore_anchor()
             self._publish()
             return True
-        acc_views = self._views(self._acc) if self._acc is not None else None
-        scale = -1.0 / (k * self.gamma_t) if self.gamma_t else 1.0 / k
         for i, p in enumerate(self._mains):
             if p.grad is None or p.grad.dtype != torch.float32 or p.grad.shape != p.shape:
                 p.grad = torch.empty_like(p)
-            if not self.gamma_t:
-                if acc_views is None:
-                    p.grad.zero_()
-                else:
-                    torch.mul(acc_views[i], scale, out=p.grad)
-            elif self.delta is not None:
-                torch.mul(self._delta_views[i], scale, out=p.grad)
-            else:
-                torch.sub(p.data, self._anchor_views[i], out=p.grad)
-                p.grad.mul_(scale)
-        self._acc = None
+            pseudo_gradient_from_sum(self._dsum_views[i], k, out=p.grad)
         self._restore_anchor()
         return False
 
@@ -591,25 +541,13 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         return ok, grad_norm, num_zeros
 
     def _end_step(self, skipped: bool):
-        self.inner_steps = 0
-        self.poisoned = False
+        self.book.end_outer(skipped)
         self.iteration += 1
-        if skipped:
-            self.stats.skipped_steps += 1
-            self.stats.consecutive_skips += 1
-            limit = self.nexus_config.max_consecutive_skips
-            if limit and self.stats.consecutive_skips >= limit:
-                raise NexusNonFiniteError(
-                    f"{self.stats.consecutive_skips} outer steps in a row had NaN/Inf gradients "
-                    f"(nexus max_consecutive_skips={limit}); the last good parameters are intact. Lower the "
-                    "learning rate, check the data, or resume from the last checkpoint")
-        else:
-            self.stats.consecutive_skips = 0
-            self.stats.outer_steps += 1
+        self.book.check_abort()
 
     def step_stats(self) -> dict:
         """Per-source mean inner gradient norm of the last outer step, gamma, counters (then reset)."""
-        out = self.stats.pop_step(self.layout.sources)
+        out = self.book.pop_step(self.layout.sources)
         out["nexus/skipped_steps"] = self.stats.skipped_steps
         out["nexus/skipped_sources"] = self.stats.skipped_sources
         if self.gamma_t is not None:
@@ -691,15 +629,10 @@ class NexusMegatronOptimizer(MegatronOptimizer):
                 "config": asdict(self.nexus_config)}
 
     def load_nexus_state_dict(self, sd: dict) -> None:
-        mine = self.layout.describe()
-        if sd.get("layout") != mine:
-            raise NexusConfigError(
-                f"checkpoint was written with Nexus layout {sd.get('layout')} but this run has {mine}: resume with "
-                "the same --nexus-layout, sources, weights and data-parallel size")
+        check_resume(sd.get("layout"), self.layout.describe(),
+                     what="--nexus-layout, sources, weights and data-parallel size")
         self.iteration = int(sd["iteration"])
-        self.gamma_t = sd.get("gamma_t")
-        for k, v in sd.get("stats", {}).items():
-            setattr(self.stats, k, v)
+        self.book.load_state({"gamma_t": sd.get("gamma_t"), "stats": sd.get("stats", {})})
 
     def state_dict(self):
         self._check_between_steps("state_dict")
@@ -716,8 +649,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
             inner = state_dict
         self.inner.load_state_dict(inner)
         self._sync_adam_steps()
-        self.inner_steps = 0
-        self.poisoned = False
+        self.book.inner_steps, self.book.poisoned = 0, False
         self._load_anchor_from_main()
 
     def _sync_adam_steps(self):
