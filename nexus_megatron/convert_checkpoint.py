@@ -94,8 +94,7 @@ def convert_one(ckpt: str) -> str:
     """Convert one checkpoint directory in place; returns a one-line description."""
     kind = checkpoint_kind(ckpt)
     if kind == "plain":
-        if checkpoint_format(ckpt) >= FORMAT:
-            safe_torch_load(os.path.join(ckpt, "state.pt"))   # a format-2 checkpoint that still holds objects
+        if checkpoint_format(ckpt) >= FORMAT and not convert_file(os.path.join(ckpt, "state.pt")):
             return f"{ckpt}: plain, already format {FORMAT}"
         changed = convert_file(os.path.join(ckpt, "state.pt"))
         meta_path = os.path.join(ckpt, "meta.json")

@@ -54,16 +54,18 @@ def _unpickling_reason(e: BaseException) -> str:
     return first[:200]
 
 
-def safe_torch_load(path, map_location="cpu", extra_globals: Iterable = ()):
+def safe_torch_load(path, map_location="cpu", extra_globals: Iterable = (), ckpt_dir=None):
     """``torch.load(path, weights_only=True)`` (with ``extra_globals`` allowed for this call only). A file
-    holding anything else raises :class:`UnsafeCheckpointError` naming it; nothing in it is executed."""
+    holding anything else raises :class:`UnsafeCheckpointError` naming it (and the convert command for
+    ``ckpt_dir``, default the file's directory); nothing in it is executed."""
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"checkpoint file {path} holds Python objects that a safe load refuses ({_unpickling_reason(e)}); it "
-            f"was written before checkpoint format {FORMAT} or by something else: {convert_hint(path)}") from e
+            f"was written before checkpoint format {FORMAT} or by something else: "
+            f"{convert_hint(ckpt_dir or os.path.dirname(str(path)))}") from e
 
 
 def read_marker(ckpt_dir: str) -> int:

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import pickle
+import re
 
 from ...errors import CheckpointError
 from ...safe_load import UnsafeCheckpointError, convert_hint, read_marker, require_format, safe_torch_load
@@ -52,6 +53,9 @@ class MetadataUnpickler(pickle.Unpickler):
             return getattr(builtins, name)
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
+        if module == "torch.serialization" and name == "_get_layout":   # torch.layout by name (a lookup)
+            from torch import serialization
+            return serialization._get_layout
         if module == "torch" and name == "Size":
             return torch.Size
         if module == "torch":
@@ -131,7 +135,9 @@ def safe_dist_checkpointing(path: str):
         yield
     except _Refused:
         raise
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:   # DCP's CheckpointException is a BaseException
         cause = e
         while cause is not None:
             if isinstance(cause, _Refused):
@@ -139,9 +145,10 @@ def safe_dist_checkpointing(path: str):
             cause = cause.__cause__ or cause.__context__
         if refused:
             raise refused[0] from e
-        if "_Refused" in str(e) or "UnsafeCheckpointError" in str(e):
-            raise UnsafeCheckpointError(f"checkpoint {path} holds Python objects that a safe load refuses: "
-                                        f"{convert_hint(path)}") from e
+        # DCP gathers every rank's failure into one CheckpointException (tracebacks as text): our line in it
+        m = re.search(r"checkpoint (file )?\S+ .*?a safe load refuses.*?\(docs/reliability\.md, Security\)", str(e))
+        if m:
+            raise UnsafeCheckpointError(m.group(0)) from e
         raise
     finally:
         dcp_fs.pickle = saved_pickle
