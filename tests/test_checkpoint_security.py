@@ -166,7 +166,8 @@ def _ds_worker(rank, world, data, tmp):
     from nexus_megatron.convert_checkpoint import convert_checkpoints
     from nexus_megatron.safe_load import MARKER_FILE
     from nexus_megatron.train import train
-    ds = {"train.engine": "deepspeed", "train.eval_every": 0}
+    ds = {"train.engine": "deepspeed", "train.eval_every": 0,   # constant lr: a 2-step run stops mid-schedule
+          "optim.schedule": "constant", "optim.warmup_steps": 0}
     train(config_with(TINY, data, f"{tmp}/full", **ds))
     train(config_with(TINY, data, f"{tmp}/b", **ds, **{"train.steps": 2, "train.checkpoint_every": 2}))
     dist.barrier()
