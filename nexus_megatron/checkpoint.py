@@ -3,8 +3,8 @@ it and the directory itself are fsynced, it is renamed into place (and the paren
 the ``latest`` pointer is replaced atomically afterwards. A crash at any point leaves the previous
 checkpoint loadable, and a published checkpoint survives a power loss. Loading runs no code: ``state.pt``
 holds tensors and plain data only and is read with ``torch.load(weights_only=True)``
-(:mod:`nexus_megatron.safe_load`); a checkpoint written before format 2 is refused until converted. The plain engine's checkpoints
-(:func:`save_checkpoint`), DeepSpeed's (``engines/deepspeed/adapter.py``) and Megatron's
+(:mod:`nexus_megatron.safe_load`); a checkpoint written before format 2 is refused until converted. The
+plain engine's checkpoints (:func:`save_checkpoint`), DeepSpeed's (``engines/deepspeed/adapter.py``) and Megatron's
 (``engines/megatron/checkpoint.py``) all go through :func:`publish_dir` and :func:`atomic_write_text`."""
 from __future__ import annotations
 

@@ -214,8 +214,9 @@ def test_deepspeed_resume_refuses_payload_and_old_format_then_converts(tmp_path)
     ck = tmp_path / "c" / "checkpoints" / "step_00000002"
     for r in res:
         assert "\n" not in r["c"] and "\n" not in r["d"]
-        assert r["c"].startswith(f"checkpoint file {ck}/zero_pp_rank_") and "optim_states.pt holds Python objects that " \
-            "a safe load refuses (Unsupported global: GLOBAL io.open)" in r["c"], r["c"]
+        assert r["c"].startswith(f"checkpoint file {ck}/zero_pp_rank_"), r["c"]
+        assert "optim_states.pt holds Python objects that a safe load refuses (Unsupported global: GLOBAL io.open)" \
+            in r["c"], r["c"]
         assert r["c"].endswith(f"`nexus-megatron convert-checkpoint {ck}` (docs/reliability.md, Security)")
         d = tmp_path / "d" / "checkpoints" / "step_00000002"
         assert r["d"] == (f"checkpoint {d} was written before checkpoint format 2 (its files hold pickled Python "
@@ -223,7 +224,8 @@ def test_deepspeed_resume_refuses_payload_and_old_format_then_converts(tmp_path)
                           f"with `nexus-megatron convert-checkpoint {d}` (docs/reliability.md, Security)")
         assert r["pwned"] is False
     assert not (tmp_path / "pwned").exists()
-    assert res[0]["convert"] == [f"{tmp_path}/d/checkpoints/step_00000002: deepspeed, 1 of 3 files rewritten, format 2"]
+    assert res[0]["convert"] == [f"{tmp_path}/d/checkpoints/step_00000002: deepspeed, 1 of 3 files rewritten, "
+                                 "format 2"]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "d")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
