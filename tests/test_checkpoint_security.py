@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from nexus_megatron.checkpoint import latest_checkpoint, load_checkpoint
-from nexus_megatron.errors import CheckpointError
 from nexus_megatron.safe_load import UnsafeCheckpointError
 from tests.conftest import config_with, read_metrics
 
