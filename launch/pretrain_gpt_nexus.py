@@ -462,7 +462,12 @@ def main(argv=None) -> dict:
 
     start = 0
     if args.load:
-        info = load_checkpoint(args.load, model, opt, sched)
+        from nexus_megatron.errors import CheckpointError
+        try:   # an old-format or unsafe checkpoint: one line (naming the file and the convert command), exit 2
+            info = load_checkpoint(args.load, model, opt, sched)
+        except CheckpointError as e:
+            log0(f"pretrain_gpt_nexus.py: error: {e}")
+            sys.exit(2)
         if info is not None:
             start = info["iteration"]
             data.load_state_dict(info["client_state"]["data"])

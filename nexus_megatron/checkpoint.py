@@ -1,8 +1,10 @@
 """Atomic, durable checkpoints. A checkpoint directory is written under a temporary name, every file in
 it and the directory itself are fsynced, it is renamed into place (and the parent directory fsynced), and
 the ``latest`` pointer is replaced atomically afterwards. A crash at any point leaves the previous
-checkpoint loadable, and a published checkpoint survives a power loss. The plain engine's checkpoints
-(:func:`save_checkpoint`), DeepSpeed's (``engines/deepspeed/adapter.py``) and Megatron's
+checkpoint loadable, and a published checkpoint survives a power loss. Loading runs no code: ``state.pt``
+holds tensors and plain data only and is read with ``torch.load(weights_only=True)``
+(:mod:`nexus_megatron.safe_load`); a checkpoint written before format 2 is refused until converted. The
+plain engine's checkpoints (:func:`save_checkpoint`), DeepSpeed's (``engines/deepspeed/adapter.py``) and Megatron's
 (``engines/megatron/checkpoint.py``) all go through :func:`publish_dir` and :func:`atomic_write_text`."""
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from .errors import CheckpointError
 from .faults import fault_point
+from .safe_load import FORMAT, UnsafeCheckpointError, require_format, safe_torch_load
 
 
 def fsync_path(path: str) -> None:
@@ -63,7 +66,8 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2) -> str:
-    """Write ``state`` (a dict of tensors and plain data) as checkpoint ``step``; keep the newest ``keep``."""
+    """Write ``state`` (a dict of tensors and plain data: it must load with ``weights_only=True``) as
+    checkpoint ``step``; keep the newest ``keep``."""
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_root, name)
@@ -74,7 +78,7 @@ def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2) -> st
         torch.save(state, f)
     fault_point("checkpoint", step)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"step": step}, f)
+        json.dump({"step": step, "format": FORMAT}, f)
     publish_dir(tmp, final)
     atomic_write_text(os.path.join(ckpt_root, "latest"), name)
     done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
@@ -96,10 +100,28 @@ def latest_checkpoint(ckpt_root: str) -> Optional[str]:
     return path
 
 
-def load_checkpoint(path: str) -> dict:
+def checkpoint_format(path: str) -> int:
+    """The format number in ``path/meta.json`` (1: written before formats were numbered)."""
     try:
-        with open(os.path.join(path, "state.pt"), "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
+        with open(os.path.join(path, "meta.json")) as f:
+            return int(json.load(f).get("format", 1))
+    except FileNotFoundError:
+        return 1
+    except (ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"{path}/meta.json cannot be read ({type(e).__name__}: {e}); delete the checkpoint "
+                              "and point 'latest' at an earlier step_* directory, or start a new run_dir") from e
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read checkpoint directory ``path`` without running code: a checkpoint older than format 2, or one
+    whose ``state.pt`` holds anything but tensors and plain data, raises UnsafeCheckpointError (one line,
+    naming the file and ``nexus-megatron convert-checkpoint``)."""
+    state_file = os.path.join(path, "state.pt")
+    require_format(path, checkpoint_format(path), state_file)
+    try:
+        return safe_torch_load(state_file, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # a truncated or corrupted file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and point "
                            "'latest' at an earlier step_* directory, or start a new run_dir") from e

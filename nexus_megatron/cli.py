@@ -1,4 +1,5 @@
-"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan, experiment."""
+"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan, experiment,
+convert-checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +79,12 @@ def cmd_experiment(args) -> int:
     return experiment(args)
 
 
+def cmd_convert_checkpoint(args) -> int:
+    from .convert_checkpoint import run_convert
+
+    return run_convert(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-megatron", description=__doc__)
     # the deepspeed launcher passes --local_rank (torchrun uses LOCAL_RANK in the environment)
@@ -136,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .study.runner import add_experiment_arguments
     add_experiment_arguments(e)
     e.set_defaults(fn=cmd_experiment)
+
+    cc = sub.add_parser("convert-checkpoint", help="one-time: rewrite checkpoints written before checkpoint format 2 "
+                                                   "(pickled objects) as tensors and plain data, so that they "
+                                                   "resume; only for checkpoints you trust")
+    from .convert_checkpoint import add_convert_arguments
+    add_convert_arguments(cc)
+    cc.set_defaults(fn=cmd_convert_checkpoint)
     return p
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,6 +20,7 @@ from .errors import DataError, NexusConfigError
 from .faults import fault_point, inject_loss
 from .layout import LayoutConfig, build_layout
 from .models import build_model, count_params, lm_loss
+from .safe_load import rng_to_plain, set_rng_from_plain
 from .sharpness import build_sharpness_hook
 
 
@@ -280,9 +279,7 @@ def train(cfg: RunConfig) -> dict:
         start_step, tokens, consumed = client["step"], client["tokens"], list(client["consumed"])
         if sharp is not None and "sharpness" in client:
             sharp.load_state_dict(client["sharpness"])
-        torch.set_rng_state(client["rng"]["torch"])
-        np.random.set_state(client["rng"]["numpy"])
-        random.setstate(client["rng"]["python"])
+        set_rng_from_plain(client["rng"])
     logger = Logger(cfg, run_dir, rank, start_step)
 
     B, L, k = d.micro_batch_size, d.seq_len, tr.micro_steps
@@ -305,7 +302,7 @@ def train(cfg: RunConfig) -> dict:
         engine.save(ckpt_root, step, {
             "step": step, "tokens": tokens, "consumed": list(consumed), "optimizer": cfg.optim.name,
             "config": to_dict(cfg),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_to_plain(),   # tensors and numbers: checkpoints load with weights_only=True
             **({"sharpness": sharp.state_dict()} if sharp is not None else {}),
         })
 

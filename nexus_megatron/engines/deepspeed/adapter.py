@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from ... import checkpoint as _ckpt
+from ...safe_load import MARKER_FILE, marker_text
 from ...errors import CheckpointError, NexusConfigError
 from ...faults import fault_point
 from ...functional import accumulate_direction, clip_factor, moved_point, pseudo_gradient_from_sum, sum_sq
@@ -66,6 +67,7 @@ from ...outer import BookViews, OuterBook, check_resume
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 from .runtime import init_adamw_state, prepare_deepspeed_runtime
+from .safe_load import safe_ds_load
 
 log = logging.getLogger("nexus_megatron.deepspeed")
 
@@ -629,7 +631,8 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None,
     finally:
         del ce.save   # the engine's own method again
     dist.barrier()
-    if publisher:
+    if publisher:   # the format marker: every file in it loads with weights_only=True (safe_load.py)
+        _ckpt.atomic_write_text(os.path.join(tmp, MARKER_FILE), marker_text())
         _ckpt.publish_dir(tmp, os.path.join(save_dir, tag))
         if save_latest:
             _ckpt.atomic_write_text(os.path.join(save_dir, "latest"), tag)
@@ -810,11 +813,12 @@ class NexusDeepSpeedEngine:
                             step=self._core.step_index, **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
-        """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed."""
+        """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed. Every file
+        is read with ``torch.load(weights_only=True)`` (:func:`.safe_load.safe_ds_load`)."""
         core = self._core
         core.loaded = False
         self.sync_model_params()
-        path, client_state = self._ds.load_checkpoint(load_dir, tag=tag, **kwargs)
+        path, client_state = safe_ds_load(self._ds, load_dir, tag=tag, **kwargs)   # runs no pickled code
         if path is None:
             return None, None
         core.after_load(restored=getattr(core, "loaded", False))
@@ -1081,7 +1085,7 @@ class DeepSpeedAdamWEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
-        _, client_state = self.ds.load_checkpoint(ckpt_root, tag=tag)
+        _, client_state = safe_ds_load(self.ds, ckpt_root, tag=tag)   # runs no pickled code
         return client_state[_TRAINER_KEY]
 
 

@@ -15,24 +15,27 @@ Atomic and durable: the checkpoint is written to ``<root>/.tmp-iter_<n>``; after
 rank 0 fsyncs every file in it and the directory (:func:`nexus_megatron.checkpoint.publish_dir`), renames
 it to ``<root>/iter_<n>`` and then replaces ``<root>/latest`` atomically, so a crash at any point leaves
 the previous checkpoint loadable and a published one survives a power loss.
+
+Loading runs no code from the checkpoint: see :mod:`.safe_load` for what megatron-core reads and how we
+restrict it; a checkpoint without the format-2 marker is refused until ``nexus-megatron convert-checkpoint``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import queue
-import random
 import shutil
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ... import checkpoint as _ckpt
 from ...errors import CheckpointError
 from ...faults import fault_point
+from ...safe_load import MARKER_FILE, marker_text, rng_to_plain, set_rng_from_plain
 from .optimizer import sync_model_params
+from .safe_load import safe_dist_checkpointing
 
 
 def _unwrap(chunk):
@@ -65,9 +68,9 @@ def _rank_world():
 
 
 def _rng_states() -> dict:
+    """Tensors and numbers only (numpy's and python's states as :mod:`nexus_megatron.safe_load` dicts)."""
     from megatron.core import tensor_parallel
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
-          "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    st = {**rng_to_plain(python_key="random"), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -75,9 +78,7 @@ def _rng_states() -> dict:
 
 def _set_rng_states(st: dict) -> None:
     from megatron.core import tensor_parallel
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["random"])
+    set_rng_from_plain(st, python_key="random")   # (also the tuples of checkpoints written before format 2)
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(st["tracker"])
@@ -142,7 +143,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         fault_point("checkpoint", iteration)
         request.execute_sync()   # every rank's shards (fsynced by megatron-core), .metadata, metadata.json
     _barrier()
-    if rank == 0:
+    if rank == 0:   # the format marker: every file in it loads without running code (safe_load.py)
+        _ckpt.atomic_write_text(os.path.join(tmp, MARKER_FILE), marker_text())
         _ckpt.publish_dir(tmp, final)
         _ckpt.atomic_write_text(os.path.join(root, "latest"), os.path.basename(final))
     _barrier()
@@ -177,10 +179,11 @@ def load_checkpoint(root_or_dir: str, model_chunks, optimizer, scheduler=None,
         return None
     sd = _model_sharded_state_dict(model_chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=metadata or DEFAULT_METADATA)
-    same_world = dist_checkpointing.load_common_state_dict(path).get("rng_world_size") == _rank_world()[1]
-    if same_world:
-        sd["rng_state"] = _rng_sharded(_rng_states())   # the structure to load into
-    loaded = dist_checkpointing.load(sd, path)
+    with safe_dist_checkpointing(path):   # refuses old-format checkpoints and anything that would run code
+        same_world = dist_checkpointing.load_common_state_dict(path).get("rng_world_size") == _rank_world()[1]
+        if same_world:
+            sd["rng_state"] = _rng_sharded(_rng_states())   # the structure to load into
+        loaded = dist_checkpointing.load(sd, path)
     if len(model_chunks) == 1:
         _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
