@@ -322,3 +322,50 @@ def test_resume_false_starts_a_new_run(resumable):
     run(data, run_dir, **{"train.resume": False, "model.num_heads": 4})
     assert open(os.path.join(run_dir, "run_id")).read() != before
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+# -- the DeepSpeed trainer engine: the same record in its checkpoints, the same check ----------------
+
+def _ds_worker(rank, world, data, tmp):
+    from nexus_megatron.train import train
+    out = {}
+    for optim in ("nexus", "adamw"):
+        run_dir = os.path.join(tmp, f"ds-{optim}")
+        over = {**BASE, "train.engine": "deepspeed", "optim.name": optim}
+        train(tiny_config(data, run_dir, **over))
+        try:
+            train(tiny_config(data, run_dir, **{**over, "train.steps": 3, "optim.lr": 0.02}))
+            out[optim] = None
+        except NexusConfigError as e:
+            out[optim] = str(e)
+    # the override: the Nexus run continues to step 3 with the new lr
+    train(tiny_config(data, os.path.join(tmp, "ds-nexus"), **{**BASE, "train.engine": "deepspeed", "train.steps": 3,
+                                                              "optim.lr": 0.02, "train.allow_changed": "[optim.lr]"}))
+    return out
+
+
+def test_deepspeed_engine_resume_is_checked(base, tmp_path, monkeypatch):
+    from tests.distributed import run_distributed
+    data, _ = base
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    r0, r1 = run_distributed(_ds_worker, 2, data, str(tmp_path), timeout=600)
+    for optim in ("nexus", "adamw"):
+        run_dir = str(tmp_path / f"ds-{optim}")
+        msg = (f"resume would change the run of {run_dir}: optim.lr 0.01 -> 0.02; use the same settings, a new "
+               "train.run_dir, train.resume=false to start over, or --allow-changed optim.lr (train.allow_changed) "
+               "to resume anyway")
+        assert r0[optim] == msg and r1[optim] == msg
+        meta = read_meta(os.path.join(run_dir, "checkpoints", "step_00000002"))
+        assert meta["step"] == 2 and meta["run"]["config"]["train"]["engine"] == "deepspeed"
+        assert meta["run"]["world"] == {"size": 2, "layout": "sequential", "source_groups": None}
+        assert meta["run"]["run_id"] == open(os.path.join(run_dir, "run_id")).read().strip()
+    m = read_metrics(tmp_path / "ds-nexus")
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert read_meta(str(tmp_path / "ds-nexus" / "checkpoints" / "step_00000003"))["run"]["config"]["optim"]["lr"] == 0.02
+    # one process resuming the two-process checkpoint: refused
+    from nexus_megatron.config import to_dict
+    from nexus_megatron.data.shards import load_manifest
+    cfg = tiny_config(data, str(tmp_path / "ds-adamw"), **{**BASE, "train.engine": "deepspeed", "optim.name": "adamw"})
+    with pytest.raises(NexusConfigError, match=re.escape(": world.size 2 -> 1; ")):
+        check_resume(str(tmp_path / "ds-adamw"), run_record(to_dict(cfg), load_manifest(data), 1), (),
+                     default_settings())
