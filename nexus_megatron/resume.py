@@ -69,8 +69,9 @@ def data_fingerprint(manifest: dict, sources) -> dict:
 def run_record(config: dict, manifest: dict, world_size: int) -> dict:
     """What a checkpoint of this run records (``run_id`` is added at save time)."""
     names = list(config["data"]["sources"]) + list(config["data"]["ood"])
-    return {"config": config, "data": data_fingerprint(manifest, names),
-            "world": world_layout(world_size, config["nexus"]["layout"], len(config["data"]["sources"]))}
+    rec = {"config": config, "data": data_fingerprint(manifest, names),
+           "world": world_layout(world_size, config["nexus"]["layout"], len(config["data"]["sources"]))}
+    return json.loads(json.dumps(rec))   # as it reads back from meta.json (tuples become lists)
 
 
 # ---------------------------------------------------------------------------------------------------
