@@ -8,6 +8,8 @@ plain engine's checkpoints (:func:`save_checkpoint`), DeepSpeed's (``engines/dee
 (``engines/megatron/checkpoint.py``) all go through :func:`publish_dir` and :func:`atomic_write_text`."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -65,22 +67,117 @@ def atomic_write_text(path: str, text: str) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
-def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2) -> str:
-    """Write ``state`` (a dict of tensors and plain data: it must load with ``weights_only=True``) as
-    checkpoint ``step``; keep the newest ``keep``."""
+META_FILE = "meta.json"
+TMP_PREFIX = ".tmp-"
+
+
+def write_meta(ckpt_dir: str, step: int, run: Optional[dict] = None, fmt: Optional[int] = None) -> None:
+    """``meta.json`` of a checkpoint directory that is not yet published (publish_dir fsyncs it): the step,
+    the format number (``fmt``: plain-engine checkpoints, see :mod:`nexus_megatron.safe_load`) and the run's
+    record (nexus_megatron/resume.py), so a checkpoint and its record appear together."""
+    with open(os.path.join(ckpt_dir, META_FILE), "w") as f:
+        json.dump({"step": step, **({"format": fmt} if fmt is not None else {}), **({"run": run} if run else {})}, f)
+
+
+def read_meta(ckpt_dir: str) -> Optional[dict]:
+    p = os.path.join(ckpt_dir, META_FILE)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise CheckpointError(f"{p} cannot be read ({e}); delete {ckpt_dir} and point 'latest' at an earlier "
+                              "step_* directory, or start a new run_dir") from None
+
+
+def clean_stale_tmp(ckpt_root: str) -> list:
+    """Remove what a dead writer left in ``ckpt_root``: temporary checkpoint directories (``.tmp-*``) and
+    temporary ``latest`` files (``latest.tmp-*``). Call it at the start of a run, on one rank, before any
+    checkpoint is written (with the run_dir's lock held). Returns the removed paths."""
+    removed = []
+    try:
+        names = sorted(os.listdir(ckpt_root))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        if not (name.startswith(TMP_PREFIX) or name.startswith(f"latest{TMP_PREFIX}")):
+            continue
+        path = os.path.join(ckpt_root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def state_nbytes(state) -> int:
+    """Bytes of the tensors in a (nested) state dict: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _is_disk_full(e: BaseException, where: str, need: int) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    # torch's writer reports a failed write as a RuntimeError without the errno: judge by the free space
+    if isinstance(e, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(where).free < max(need, 1)
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_guard(where: str, final: str, need: int, cleanup: Optional[str] = None):
+    """Around writing checkpoint ``final`` (about ``need`` bytes) under ``where``: on a failure ``cleanup``
+    (the temporary directory) is removed, and a full disk becomes a one-line CheckpointError naming the path,
+    the space needed and the space free."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if not _is_disk_full(e, where, need):
+            raise
+        try:
+            free = _mb(shutil.disk_usage(where).free)
+        except OSError:
+            free = "unknown"
+        raise CheckpointError(
+            f"no space left on the device of {where} while writing checkpoint {final}: it needs about {_mb(need)}, "
+            f"{free} free; free space there (or move train.run_dir to a larger disk) and resume: the previous "
+            "checkpoint is intact") from e
+
+
+def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2, run: Optional[dict] = None) -> str:
+    """Write ``state`` (a dict of tensors and plain data) as checkpoint ``step`` with ``meta.json`` (the step
+    and ``run``, the run's record); keep the newest ``keep``."""
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_root, name)
-    tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
+    tmp = os.path.join(ckpt_root, f"{TMP_PREFIX}{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "state.pt"), "wb") as f:
-        torch.save(state, f)
-    fault_point("checkpoint", step)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"step": step, "format": FORMAT}, f)
-    publish_dir(tmp, final)
-    atomic_write_text(os.path.join(ckpt_root, "latest"), name)
+    with disk_full_guard(ckpt_root, final, state_nbytes(state), cleanup=tmp):
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "state.pt"), "wb") as f:
+            torch.save(state, f)
+        fault_point("checkpoint", step)
+        write_meta(tmp, step, run, fmt=FORMAT)
+        publish_dir(tmp, final)
+        atomic_write_text(os.path.join(ckpt_root, "latest"), name)
     done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
     for old in done[:-keep] if keep else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)

@@ -13,6 +13,8 @@ from .tools.launch import launch_torchrun, under_launcher
 def cmd_train(args) -> int:
     from .config import load_config
 
+    if args.allow_changed:   # --allow-changed A,B -> --set train.allow_changed=[A, B]
+        args.set = list(args.set) + [f"train.allow_changed=[{', '.join(k.strip() for k in args.allow_changed.split(',') if k.strip())}]"]
     cfg = load_config(args.config, args.set)   # bad settings fail here, before any process is spawned
     if args.nproc > 1 and not under_launcher():
         argv = ["train", "--config", args.config] if args.config else ["train"]
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set optim.name=adamw (repeatable)")
     t.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    t.add_argument("--allow-changed", metavar="KEY,...", default="",
+                   help="resume even though these settings changed (docs/training.md#resume; "
+                        "same as --set train.allow_changed=[KEY,...])")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("prepare-data", help="tokenize real multi-source text into shards")

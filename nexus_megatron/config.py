@@ -120,6 +120,9 @@ class TrainConfig:
     """0 = only at the end."""
     resume: bool = True
     """Continue from run_dir/checkpoints/latest if it exists."""
+    allow_changed: list = field(default_factory=list)
+    """Settings a resume may change beyond the always-changeable ones (``--allow-changed KEY,...``; a section
+    name covers its keys, ``all`` everything): docs/training.md#resume."""
     engine: str = "plain"
     """``plain`` (plain PyTorch, Nexus owns the collectives) or ``deepspeed`` (see docs/deepspeed.md)."""
     deepspeed_config: Optional[str] = None
@@ -250,6 +253,9 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise NexusConfigError(f"data.ood {sorted(overlap)} also in data.sources: a held-out source must not be trained on")
     _positive_int(d.seq_len, "data.seq_len")
     _positive_int(d.micro_batch_size, "data.micro_batch_size")
+    if not isinstance(t.allow_changed, list) or not all(isinstance(k, str) and k for k in t.allow_changed):
+        raise NexusConfigError(f"train.allow_changed={t.allow_changed!r}: must be a list of setting names, e.g. "
+                               "[model.num_heads, world.size]")
     _number(d.max_epochs, "data.max_epochs", 0, lo_open=True)
     if o.name not in OPTIMIZERS:
         raise NexusConfigError(f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS)}")

@@ -13,13 +13,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, clean_stale_tmp
 from .config import RunConfig, to_dict
 from .data.shards import open_sources
 from .errors import DataError, NexusConfigError
 from .faults import fault_point, inject_loss
 from .layout import LayoutConfig, build_layout
 from .models import build_model, count_params, lm_loss
+from .resume import check_resume, default_settings, read_run_id, run_record, write_run_id
 from .safe_load import rng_to_plain, set_rng_from_plain
 from .sharpness import build_sharpness_hook
 
@@ -256,8 +257,13 @@ def train(cfg: RunConfig) -> dict:
         raise NexusConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
                                f"({manifest['vocab_size']}): remove model.vocab_size or raise it")
     check_data_budget(cfg, layout, sources)
+    # a resume must not change the run (resume.py): checked before anything in run_dir is written
+    record = run_record(to_dict(cfg), manifest, world)
+    run_id = check_resume(run_dir, record, tr.allow_changed, defaults=default_settings()) if tr.resume else None
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        clean_stale_tmp(ckpt_root)   # a dead writer's temporary checkpoint (and the disk space it holds)
+        write_run_id(run_dir, run_id)   # a new id unless this resumes a checkpoint
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
 
@@ -301,7 +307,7 @@ def train(cfg: RunConfig) -> dict:
     def save(step: int):
         engine.save(ckpt_root, step, {
             "step": step, "tokens": tokens, "consumed": list(consumed), "optimizer": cfg.optim.name,
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "run": {**record, "run_id": read_run_id(run_dir)},
             "rng": rng_to_plain(),   # tensors and numbers: checkpoints load with weights_only=True
             **({"sharpness": sharp.state_dict()} if sharp is not None else {}),
         })

@@ -27,8 +27,8 @@ def crash_after_checkpoint(monkeypatch):
     def arm(crash_step):
         orig = plain.save_checkpoint
 
-        def save_then_crash(root, step, state, keep=2):
-            out = orig(root, step, state, keep)
+        def save_then_crash(root, step, state, keep=2, **kw):
+            out = orig(root, step, state, keep, **kw)
             if step == crash_step:
                 monkeypatch.setattr(plain, "save_checkpoint", orig)
                 raise KeyboardInterrupt("simulated crash")

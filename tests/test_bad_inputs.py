@@ -116,6 +116,11 @@ def test_truncated_train_file(data, tmp_path, no_compute):
 
 def test_source_shorter_than_one_sequence(data, tmp_path, no_compute):
     np.arange(1, 11, dtype=np.uint16).tofile(os.path.join(data, "web", "train.bin"))
+    with open(os.path.join(data, "manifest.json")) as f:
+        man = json.load(f)
+    man["sources"]["web"]["train_tokens"] = 10   # consistent with its manifest (tests/test_data_integrity.py)
+    with open(os.path.join(data, "manifest.json"), "w") as f:
+        json.dump(man, f)
     with pytest.raises(DataError, match=exact("source 'web' has 10 training tokens, fewer than one sequence of "
                                               "data.seq_len+1=17: prepare more data or lower data.seq_len")):
         run(data, tmp_path / "r")
@@ -194,7 +199,8 @@ def test_cli_corrupted_checkpoint_is_one_line(data, tmp_path, capsys):
                "--set", "data.ood=[poetry]", "--set", f"train.run_dir={tmp_path / 'r'}", "--set", "train.steps=4",
                "--set", "train.progress=false", "--set", "model.hidden_size=16", "--set", "model.num_layers=1",
                "--set", "model.num_heads=2", "--set", "data.seq_len=16", "--set", "data.micro_batch_size=2",
-               "--set", "train.micro_steps=2", "--set", "optim.warmup_steps=1"])
+               "--set", "train.micro_steps=2", "--set", "optim.warmup_steps=1", "--set", "optim.lr=0.01",
+               "--set", "optim.min_lr=0.001"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "cannot be read" in err
 
@@ -215,19 +221,30 @@ def test_latest_names_a_missing_checkpoint(data, tmp_path, monkeypatch):
 def test_resume_with_another_optimizer(data, tmp_path, monkeypatch):
     root = _two_step_run(data, tmp_path / "r")
     forbid_training(monkeypatch)
+    # the general rule (tests/test_resume_safety.py): every difference listed, before anything is loaded
+    with pytest.raises(NexusConfigError, match=exact(
+            f"resume would change the run of {tmp_path / 'r'}: optim.name \"nexus\" -> \"adamw\"; use the same "
+            "settings, a new train.run_dir, train.resume=false to start over, or --allow-changed optim.name "
+            "(train.allow_changed) to resume anyway")):
+        run(data, tmp_path / "r", **{"train.steps": 4, "optim.name": "adamw"})
+    # forced past that check, the engine's own check still refuses the other optimizer's state
     with pytest.raises(NexusConfigError, match=exact(
             f"{root} holds a run of optim.name='nexus', this run has 'adamw': use another train.run_dir or set "
             "train.resume=false")):
-        run(data, tmp_path / "r", **{"train.steps": 4, "optim.name": "adamw"})
+        run(data, tmp_path / "r", **{"train.steps": 4, "optim.name": "adamw", "train.allow_changed": "[optim.name]"})
 
 
 def test_resume_with_other_weights(data, tmp_path, monkeypatch):
     _two_step_run(data, tmp_path / "r")
     forbid_training(monkeypatch)
+    with pytest.raises(NexusConfigError, match=r"^resume would change the run of .*: data.weights null -> \[1, 2, 1\]; "):
+        run(data, tmp_path / "r", **{"train.steps": 4, "data.weights": "[1, 2, 1]"})
+    # forced past that check, the optimizer's own layout check still refuses
     with pytest.raises(NexusConfigError, match=r"^checkpoint was written with layout .* but this run has .*: resume "
                                                r"with the same nexus.layout, data.sources, data.weights and number "
                                                r"of ranks$"):
-        run(data, tmp_path / "r", **{"train.steps": 4, "data.weights": "[1, 2, 1]"})
+        run(data, tmp_path / "r", **{"train.steps": 4, "data.weights": "[1, 2, 1]",
+                                     "train.allow_changed": "[data.weights]"})
 
 
 # -- numerical faults during the run (nexus.py §1.4, end to end through the trainer) ------------------

@@ -39,7 +39,8 @@ def ds_config(tmp, data, run):
 
 def ds_files(run, step):
     d = run / "checkpoints" / f"step_{step:08d}"
-    return {f: torch.load(d / f, map_location="cpu", weights_only=False) for f in sorted(os.listdir(d))}
+    return {f: torch.load(d / f, map_location="cpu", weights_only=False) for f in sorted(os.listdir(d))
+            if f.endswith(".pt")}   # meta.json: the run's record (tests/test_resume_safety.py)
 
 
 def ds_latest(run):
@@ -61,8 +62,8 @@ def ds_reference(tmp_path_factory):
 def test_deepspeed_checkpoint_published_after_every_file_is_fsynced(ds_reference):
     tmp, _, run = ds_reference
     root = run / "checkpoints"
-    assert sorted(os.listdir(root / "step_00000006")) == DS_FILES
-    assert check_publication(tmp / "events", root, "step_", DS_FILES) == ["step_00000002", "step_00000004",
+    assert sorted(os.listdir(root / "step_00000006")) == sorted(DS_FILES + ["meta.json"])
+    assert check_publication(tmp / "events", root, "step_", DS_FILES + ["meta.json"]) == ["step_00000002", "step_00000004",
                                                                           "step_00000006"]
 
 

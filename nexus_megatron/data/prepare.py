@@ -42,6 +42,7 @@ from nexus_megatron.data.sources import (
     fetch_packages,
     get_source,
 )
+from nexus_megatron.data.shards import ShardVerifier
 from nexus_megatron.data.tokenizer import TOKENIZER_KINDS, TextTokenizer, gpt2_tokenizer, train_bpe
 
 __all__ = [
@@ -327,11 +328,15 @@ def _is_up_to_date(out_dir: Path, settings: dict, env: dict) -> dict | None:
         return None
     if man.get("format") != FORMAT or man.get("settings") != settings or man.get("environment") != env:
         return None
+    verifier = ShardVerifier(str(out_dir))
     for entry in man.get("sources", {}).values():
         for f in entry["files"].values():
             p = out_dir / f["path"]
             if not p.is_file() or p.stat().st_size != f["tokens"] * np.dtype(entry["dtype"]).itemsize:
                 return None
+            if not verifier.matches(str(p), f["sha256"]):   # changed since it was written: rebuild
+                return None
+    verifier.save()
     return man
 
 
@@ -466,6 +471,12 @@ def prepare_data(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the files just hashed are known good: the trainer's first use need not hash them again
+    verifier = ShardVerifier(str(out_dir))
+    for entry in entries.values():
+        for f in entry["files"].values():
+            verifier.record(str(out_dir / f["path"]), f["sha256"])
+    verifier.save()
 
     total = time.perf_counter() - t_start
     if verbose or log:

@@ -1,7 +1,13 @@
 """Reading prepared token shards, and per-source samplers that are a pure function of
-(seed, source, sample index): a run resumes mid-way from the per-source sample counters alone."""
+(seed, source, sample index): a run resumes mid-way from the per-source sample counters alone.
+
+Integrity (docs/data.md#integrity): a shard whose size differs from the manifest's token count is refused
+when it is opened, and a shard whose sha256 differs from the manifest's is refused on first use; a verified
+shard is remembered in ``<data>/.verified.json`` by path, size and mtime_ns, so later runs do not hash it
+again (prepare-data fills that cache as it writes the files)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +31,80 @@ def load_manifest(path: str) -> dict:
         return json.load(f)
 
 
+VERIFIED_CACHE = ".verified.json"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardVerifier:
+    """sha256 checks of a data directory's shards against its manifest, with a cache of the files already
+    verified keyed by (relative path, size, mtime_ns, expected sha256). A file rewritten in place keeps
+    neither its mtime nor, usually, its size, so it is hashed again; the cache is best effort (an unwritable
+    data directory just means hashing on every run)."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, VERIFIED_CACHE)
+        try:
+            with open(self.path) as f:
+                self.cache = json.load(f)
+            if not isinstance(self.cache, dict):
+                self.cache = {}
+        except (OSError, ValueError):
+            self.cache = {}
+        self.dirty = False
+
+    def _key(self, path: str, sha256: str) -> tuple:
+        st = os.stat(path)
+        return os.path.relpath(path, self.data_dir), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+
+    def is_verified(self, path: str, sha256: str) -> bool:
+        rel, key = self._key(path, sha256)
+        return self.cache.get(rel) == key
+
+    def record(self, path: str, sha256: str) -> None:
+        """Remember ``path`` (as it is now) as matching ``sha256``."""
+        rel, key = self._key(path, sha256)
+        if self.cache.get(rel) != key:
+            self.cache[rel], self.dirty = key, True
+
+    def matches(self, path: str, sha256: str) -> bool:
+        """Whether ``path`` hashes to ``sha256`` (from the cache when size and mtime are unchanged)."""
+        if self.is_verified(path, sha256):
+            return True
+        if sha256_file(path) != sha256:
+            return False
+        self.record(path, sha256)
+        return True
+
+    def check(self, path: str, sha256: str, name: str) -> None:
+        if not self.matches(path, sha256):
+            raise DataError(f"source {name!r}: {path} has changed since prepare-data (its sha256 is not the one in "
+                            "manifest.json): the file is corrupted or was replaced; re-run `nexus-megatron "
+                            "prepare-data`")
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.cache, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:   # a read-only data directory: verified again next time
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
 class FlatTokens:
     """A flat array of token ids, read as windows of seq_len + 1 tokens (inputs and shifted targets)."""
 
@@ -46,7 +126,8 @@ class FlatTokens:
 class TokenShard(FlatTokens):
     """One split (train or val) of one source: a flat uint16/uint32 memmap of token ids."""
 
-    def __init__(self, path: str, dtype: str, name: str):
+    def __init__(self, path: str, dtype: str, name: str, tokens: Optional[int] = None):
+        """``tokens``: the manifest's token count for this file, checked against the file's size."""
         self.path = path
         if not os.path.isfile(path):
             raise DataError(f"source {name!r}: {path} is missing; re-run `nexus-megatron prepare-data`")
@@ -54,6 +135,9 @@ class TokenShard(FlatTokens):
         itemsize = np.dtype(dtype).itemsize
         if size == 0 or size % itemsize:
             raise DataError(f"source {name!r}: {path} is empty or truncated ({size} bytes); re-run prepare-data")
+        if tokens is not None and size // itemsize != int(tokens):
+            raise DataError(f"source {name!r}: {path} holds {size // itemsize} tokens but manifest.json says {tokens}: "
+                            "the file was truncated or replaced; re-run `nexus-megatron prepare-data`")
         super().__init__(np.memmap(path, dtype=dtype, mode="r"), name)
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -87,6 +171,23 @@ class SourceSampler:
         return torch.from_numpy(np.stack(rows))
 
 
+def open_checked_shard(data_dir: str, name: str, info: dict, split: str,
+                       verifier: Optional[ShardVerifier] = None) -> TokenShard:
+    """``<data_dir>/<name>/<split>.bin`` of a prepared directory, its size checked against the manifest's
+    token count and its content against the manifest's sha256 (``info``: the source's manifest entry).
+    Pass one ``verifier`` for several shards and call its ``save()`` afterwards."""
+    entry = (info.get("files") or {}).get(split, {})
+    sh = TokenShard(os.path.join(data_dir, name, f"{split}.bin"), info["dtype"], name,
+                    tokens=entry.get("tokens", info.get(f"{split}_tokens")))
+    if entry.get("sha256"):
+        own = verifier is None
+        verifier = verifier or ShardVerifier(data_dir)
+        verifier.check(sh.path, entry["sha256"], name)
+        if own:
+            verifier.save()
+    return sh
+
+
 @dataclass
 class SourceData:
     name: str
@@ -101,7 +202,15 @@ def open_sources(path: str, names, ood, seq_len: int, seed: int):
     manifest = load_manifest(path)
     known = manifest.get("sources", {})
     vocab = manifest.get("vocab_size")
+    verifier = ShardVerifier(path)
     out = {}
+
+    def shard(name: str, info: dict, split: str) -> TokenShard:
+        sh = open_checked_shard(path, name, info, split, verifier)
+        if vocab:
+            sh.check_vocab(int(vocab))
+        return sh
+
     for i, name in enumerate(list(names) + list(ood)):
         if name not in known:
             raise DataError(
@@ -113,19 +222,16 @@ def open_sources(path: str, names, ood, seq_len: int, seed: int):
             raise DataError(f"source {name!r} was prepared as held-out (OOD, no train split): move it to data.ood")
         train = None
         if is_train:
-            shard = TokenShard(os.path.join(path, name, "train.bin"), info["dtype"], name)
-            if vocab:
-                shard.check_vocab(int(vocab))
-            train = SourceSampler(shard, seq_len, seed, i)
+            tshard = shard(name, info, "train")
+            train = SourceSampler(tshard, seq_len, seed, i)
             if train.windows == 0:
-                raise DataError(f"source {name!r} has {len(shard)} training tokens, fewer than one sequence of "
+                raise DataError(f"source {name!r} has {len(tshard)} training tokens, fewer than one sequence of "
                                 f"data.seq_len+1={seq_len + 1}: prepare more data or lower data.seq_len")
-        vshard = TokenShard(os.path.join(path, name, "val.bin"), info["dtype"], name)
-        if vocab:
-            vshard.check_vocab(int(vocab))
+        vshard = shard(name, info, "val")
         val = SourceSampler(vshard, seq_len, seed, i, shuffle=False)
         if val.windows == 0:
             raise DataError(f"source {name!r} has {len(vshard)} validation tokens, fewer than one sequence of "
                             f"{seq_len + 1}: prepare more validation data or lower data.seq_len")
         out[name] = SourceData(name, i, train, val)
+    verifier.save()
     return manifest, out

@@ -156,7 +156,8 @@ class PlainEngine(Engine):
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:   # every rank holds the same full state
             save_checkpoint(ckpt_root, step, {"model": self.module.state_dict(), "optimizer": self.opt.state_dict(),
-                                              "scheduler": self.sched.state_dict(), "client_state": client_state})
+                                              "scheduler": self.sched.state_dict(), "client_state": client_state},
+                            run=client_state.get("run"))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 

@@ -243,7 +243,7 @@ def _read_metrics_list(path: str) -> List[dict]:
 def run_match(st: Study, seed: int) -> dict:
     import torch
 
-    from ..checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+    from ..checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
     from ..train import train
 
     torch.set_num_threads(1)
@@ -259,10 +259,11 @@ def run_match(st: Study, seed: int) -> dict:
     ckpt = os.path.join(out, "checkpoints")
     if latest_checkpoint(ckpt) is None:        # start: the reference's final state, lr frozen at its last value
         os.makedirs(out, exist_ok=True)
-        state = load_checkpoint(latest_checkpoint(os.path.join(base_dir, "checkpoints")))
+        base_ckpt = latest_checkpoint(os.path.join(base_dir, "checkpoints"))
+        state = load_checkpoint(base_ckpt)
         sched = state["scheduler"]
         sched["base_lrs"] = list(sched["_last_lr"])
-        save_checkpoint(ckpt, state["client_state"]["step"], state)
+        save_checkpoint(ckpt, state["client_state"]["step"], state, run=(read_meta(base_ckpt) or {}).get("run"))
         shutil.copyfile(os.path.join(base_dir, "metrics.jsonl"), os.path.join(out, "metrics.jsonl"))
         shutil.copyfile(os.path.join(base_dir, "summary.json"), os.path.join(out, "summary.json"))
         shutil.copyfile(os.path.join(base_dir, "config.json"), os.path.join(out, "config.json"))
@@ -278,7 +279,11 @@ def run_match(st: Study, seed: int) -> dict:
         for k, v in (("train.steps", steps), ("train.run_dir", out), ("train.resume", True),
                      ("train.eval_every", 10 ** 9), ("train.probe_every", 10 ** 9),   # at each chunk's end
                      ("optim.schedule", "constant"), ("optim.warmup_steps", 0), ("optim.lr", final_lr),
-                     ("optim.min_lr", final_lr)):
+                     ("optim.min_lr", final_lr),
+                     # the continuation changes the schedule on purpose (docs/training.md#resume); "run": a base
+                     # checkpoint written before run records
+                     ("train.allow_changed", ["optim.schedule", "optim.warmup_steps", "optim.lr", "optim.min_lr",
+                                              "run"])):
             set_dotted(raw, k, v)
         cfg = load_config(None, [], base=raw)
         train(cfg)

@@ -595,13 +595,15 @@ class _OuterStepScheduler:
         return getattr(self.__dict__["real"], name)
 
 
-def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None, **kw):
+def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None, run=None, **kw):
     """DeepSpeed's save_checkpoint, published atomically and durably. Every rank writes its files into
     ``save_dir/.tmp-<tag>/`` and fsyncs each one as soon as it is written; after a barrier (every rank's
     files exist) the publishing rank fsyncs the directory, renames it to ``save_dir/<tag>/`` and then
     replaces ``latest`` atomically. (DeepSpeed alone writes into ``<tag>/`` directly and writes ``latest``
     from rank 0 before the other ranks' optimizer files are known to be complete, so a job killed in between
-    would leave a partial checkpoint under a loadable name.) ``step``: the outer step, for the fault hook."""
+    would leave a partial checkpoint under a loadable name.) ``step``: the outer step, for the fault hook;
+    ``run``: the run's record, written to ``meta.json`` in the checkpoint (nexus_megatron/resume.py). A full disk
+    is a one-line CheckpointError (checkpoint.disk_full_guard)."""
     ce = ds_engine.checkpoint_engine
     if ce.is_decoupled():
         raise NexusConfigError("the ds_config's checkpoint writer (checkpoint.writer.decoupled=true, or datastates) "
@@ -625,17 +627,22 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None,
             fault_point("checkpoint", step)
 
     ce.save = save_and_fsync
+    need = sum(getattr(p, "ds_numel", p.numel()) * 4 for p in ds_engine.module.parameters()) * 4   # fp32 params + master + Adam
+    final = os.path.join(save_dir, tag)
     try:
-        ok = ds_engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=client_state,
-                                       save_latest=False, **kw)
+        with _ckpt.disk_full_guard(save_dir, final, need):
+            ok = ds_engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=client_state,
+                                           save_latest=False, **kw)
     finally:
         del ce.save   # the engine's own method again
     dist.barrier()
     if publisher:   # the format marker: every file in it loads with weights_only=True (safe_load.py)
-        _ckpt.atomic_write_text(os.path.join(tmp, MARKER_FILE), marker_text())
-        _ckpt.publish_dir(tmp, os.path.join(save_dir, tag))
-        if save_latest:
-            _ckpt.atomic_write_text(os.path.join(save_dir, "latest"), tag)
+        with _ckpt.disk_full_guard(save_dir, final, need):
+            _ckpt.atomic_write_text(os.path.join(tmp, MARKER_FILE), marker_text())
+            _ckpt.write_meta(tmp, step if step is not None else -1, run)
+            _ckpt.publish_dir(tmp, final)
+            if save_latest:
+                _ckpt.atomic_write_text(os.path.join(save_dir, "latest"), tag)
     dist.barrier()
     return ok
 
@@ -801,7 +808,7 @@ class NexusDeepSpeedEngine:
         return self._core.shard_report()
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, run=None, **kwargs):
         """DeepSpeed's save_checkpoint (collective). The Nexus state (anchor shards, counters, layout) is in
         the client optimizer's state, which DeepSpeed writes per rank; ``latest`` is written atomically after
         every rank finished, so a job killed during the save leaves the previous checkpoint loadable.
@@ -810,7 +817,7 @@ class NexusDeepSpeedEngine:
             tag = f"global_step{self._core.step_index}"
         self.sync_model_params()
         return _atomic_save(self._ds, save_dir, tag, dict(client_state or {}), save_latest,
-                            step=self._core.step_index, **kwargs)
+                            step=self._core.step_index, run=run, **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed. Every file
@@ -976,7 +983,8 @@ class DeepSpeedNexusEngine(Engine):
 
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
-        self.nexus.save_checkpoint(ckpt_root, tag=tag, client_state={_TRAINER_KEY: client_state})
+        self.nexus.save_checkpoint(ckpt_root, tag=tag, client_state={_TRAINER_KEY: client_state},
+                                   run=client_state.get("run"))
         _engine_save_prune(ckpt_root, tag)
 
     def load(self, ckpt_root):
@@ -1078,7 +1086,7 @@ class DeepSpeedAdamWEngine(Engine):
 
     def save(self, ckpt_root, step, client_state):
         tag = f"step_{step:08d}"
-        _atomic_save(self.ds, ckpt_root, tag, {_TRAINER_KEY: client_state}, True, step=step)
+        _atomic_save(self.ds, ckpt_root, tag, {_TRAINER_KEY: client_state}, True, step=step, run=client_state.get("run"))
         _engine_save_prune(ckpt_root, tag)
 
     def load(self, ckpt_root):

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ...data.shards import FlatTokens, SourceSampler, TokenShard, load_manifest
+from ...data.shards import FlatTokens, SourceSampler, load_manifest, open_checked_shard
 from ...errors import DataError
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"
@@ -115,8 +115,7 @@ def open_source(spec: SourceSpec, seq_len: int, split: str = "969,30,1", which: 
         info = man["sources"].get(spec.name)
         if info is None:
             raise DataError(f"source {spec.name!r} is not in {parent}/manifest.json")
-        fname = "train.bin" if which == "train" else "val.bin"
-        return TokenShard(os.path.join(spec.path, fname), info["dtype"], spec.name)
+        return open_checked_shard(parent, spec.name, info, "train" if which == "train" else "val")
     tokens = open_indexed_tokens(spec.path)
     return _split_windows(tokens, seq_len, parse_split(split), 0 if which == "train" else 1, spec.name)
 
