@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from nexus_megatron.checkpoint import latest_checkpoint, load_checkpoint
+from nexus_megatron.errors import CheckpointError
 from nexus_megatron.safe_load import UnsafeCheckpointError
 from tests.conftest import config_with, read_metrics
 
@@ -121,8 +122,14 @@ def test_plain_old_format_is_refused_then_converted_and_resumes_bitwise(syntheti
     torch.save(state, os.path.join(path, "state.pt"))
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump({"step": 3}, f)
-    with pytest.raises(UnsafeCheckpointError) as e:
+    # an old checkpoint also has no run record (resume.py): the resume cannot compare settings and is refused
+    # until the user says to resume it unchecked (--allow-changed run)
+    with pytest.raises(CheckpointError, match="has no run record"):
         train(part)
+    part_old = _tiny(synthetic_data, tmp_path / "b", **over,
+                     **{"train.checkpoint_every": 3, "train.allow_changed": ["run"]})
+    with pytest.raises(UnsafeCheckpointError) as e:
+        train(part_old)
     assert one_line(e.value) == (
         f"checkpoint {path}/state.pt was written before checkpoint format 2 (its files hold pickled Python objects, "
         f"so loading it could run code): if you trust where it came from, convert it once with "
@@ -135,7 +142,7 @@ def test_plain_old_format_is_refused_then_converted_and_resumes_bitwise(syntheti
     assert f"{path}: plain, already format 2" in capsys.readouterr().out
     torch.load(os.path.join(path, "state.pt"), weights_only=True)
 
-    train(part)   # resumes from step 3
+    train(part_old)   # resumes from step 3
     a = load_checkpoint(latest_checkpoint(str(tmp_path / "a" / "checkpoints")))
     b = load_checkpoint(latest_checkpoint(str(tmp_path / "b" / "checkpoints")))
     for k in a["model"]:

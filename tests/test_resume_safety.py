@@ -10,6 +10,8 @@ import shutil
 
 import pytest
 
+from nexus_megatron.safe_load import FORMAT
+
 from nexus_megatron.checkpoint import read_meta
 from nexus_megatron.errors import CheckpointError, NexusConfigError
 from nexus_megatron.resume import CHANGEABLE, check_resume, default_settings, run_record
@@ -308,7 +310,7 @@ def test_checkpoint_without_a_record_is_refused_unless_allowed(resumable, monkey
     data, run_dir = resumable
     path = os.path.join(run_dir, "checkpoints", "step_00000002")
     with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump({"step": 2}, f)   # the format before run records
+        json.dump({"step": 2, "format": FORMAT}, f)   # a safe-format checkpoint without a run record
     with pytest.raises(CheckpointError, match="has no run record"):
         run(data, run_dir, **{"train.steps": 3})
     run(data, run_dir, **{"train.steps": 3, "train.allow_changed": "[run]"})
