@@ -935,6 +935,11 @@ def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
     if prepared.k == 1:
         log.warning("Nexus with gradient_accumulation_steps=1 (k=1) is AdamW on the normalized gradient: there "
                     "is no inner loop and no alignment term; use k >= 2")
+    if prepared.optimizer is not None:     # the ds_config's Adam/AdamW section is the outer AdamW
+        if optimizer is not None:
+            raise NexusConfigError("ds_config 'optimizer' section and initialize(optimizer=...) both given: "
+                                   "keep one (DeepSpeed would silently use the latter)")
+        optimizer = prepared.optimizer
     client = client_optimizer_from(optimizer, model, model_parameters)
     deepspeed = prepare_deepspeed_runtime()
     if layout is None:
