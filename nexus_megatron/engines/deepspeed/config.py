@@ -409,15 +409,17 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
                 f"ds_config zero_optimization.{off}.device={dev!r}: ZeRO-Offload is not supported under Nexus: "
                 "offloading is built around one CPU optimizer step per k micro-batches, and Nexus updates the master "
                 "weights at every micro-step (k CPU updates and k host-device copies per outer step); remove it")
-    if z.zero_quantized_weights or z.zero_quantized_nontrainable_weights:
-        raise NexusConfigError("ds_config zero_optimization.zero_quantized_weights: ZeRO++ quantizes the weights "
-                               "each forward sees to int8 blocks, and that rounding is far larger than the inner "
-                               "steps theta_t + delta that Nexus evaluates; remove it")
+    for qw in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
+        if getattr(z, qw):
+            raise NexusConfigError(f"ds_config zero_optimization.{qw}=true: ZeRO++ quantizes the weights each "
+                                   "forward sees to int8 blocks, a rounding far larger than the inner steps "
+                                   "theta_t + delta at which Nexus evaluates the gradients; remove it")
     if z.zero_quantized_gradients:
-        raise NexusConfigError("ds_config zero_optimization.zero_quantized_gradients: ZeRO++ gradient quantization "
+        raise NexusConfigError("ds_config zero_optimization.zero_quantized_gradients=true: ZeRO++ gradient quantization "
                                "needs DeepSpeed's CUDA quantizer kernels and is not verified under Nexus; remove it")
     if z.zero_hpz_partition_size > 1:
-        raise NexusConfigError("ds_config zero_optimization.zero_hpz_partition_size: ZeRO++ hierarchical "
+        raise NexusConfigError(f"ds_config zero_optimization.zero_hpz_partition_size={z.zero_hpz_partition_size}: "
+                               "ZeRO++ hierarchical "
                                "partitioning keeps a second copy of the parameters that the Nexus adapter does not "
                                "refresh when it restores the anchor (skipped steps, loads); remove it")
     if z.zenflow is not None:
@@ -441,7 +443,7 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
         raise NexusConfigError("ds_config checkpoint.load_universal=true: universal checkpoints do not carry the Nexus "
                                "state (the anchor shards and the outer step's position); resume with the same ranks, "
                                "ZeRO stage and layout, without load_universal")
-    enabled = list(_walk_enabled(view.data_efficiency_config, "data_efficiency"))
+    enabled = sorted(_walk_enabled(view.data_efficiency_config, "data_efficiency"), key=lambda p: -p.count("."))
     if enabled or view.data_efficiency_enabled:
         raise NexusConfigError(
             f"ds_config {(enabled or ['data_efficiency.enabled'])[0]}=true: DeepSpeed's data efficiency (curriculum "
