@@ -43,7 +43,7 @@ def megatron_heredoc(global_batch, micro_batch, zero_stage, dtype="bf16", **extr
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    else:
+    elif dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "hysteresis": 2,
                        "min_loss_scale": 1, "initial_scale_power": 11}
     cfg.update(extra)
@@ -147,7 +147,7 @@ REFUSED = [
         "enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8, "max_difficulty": 1024,
         "schedule_type": "fixed_linear", "schedule_config": {"total_curriculum_step": 15000,
                                                              "difficulty_step": 8}})), 16,
-     "Legacy top-level 'curriculum_learning' has been removed"),
+     "ds_config curriculum_learning DeepSpeed refuses it: Legacy top-level 'curriculum_learning' has been removed"),
     ("megatron-random-ltd", with_nexus(megatron_heredoc(256, 4, 1, data_efficiency={
         "enabled": True, "seed": 1234, "data_routing": {"enabled": True, "random_ltd": {
             "enabled": True, "total_layer_num": 24, "random_ltd_layer_num": 22,
@@ -222,6 +222,28 @@ REFUSED = [
      "ds_config: unknown setting 'bf16.loss_scale'"),
     ("autotuning", with_nexus(megatron_heredoc(64, 4, 1, autotuning={"enabled": True})), 4,
      "autotuning.enabled=true"),
+    ("amp", with_nexus(megatron_heredoc(64, 4, 1, amp={"enabled": True, "opt_level": "O1"})), 4,
+     "ds_config amp DeepSpeed refuses it: NVIDIA Apex AMP integration has been removed"),
+    ("bf16-and-fp16", with_nexus(megatron_heredoc(64, 4, 1, fp16={"enabled": True})), 4,
+     "bfloat16 and fp16 modes cannot be simultaneously enabled"),
+    ("torch-autocast", with_nexus(megatron_heredoc(64, 4, 1, dtype="none", torch_autocast={"enabled": True})), 4,
+     "torch_autocast.enabled=true"),
+    ("bf16-master-weights", with_nexus(megatron_heredoc(64, 4, 2, bf16={"enabled": True,
+                                                                        "bf16_master_weights_and_grads": True})), 4,
+     "bf16.bf16_master_weights_and_grads"),
+    ("no-grad-norm", with_nexus(megatron_heredoc(64, 4, 2, zero_optimization={"stage": 2, "compute_grad_norm": False})),
+     4, "zero_optimization.compute_grad_norm=false"),
+    ("deepcompile", with_nexus(megatron_heredoc(64, 4, 3, compile={"deepcompile": True})), 4, "compile.deepcompile=true"),
+    ("sequence-parallel", with_nexus(megatron_heredoc(64, 4, 1, sequence_parallel_size=2)), 4,
+     "sequence_parallel_size > 1"),
+    ("autotp", with_nexus(megatron_heredoc(64, 4, 1, tensor_parallel={"autotp_size": 2})), 4,
+     "tensor_parallel.autotp_size > 1"),
+    ("adam-no-bias-correction", with_nexus(examples_style("Adam", {"lr": 1e-3, "bias_correction": False})), 2,
+     "optimizer.params.bias_correction=false"),
+    ("adam-amsgrad-fused", with_nexus(examples_style("AdamW", {"lr": 1e-3, "amsgrad": True})), 2,
+     "FusedAdam refuses AMSGrad"),
+    ("mics", with_nexus(megatron_heredoc(64, 4, 3, zero_optimization={"stage": 3, "mics_shard_size": 2})), 4,
+     "ds_config zero_optimization.mics_shard_size DeepSpeed refuses it: MiCS ZeRO-3 sharding has been removed"),
     # files DeepSpeed reads, and what it refuses
     ("duplicate-key", os.path.join(DATA, "duplicate_key.json"), 8, "Duplicate keys in DeepSpeed config: "
                                                                   "['train_micro_batch_size_per_gpu']"),

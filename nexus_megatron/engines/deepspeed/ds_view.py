@@ -147,6 +147,35 @@ def _validation_message(cfg: dict, err) -> str:
     return f"ds_config {path}={first.get('input')!r}: DeepSpeed refuses it: {first.get('msg')}"
 
 
+def _without(cfg: dict, name: str) -> dict:
+    out = dict(cfg)
+    if name.startswith("zero_optimization."):
+        out["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items()
+                                    if k != name.split(".", 1)[1]}
+    else:
+        out.pop(name)
+    return out
+
+
+def _culprit(cls, cfg: dict, world_size: int, error, msg: str):
+    """The key behind a DeepSpeedConfigError (its message does not always quote it): the first key whose
+    removal makes that refusal go away (the keys the message quotes are tried first)."""
+    zero = cfg.get("zero_optimization") if isinstance(cfg.get("zero_optimization"), dict) else {}
+    names = [str(k) for k in cfg] + [f"zero_optimization.{k}" for k in zero]
+    names.sort(key=lambda n: (msg.find(f"'{n}'") if f"'{n}'" in msg else len(msg) + 1))
+    for name in names:
+        try:
+            with _quiet_info():
+                cls(copy.deepcopy(_without(cfg, name)), world_size)
+        except error as e:
+            if " ".join(str(e).split()) == msg:
+                continue
+        except Exception:   # noqa: BLE001 (another refusal: this key was the one)
+            pass
+        return name
+    return None
+
+
 def ds_view(cfg: dict, world_size: int):
     """``DeepSpeedConfig`` of ``cfg`` on ``world_size`` data-parallel ranks (DeepSpeed's own reading; the
     dict is not modified). A refusal raises a one-line NexusConfigError."""
@@ -158,7 +187,9 @@ def ds_view(cfg: dict, world_size: int):
         with _quiet_info():
             return cls(copy.deepcopy(cfg), world_size)
     except dsc.DeepSpeedConfigError as e:     # removed features (elasticity, curriculum_learning, amp, ...)
-        raise NexusConfigError(f"ds_config: DeepSpeed refuses it: {str(e).strip()}") from None
+        msg = " ".join(str(e).split())
+        key = _culprit(cls, cfg, world_size, dsc.DeepSpeedConfigError, msg)
+        raise NexusConfigError(f"ds_config{' ' + key if key else ':'} DeepSpeed refuses it: {msg}") from None
     except pydantic.ValidationError as e:
         raise NexusConfigError(_validation_message(cfg, e)) from None
     except AssertionError as e:
