@@ -136,13 +136,21 @@ ACCEPTED = [
      {"optimizer": {"lr": 5e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}}),   # torch AdamW: 0.01
     ("hjson-comments-trailing-commas", os.path.join(DATA, "megatron_gpt_125m_z1.hjson"), 16,
      {"k": 4, "zero_stage": 1, "ds": {"steps_per_print": 40}}),
+    ("megatron-fp16", with_nexus(megatron_heredoc(256, 4, 1, dtype="fp16")), 16,     # dynamic loss scale
+     {"k": 4, "fp16": True, "ds": {"fp16.loss_scale_window": 2000, "fp16.initial_scale_power": 11}}),
+    ("dschat-fp16-default", with_nexus(dschat_generated(dtype="fp16")), 4,
+     {"k": 2, "fp16": True, "ds": {"fp16.loss_scale_window": 200}}),
+    ("bloom-fp16", os.path.join(DATA, "bloom_style_fp16.json"), 8,
+     {"k": 64, "fp16": True, "ds": {"fp16.loss_scale_window": 32000, "steps_per_print": 128000}}),
+    ("fp16-static-scale", with_nexus(megatron_heredoc(64, 4, 2, dtype="none", fp16={"enabled": True,
+                                                                                   "loss_scale": 1024})), 4,
+     {"k": 4, "fp16": True, "ds": {"fp16.loss_scale": 1024}}),
     ("base64", _b64(with_nexus(megatron_heredoc(16, 2, 2))), 2, {"k": 4}),
     ("json-text", json.dumps(with_nexus(megatron_heredoc(16, 2, 2))), 4, {"k": 2}),
 ]
 
 REFUSED = [
     # Megatron-DeepSpeed
-    ("megatron-fp16", with_nexus(megatron_heredoc(256, 4, 1, dtype="fp16")), 16, "ds_config fp16.enabled=true"),
     ("megatron-legacy-curriculum", with_nexus(megatron_heredoc(256, 4, 1, curriculum_learning={
         "enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8, "max_difficulty": 1024,
         "schedule_type": "fixed_linear", "schedule_config": {"total_curriculum_step": 15000,
@@ -164,7 +172,6 @@ REFUSED = [
                                                                   "sources": ["a", "b"]}), 9,
      "9 rank(s) cannot be split into 2 equal source groups"),
     # DeepSpeed-Chat
-    ("dschat-fp16-default", with_nexus(dschat_generated(dtype="fp16")), 4, "ds_config fp16.enabled=true"),
     ("dschat-offload", with_nexus(dschat_generated(offload=True, stage=3)), 4,
      "zero_optimization.offload_optimizer.device='cpu'"),
     ("dschat-hybrid-engine", with_nexus(dschat_generated(hybrid=True)), 4, "hybrid_engine.enabled=true"),
@@ -183,8 +190,6 @@ REFUSED = [
                                              "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme",
                                                                                                   "nvme_path": "/x"}}}),
      2, "zero_optimization.offload_param.device='nvme'"),
-    # BLOOM era
-    ("bloom-fp16", os.path.join(DATA, "bloom_style_fp16.json"), 8, "ds_config fp16.enabled=true"),
     # DeepSpeedExamples optimizers
     ("examples-lamb", with_nexus(examples_style("Lamb", {"lr": 11e-3, "weight_decay": 0.01, "bias_correction": False,
                                                           "max_coeff": 0.3, "min_coeff": 0.01})), 2,
@@ -231,6 +236,8 @@ REFUSED = [
     ("bf16-master-weights", with_nexus(megatron_heredoc(64, 4, 2, bf16={"enabled": True,
                                                                         "bf16_master_weights_and_grads": True})), 4,
      "bf16.bf16_master_weights_and_grads"),
+    ("fp16-master-weights", with_nexus(megatron_heredoc(64, 4, 2, dtype="none", fp16={
+        "enabled": True, "fp16_master_weights_and_grads": True})), 4, "fp16.fp16_master_weights_and_grads=true"),
     ("no-grad-norm", with_nexus(megatron_heredoc(64, 4, 2, zero_optimization={"stage": 2, "compute_grad_norm": False})),
      4, "zero_optimization.compute_grad_norm=false"),
     ("deepcompile", with_nexus(megatron_heredoc(64, 4, 3, compile={"deepcompile": True})), 4, "compile.deepcompile=true"),
@@ -382,3 +389,91 @@ def test_megatron_style_config_trains_like_the_reference():
         for got, want in zip(out["hist"], ref):
             assert float((got - want).norm() / want.norm()) <= 1e-5
         assert torch.equal(out["hist"][-1], res[0]["hist"][-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp16 with DeepSpeed's loss scaling, 2 ranks. DeepSpeed's CPU accelerator reports no fp16 on this machine
+# (is_fp16_supported() is false: no mkldnn fp16), so the worker tells DeepSpeed it has it; the model then
+# runs in torch's CPU half precision, DeepSpeed's loss scaler, overflow check and unscaling run unchanged.
+
+def fp16_config(stage, scale=None, power=None, window=None, nexus=None):
+    from tests.ds_reference import SOURCES
+    from tests.ds_workers import GAMMA, K
+
+    fp16 = {"enabled": True, "loss_scale": scale or 0, "hysteresis": 2, "min_loss_scale": 1}
+    if power is not None:
+        fp16["initial_scale_power"] = power
+    if window is not None:
+        fp16["loss_scale_window"] = window
+    return {"train_batch_size": 4 * K * 2, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
+            "gradient_clipping": 1.0, "fp16": fp16, "steps_per_print": 10 ** 6,
+            "nexus": nexus or {"sources": list(SOURCES), "gamma": GAMMA, "gamma_mode": "absolute"}}
+
+
+def _fp16_worker(rank, world, specs):
+    from deepspeed.accelerator import get_accelerator
+
+    from nexus_megatron.engines.deepspeed import initialize
+    from tests.ds_reference import batch, loss_fn, make_model, param_groups
+    from tests.ds_workers import LR, STEPS, WD, full_params
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+
+    def micro_step(eng):
+        x, y = batch(eng.source_for_micro_step(), eng.outer_steps, eng.micro_step, eng.readers()[0])
+        eng.backward(loss_fn(eng, x.half(), y.half()).float())
+        return eng.step()
+
+    out = {}
+    for name, cfg in specs:
+        model = make_model()
+        eng = initialize(model, cfg, optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
+        start = full_params(eng)
+        hist, infos, scales = [], [], []
+        while eng.outer_steps < STEPS:
+            info = micro_step(eng)
+            scales.append(float(eng.ds_engine.optimizer.loss_scale if hasattr(eng.ds_engine.optimizer, "loss_scale")
+                                else eng.ds_engine.optimizer.cur_scale))
+            if info is not None:
+                infos.append(info)
+                hist.append(full_params(eng))
+        out[name] = {"start": start, "hist": hist, "infos": infos, "scales": scales, "counters": eng.counters()}
+    return out
+
+
+FP16 = [("static-256-z2", fp16_config(2, scale=256)), ("static-4096-z2", fp16_config(2, scale=4096)),
+        ("grow-z0", fp16_config(0, power=8, window=1)), ("grow-z2", fp16_config(2, power=8, window=1)),
+        ("grow-z3", fp16_config(3, power=8, window=1)), ("overflow-z2", fp16_config(2, power=16)),
+        ("overflow-z3", fp16_config(3, power=16))]
+
+
+def test_fp16_loss_scale_cancels_and_an_overflow_skips_the_outer_step():
+    """fp16 on 2 ranks at ZeRO 0/2/3. (1) The loss scale cancels: static scales 256 and 4096, and a dynamic
+    scale that doubles every outer step (loss_scale_window 1, x k = 2 DeepSpeed steps), give the same
+    trajectory bit for bit, within 3e-4 of the fp32 reference. At ZeRO-1/2 this needs the adapter's correction
+    for DeepSpeed unscaling the handed gradients by the freshly doubled scale (without it: 1e-2 off).
+    (2) Starting at 2^16 the gradients overflow: DeepSpeed skips the client step, the whole outer step is
+    skipped on every rank (theta stays exactly at the start), the scale halves, and training goes on."""
+    from tests.distributed import run_distributed
+    from tests.ds_reference import reference_run
+    from tests.ds_workers import GAMMA, K, LR, STEPS, WD
+
+    res = run_distributed(_fp16_worker, 2, FP16, timeout=600)
+    ref = reference_run("sequential", 3, 2, STEPS, K, GAMMA, lr=LR, wd=WD, clip=1.0)
+    base = res[0]["static-256-z2"]["hist"]
+    for r in range(2):
+        for name, _ in FP16:
+            out = res[r][name]
+            assert torch.equal(out["hist"][-1], res[0][name]["hist"][-1])          # ranks agree
+            if name.startswith("overflow"):
+                assert [i["skipped"] for i in out["infos"]] == [True, False, False]
+                assert out["counters"] == {"outer_steps": 2, "skipped_steps": 1, "skipped_sources": 0}
+                assert torch.equal(out["hist"][0], out["start"]) and not torch.equal(out["hist"][1], out["start"])
+                assert out["scales"][0] == 2.0 ** 16 and out["scales"][-1] == 2.0 ** 15
+                continue
+            assert not any(i["skipped"] for i in out["infos"])
+            for got, want, same in zip(out["hist"], ref, base):
+                assert torch.equal(got, same), name
+                assert float((got - want).norm() / want.norm()) <= 3e-4
+        grow = res[r]["grow-z2"]["scales"]
+        assert grow == [256.0, 256.0, 512.0, 512.0, 1024.0, 1024.0]     # doubled every k = 2 micro-steps

@@ -331,6 +331,7 @@ class _NexusCore:
         self.stats = NexusStats()
         self.stats.reset_step(self.K)
         self.clip_scale = 1.0
+        self.scale_before = 1.0
         self.param_gather = None
         """:class:`~.param_gather.DeferredParamGather` with ``nexus.overlap_param_gather`` (ZeRO-1/2), else None."""
         self.pre_outer_step = None
@@ -426,6 +427,7 @@ class _NexusCore:
         self.last = self.micro == self.k - 1
         self.in_step, self.exchanged, self.seen = True, False, set()
         self.group_list = list(self.client.param_groups)   # before DeepSpeed narrows it to one group per call
+        self.scale_before = float(getattr(self.ds_opt, "loss_scale", 1.0) or 1.0)   # fp16: the backward's loss scale
 
     def end_micro(self) -> Optional[dict]:
         """After DeepSpeed's step(): detect a skipped client step, finish an outer step."""
@@ -485,6 +487,10 @@ class _NexusCore:
             if n is None:
                 raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm)")
             n = float(n)
+            if self.kind == "zero12":
+                # fp16: DeepSpeed's ZeRO-1/2 divides the norm by the backward's loss scale but the gradients it
+                # hands over by the scale it has just updated (x2 at a growth step): normalize what is handed
+                n *= self.scale_before / float(getattr(self.ds_opt, "loss_scale", 1.0) or 1.0)
             return torch.tensor(n * n if (math.isfinite(n) and n >= 0) else float("nan"), dtype=torch.float64)
         return sum_sq([p.grad for p in current if p.grad is not None]).cpu()
 

@@ -75,6 +75,8 @@ class PreparedConfig:
     (engines/deepspeed/param_gather.py)."""
     param_gather_bucket_size: int = 40_000_000
     """``nexus.param_gather_bucket_size``: elements of the gathered parameters per bucket."""
+    fp16: bool = False
+    """fp16 with DeepSpeed's loss scaling (an overflow poisons the outer step it falls in)."""
     optimizer: Optional[dict] = None
     """The outer AdamW's settings from the ds_config's ``optimizer`` section (``torch.optim.AdamW`` keyword
     arguments, DeepSpeed's defaults filled in), or None without one."""
@@ -379,12 +381,10 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
                     raise NexusConfigError(
                         f"ds_config optimizer.params.{key}={value!r} conflicts with {outer_optimizer_where} "
                         f"({key}={outer_optimizer[key]!r}): give it in one place, or make them equal")
-    if view.float16_config.enabled:
-        raise NexusConfigError(
-            "ds_config fp16.enabled=true: not supported under Nexus. Each micro-step's gradient is normalized, so "
-            "the loss scale itself cancels, but every overflow of the dynamic loss scale then poisons a whole outer "
-            "step (k micro-steps), and DeepSpeed's fp16 path cannot be run and verified here (no fp16 on the CPU "
-            "accelerator). Use \"bf16\": {\"enabled\": true} (same memory, no loss scaling)")
+    fp16 = view.float16_config
+    if fp16.enabled and fp16.fp16_master_weights_and_grads:
+        raise NexusConfigError("ds_config fp16.fp16_master_weights_and_grads=true: Nexus keeps theta_t + delta in the "
+                               "master weights, which must be fp32 (fp16 would round the inner steps away); remove it")
     if view.torch_autocast_enabled:
         raise NexusConfigError("ds_config torch_autocast.enabled=true is not supported by the Nexus adapter yet; "
                                "use \"bf16\": {\"enabled\": true}")
@@ -501,6 +501,10 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
         fp = view.flops_profiler_config
         if fp.enabled and fp.profile_step is not None:
             cfg.setdefault("flops_profiler", {})["profile_step"] = int(fp.profile_step) * k
+        if fp16.enabled and not fp16.loss_scale:
+            # the dynamic loss scale grows after loss_scale_window overflow-free DeepSpeed steps (micro-steps here):
+            # x k keeps the growth rate per k micro-batches, i.e. per optimizer step, that the config was tuned for
+            cfg["fp16"]["loss_scale_window"] = int(fp16.loss_scale_window) * k
     else:
         cfg["gradient_accumulation_steps"] = k
         cfg["gradient_clipping"] = float(clip)
@@ -508,10 +512,11 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
     if world is not None:
         ds_view(cfg, dp)                    # what DeepSpeed will be given passes DeepSpeed's own checks
     bf16 = bool(view.bfloat16_config.enabled)
+    fp16_on = bool(fp16.enabled)
     return PreparedConfig(ds=cfg, k=k, micro_batch=mb, clip=float(clip), layout=layout, nexus=nexus,
                           zero_stage=stage, bf16=bf16, dp_size=dp, user=user, overlap_param_gather=overlap_pg,
                           param_gather_bucket_size=int(section.get("param_gather_bucket_size", 40_000_000)),
-                          optimizer=adamw)
+                          optimizer=adamw, fp16=fp16_on)
 
 
 def default_trainer_ds_config(micro_batch: int, k: int) -> dict:
@@ -529,7 +534,7 @@ def check_run_config(cfg, world_size: Optional[int] = None) -> PreparedConfig:
     n, o = cfg.nexus, cfg.optim
     layout = LayoutConfig(mode=n.layout, sources=tuple(cfg.data.sources),
                           weights=tuple(cfg.data.weights) if cfg.data.weights else None, seed=n.seed)
-    return prepare_ds_config(
+    prepared = prepare_ds_config(
         raw, world_size=world_size, micro_steps=t.micro_steps, layout=layout,
         nexus=NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
                           max_consecutive_skips=n.max_consecutive_skips),
@@ -538,6 +543,11 @@ def check_run_config(cfg, world_size: Optional[int] = None) -> PreparedConfig:
         layout_where="the YAML (nexus.layout / data.sources / data.weights / nexus.seed)", nexus_where="nexus",
         outer_optimizer={"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay},
         outer_optimizer_where="the YAML's optim.lr / optim.beta1, optim.beta2 / optim.eps / optim.weight_decay")
+    if prepared.fp16:
+        raise NexusConfigError("ds_config fp16.enabled=true: the trainer on DeepSpeed runs fp32 or bf16 (fp16 is "
+                               "supported through the Python API, engines.deepspeed.initialize); use \"bf16\": "
+                               "{\"enabled\": true}")
+    return prepared
 
 
 __all__ = ["NEXUS_KEYS", "PreparedConfig", "load_ds_config", "prepare_ds_config", "default_trainer_ds_config",
