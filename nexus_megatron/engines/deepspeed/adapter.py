@@ -427,7 +427,8 @@ class _NexusCore:
         self.last = self.micro == self.k - 1
         self.in_step, self.exchanged, self.seen = True, False, set()
         self.group_list = list(self.client.param_groups)   # before DeepSpeed narrows it to one group per call
-        self.scale_before = float(getattr(self.ds_opt, "loss_scale", 1.0) or 1.0)   # fp16: the backward's loss scale
+        if self.kind == "zero12":   # fp16: the loss scale of this micro-step's backward (see _local_sq)
+            self.scale_before = float(self.ds_opt.loss_scale)
 
     def end_micro(self) -> Optional[dict]:
         """After DeepSpeed's step(): detect a skipped client step, finish an outer step."""
@@ -490,7 +491,7 @@ class _NexusCore:
             if self.kind == "zero12":
                 # fp16: DeepSpeed's ZeRO-1/2 divides the norm by the backward's loss scale but the gradients it
                 # hands over by the scale it has just updated (x2 at a growth step): normalize what is handed
-                n *= self.scale_before / float(getattr(self.ds_opt, "loss_scale", 1.0) or 1.0)
+                n *= self.scale_before / float(self.ds_opt.loss_scale)
             return torch.tensor(n * n if (math.isfinite(n) and n >= 0) else float("nan"), dtype=torch.float64)
         return sum_sq([p.grad for p in current if p.grad is not None]).cpu()
 
