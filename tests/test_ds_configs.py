@@ -444,7 +444,9 @@ def _fp16_worker(rank, world, specs):
 FP16 = [("static-256-z2", fp16_config(2, scale=256)), ("static-4096-z2", fp16_config(2, scale=4096)),
         ("grow-z0", fp16_config(0, power=8, window=1)), ("grow-z2", fp16_config(2, power=8, window=1)),
         ("grow-z3", fp16_config(3, power=8, window=1)), ("overflow-z2", fp16_config(2, power=16)),
-        ("overflow-z3", fp16_config(3, power=16))]
+        ("overflow-z3", fp16_config(3, power=16)),
+        ("grow-source-parallel-z2", fp16_config(2, power=8, window=1, nexus={
+            "layout": "source-parallel", "sources": ["web", "code"], "gamma": 0.05, "gamma_mode": "absolute"}))]
 
 
 def test_fp16_loss_scale_cancels_and_an_overflow_skips_the_outer_step():
@@ -472,6 +474,10 @@ def test_fp16_loss_scale_cancels_and_an_overflow_skips_the_outer_step():
                 assert out["scales"][0] == 2.0 ** 16 and out["scales"][-1] == 2.0 ** 15
                 continue
             assert not any(i["skipped"] for i in out["infos"])
+            if "source-parallel" in name:    # one source group per rank, each with its own loss scaler
+                sp_ref = reference_run("source-parallel", 2, 2, STEPS, K, GAMMA, lr=LR, wd=WD, clip=1.0)
+                assert all(float((g - w).norm() / w.norm()) <= 3e-4 for g, w in zip(out["hist"], sp_ref))
+                continue
             for got, want, same in zip(out["hist"], ref, base):
                 assert torch.equal(got, same), name
                 assert float((got - want).norm() / want.norm()) <= 3e-4
