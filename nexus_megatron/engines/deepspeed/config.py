@@ -415,8 +415,8 @@ def prepare_ds_config(ds_config, *, world_size: Optional[int], micro_steps: Opti
                                    "forward sees to int8 blocks, a rounding far larger than the inner steps "
                                    "theta_t + delta at which Nexus evaluates the gradients; remove it")
     if z.zero_quantized_gradients:
-        raise NexusConfigError("ds_config zero_optimization.zero_quantized_gradients=true: ZeRO++ gradient quantization "
-                               "needs DeepSpeed's CUDA quantizer kernels and is not verified under Nexus; remove it")
+        raise NexusConfigError("ds_config zero_optimization.zero_quantized_gradients=true: ZeRO++ gradient "
+                               "quantization needs DeepSpeed's CUDA quantizer kernels and is not verified under Nexus; remove it")
     if z.zero_hpz_partition_size > 1:
         raise NexusConfigError(f"ds_config zero_optimization.zero_hpz_partition_size={z.zero_hpz_partition_size}: "
                                "ZeRO++ hierarchical "
