@@ -288,14 +288,14 @@ def _set(cfg, path, value):
 
 
 @pytest.mark.parametrize("path,value,needle", [
-    (("optimizer",), {"type": "AdamW", "params": {"lr": 1e-3}}, "ds_config 'optimizer' section"),
-    (("fp16", "enabled"), True, "fp16.enabled=true"),
+    (("optimizer",), {"type": "Lamb", "params": {"lr": 1e-3}}, "ds_config optimizer.type='Lamb'"),
+    (("fp16", "enabled"), True, "bfloat16 and fp16 modes cannot be simultaneously enabled"),  # bf16 is on too
     (("gradient_accumulation_steps",), 3, "gradient_accumulation_steps=3 but micro_steps=2"),
     (("nexus", "gamam"), 1.0, "unknown setting 'nexus.gamam'; did you mean 'nexus.gamma'?"),
     (("nexus", "layout"), "source-parallel", "nexus.layout='source-parallel' conflicts with layout_config.mode"),
     (("train_batch_size",), 12, "train_batch_size=12"),
     (("zero_optimization", "offload_optimizer"), {"device": "cpu"}, "offload_optimizer.device='cpu'"),
-    (("bf16", "enabled"), "auto", "bf16.enabled='auto'"),
+    (("bf16", "enabled"), "auto", "'auto' values in bf16.enabled"),
     (("zero_optimization", "elastic_checkpoint"), True, "elastic_checkpoint"),
     (("checkpoint", "writer"), {"decoupled": True}, "checkpoint.writer.decoupled=true"),
     (("datastates_ckpt",), {"host_cache_size": 1}, "datastates_ckpt"),

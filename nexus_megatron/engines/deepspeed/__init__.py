@@ -1,4 +1,4 @@
-"""Nexus on DeepSpeed (ZeRO stages 0-3, fp32 and bf16, sequential and source-parallel layouts).
+"""Nexus on DeepSpeed (ZeRO stages 0-3, fp32, bf16 and fp16, sequential and source-parallel layouts).
 
 Public API (see docs/deepspeed.md)::
 
@@ -10,7 +10,8 @@ Public API (see docs/deepspeed.md)::
 
 and :func:`build_deepspeed_engine` for the trainer (``train.engine: deepspeed``).
 
-Importing this package does not import DeepSpeed; :mod:`.config` is pure Python.
+Importing this package does not import DeepSpeed; reading a ds_config does (:mod:`.ds_view`: DeepSpeed's
+own loader and ``DeepSpeedConfig``).
 """
 from __future__ import annotations
 

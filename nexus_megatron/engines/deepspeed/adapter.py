@@ -274,6 +274,7 @@ class _NexusCore(BookViews):
         self.loaded = False
         self._legacy_delta = False
         self.clip_scale = 1.0
+        self.scale_before = 1.0
         self.param_gather = None
         """:class:`~.param_gather.DeferredParamGather` with ``nexus.overlap_param_gather`` (ZeRO-1/2), else None."""
         self.pre_outer_step = None
@@ -383,6 +384,8 @@ class _NexusCore(BookViews):
         self.last = self.book.last_micro
         self.in_step, self.exchanged, self.seen = True, False, set()
         self.group_list = list(self.client.param_groups)   # before DeepSpeed narrows it to one group per call
+        if self.kind == "zero12":   # fp16: the loss scale of this micro-step's backward (see _local_sq)
+            self.scale_before = float(self.ds_opt.loss_scale)
 
     def end_micro(self) -> Optional[dict]:
         """After DeepSpeed's step(): detect a skipped client step, finish an outer step."""
@@ -429,6 +432,10 @@ class _NexusCore(BookViews):
             if n is None:
                 raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm)")
             n = float(n)
+            if self.kind == "zero12":
+                # fp16: DeepSpeed's ZeRO-1/2 divides the norm by the backward's loss scale but the gradients it
+                # hands over by the scale it has just updated (x2 at a growth step): normalize what is handed
+                n *= self.scale_before / float(self.ds_opt.loss_scale)
             return torch.tensor(n * n if (math.isfinite(n) and n >= 0) else float("nan"), dtype=torch.float64)
         return sum_sq([p.grad for p in current if p.grad is not None]).cpu()
 
@@ -876,6 +883,11 @@ def initialize(model, ds_config, layout_config: Optional[LayoutConfig] = None,
     if prepared.k == 1:
         log.warning("Nexus with gradient_accumulation_steps=1 (k=1) is AdamW on the normalized gradient: there "
                     "is no inner loop and no alignment term; use k >= 2")
+    if prepared.optimizer is not None:     # the ds_config's Adam/AdamW section is the outer AdamW
+        if optimizer is not None:
+            raise NexusConfigError("ds_config 'optimizer' section and initialize(optimizer=...) both given: "
+                                   "keep one (DeepSpeed would silently use the latter)")
+        optimizer = prepared.optimizer
     client = client_optimizer_from(optimizer, model, model_parameters)
     deepspeed = prepare_deepspeed_runtime()
     if layout is None:
