@@ -3,34 +3,39 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
-from .errors import CheckpointError, DataError, NexusConfigError, NexusNonFiniteError
+from .errors import USER_ERRORS, NexusConfigError
+from .launcher import launch_torchrun
 
 
 def _under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
-def launch_torchrun(nproc: int, argv: list) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", os.environ.get("MASTER_PORT", "29531"), "-m", "nexus_megatron.cli", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+def check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        raise NexusConfigError(f"--nproc {nproc}: must be >= 1 (processes on this machine)")
 
 
 def cmd_train(args) -> int:
     from .config import load_config
 
+    check_nproc(args.nproc)
     cfg = load_config(args.config, args.set)   # bad settings fail here, before any process is spawned
     if args.nproc > 1 and not _under_launcher():
+        from .runlock import HELD_ENV, acquire
+        from .train import preflight
+
+        preflight(cfg, args.nproc)   # layout split, data, vocabulary, run_dir: before any worker starts
         argv = ["train", "--config", args.config] if args.config else ["train"]
         for s in args.set:
             argv += ["--set", s]
-        return launch_torchrun(args.nproc, argv)
+        lock = acquire(cfg.train.run_dir)   # one live run per run_dir, held until every worker has exited
+        try:
+            return launch_torchrun(args.nproc, argv, {HELD_ENV: os.path.abspath(cfg.train.run_dir)})
+        finally:
+            lock.release()
     from .train import train
 
     summary = train(cfg)
@@ -156,9 +161,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (NexusConfigError, DataError, NexusNonFiniteError, CheckpointError) as e:
-        print(f"nexus-megatron: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        msg = " ".join(str(e).split())   # one line
+        if _under_launcher():
+            from .launcher import report_error
+            if report_error(msg):   # a worker of `--nproc N`: the command prints it once
+                return 2
+        print(f"nexus-megatron: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if _under_launcher():   # Ctrl-C / SIGINT forwarded to the job: the command reports it
+            return 128 + 2
+        raise
 
 
 if __name__ == "__main__":

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
-from .cli import launch_torchrun
 from .config import load_config
+from .launcher import launch_torchrun, master_port, run_job
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def launch_deepspeed(nproc: int, argv: list) -> int:
-    """``deepspeed --num_gpus N --module nexus_megatron.cli ...`` (CPU processes with gloo when there is no GPU)."""
+    """``deepspeed --num_gpus N --module nexus_megatron.cli ...`` (CPU processes with gloo when there is no GPU),
+    run as one job (signals reach every process, a worker's input error is printed once: launcher.py)."""
     import torch
 
     env = dict(os.environ)
@@ -23,8 +23,8 @@ def launch_deepspeed(nproc: int, argv: list) -> int:
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")   # torch's all_gather_into_tensor deprecation, inside DeepSpeed
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(nproc),
-           "--master_port", env.get("MASTER_PORT", "29533"), "--module", "nexus_megatron.cli", *argv]
-    return subprocess.call(cmd, env=env)
+           "--master_port", str(master_port()), "--module", "nexus_megatron.cli", *argv]
+    return run_job(cmd, env)
 
 
 def quickstart(args) -> int:
