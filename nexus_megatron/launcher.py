@@ -166,6 +166,7 @@ def run_job(cmd: list, env: Optional[dict] = None, grace_s: Optional[float] = No
     error_dir = tempfile.mkdtemp(prefix="nexus-errors-")
     env[ERROR_DIR_ENV] = error_dir
     grace = float(os.environ.get(GRACE_ENV, "30") if grace_s is None else grace_s)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(1, int(grace))))   # torchrun's own grace when signalled
     received = []
     proc = None
 
@@ -183,8 +184,9 @@ def run_job(cmd: list, env: Optional[dict] = None, grace_s: Optional[float] = No
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         if received:   # a signal arrived while starting
             forward(received[-1], None)
-        rc = proc.wait()
-        if received:
+        while proc.poll() is None and not received:
+            time.sleep(0.2)
+        if received:   # forwarded by `forward`; wait (bounded) until no process of the job is left
             if not _wait_gone(proc, job_id, time.time() + grace):
                 _signal_group(proc.pid, signal.SIGKILL)
                 _signal_all(job_processes(job_id), signal.SIGKILL)
@@ -193,6 +195,7 @@ def run_job(cmd: list, env: Optional[dict] = None, grace_s: Optional[float] = No
             print(f"nexus-megatron: stopped by {signal.Signals(sig).name}; every process of the job has exited "
                   "(rerun the same command to resume from the last checkpoint)", file=sys.stderr)
             return 128 + int(sig)
+        rc = proc.returncode
         # a normal end: no process of the job may outlive it
         left = job_processes(job_id)
         if left:
