@@ -13,8 +13,10 @@ def load_run(run_dir: str):
         raise NexusConfigError(f"{run_dir} has no summary.json: is it a finished run directory?")
     fix = f"is {run_dir} a finished run directory? (rerun the run, or leave it out of the comparison)"
     summary = read_json_file(sp, fix, NexusConfigError)
-    if not isinstance(summary, dict) or "optimizer" not in summary:
-        raise NexusConfigError(f"{sp} is not a run summary (no 'optimizer'): {fix}")
+    need = ("optimizer", "final", "tokens", "wall_s", "skipped_steps", "skipped_sources")
+    missing = [k for k in need if not isinstance(summary, dict) or k not in summary]
+    if missing or not isinstance(summary["final"], dict):
+        raise NexusConfigError(f"{sp} is not a run summary (missing {', '.join(missing) or 'final'}): {fix}")
     metrics = read_jsonl(mp, fix, NexusConfigError) if os.path.isfile(mp) else []
     return summary, metrics
 
