@@ -72,6 +72,7 @@ def cmd_sharpness(args) -> int:
 def cmd_quickstart(args) -> int:
     from .quickstart import quickstart
 
+    check_nproc(args.nproc)
     return quickstart(args)
 
 

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Optional
@@ -179,7 +180,8 @@ def run_job(cmd: list, env: Optional[dict] = None, grace_s: Optional[float] = No
         _signal_group(proc.pid, kill)
         _signal_all(job_processes(job_id), kill)
 
-    old = {s: signal.signal(s, forward) for s in FORWARDED}
+    main_thread = threading.current_thread() is threading.main_thread()   # handlers can only be set there
+    old = {s: signal.signal(s, forward) for s in FORWARDED} if main_thread else {}
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         if received:   # a signal arrived while starting

@@ -1,4 +1,4 @@
-"""Every input error is one line and exit status 2, by class (docs/reliability.md, "Bad input"): each test
+"""Every input error is one line and exit status 2, by class (docs/reliability.md, by class): each test
 covers a whole class, most of them generically (every declared setting, every way a file can be unusable),
 rather than one row. The CLI form is checked with ``one_line``: status 2, a single stderr line
 ``nexus-megatron: error: ...``, no traceback."""

@@ -95,3 +95,22 @@ def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(data, tmp_path):
     rc, out = stop(proc, lines, fired, signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM, out[-3000:]
     assert not stray_workers(config), stray_workers(config)
+
+
+def test_deepspeed_launcher_job_is_stopped_whole(tmp_path):
+    """The deepspeed launcher path (`quickstart --engine deepspeed` runs it through the same launcher.run_job):
+    two stand-in workers (tests/sleeper.py) under `deepspeed --num_gpus 2`; SIGTERM to the command leaves
+    nothing of the job."""
+    from tests.distributed import free_port as port
+    ds = os.path.join(os.path.dirname(os.sys.executable), "deepspeed")
+    script = ("import sys; from nexus_megatron.launcher import run_job; "
+              f"sys.exit(run_job([{ds!r}, '--num_gpus', '2', '--master_port', '{port()}', '--module', 'tests.sleeper']))")
+    proc, lines, fired = start([os.sys.executable, "-c", script], DS_ACCELERATOR="cpu")
+    assert fired.wait(180), "".join(lines[-60:])
+    deadline = time.time() + 60
+    while sum("[NEXUS_FAULT_INJECT]" in l for l in lines) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert sum("[NEXUS_FAULT_INJECT]" in l for l in lines) == 2, "".join(lines[-60:])
+    rc, out = stop(proc, lines, fired, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
+    assert not stray_workers(LAST_JOB["id"]), stray_workers(LAST_JOB["id"])
