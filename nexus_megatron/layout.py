@@ -308,7 +308,7 @@ class SourceParallelLayout(SourceLayout):
         self.group_size = source_parallel_group_size(self.num_sources, self.dp_size, self.sources)
         self.my_source = self.dp_rank // self.group_size
         self.pos_in_group = self.dp_rank % self.group_size
-        self.source_group, self.cross_group = _build_source_groups(self.dp_ranks, K, self.group_size)
+        self.source_group, self.cross_group = _build_source_groups(self.dp_ranks, self.num_sources, self.group_size)
 
     def source_for(self, step, micro):
         return self.my_source
