@@ -11,7 +11,7 @@ import pytest
 
 from nexus_megatron.cli import main
 from nexus_megatron.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, WandbConfig, load_config
-from nexus_megatron.errors import CheckpointError, DataError, NexusConfigError
+from nexus_megatron.errors import CheckpointError, NexusConfigError
 from tests.conftest import write_synthetic_data
 
 SECTIONS = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig),
