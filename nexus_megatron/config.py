@@ -80,6 +80,13 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:   # an integer beyond the float range
+        return False
+
+
 def check_value(value, r: Rule, name: str):
     """``value`` checked against ``r`` (a NexusConfigError naming ``name`` and the rule otherwise); returns it,
     a numeric string converted for a float setting."""
@@ -105,7 +112,7 @@ def check_value(value, r: Rule, name: str):
                 value = float(value)
             except ValueError:
                 raise NexusConfigError(f"{name}={value!r}: must be a finite number") from None
-        if not _is_number(value) or not math.isfinite(value):
+        if not _is_number(value) or not _finite(value):
             raise NexusConfigError(f"{name}={value!r}: must be a finite number")
         if not _in_range(value, r):
             raise NexusConfigError(f"{name}={value!r}: must be {_range_text(r)}")
@@ -130,7 +137,7 @@ def check_value(value, r: Rule, name: str):
                     "and parts of metric keys such as loss/<source> and cos/<a>|<b>)")
         return value
     if k == "numbers":
-        if not isinstance(value, list) or not all(_is_number(v) and math.isfinite(v) for v in value):
+        if not isinstance(value, list) or not all(_is_number(v) and _finite(v) for v in value):
             raise NexusConfigError(f"{name}={value!r}: must be a list of finite numbers, e.g. [1, 2, 1]")
         return value
     raise AssertionError(f"unknown rule kind {k!r} of {name}")

@@ -331,3 +331,8 @@ def test_deepspeed_checkpoint_missing_one_ranks_file(tmp_path, monkeypatch):
         A._check_rank_files(str(tmp_path), "step_00000002")
     (d / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
     A._check_rank_files(str(tmp_path), "step_00000002")
+
+
+def test_an_integer_beyond_the_float_range_is_not_finite():
+    with pytest.raises(NexusConfigError, match=r"^optim\.lr=1000+: must be a finite number$"):
+        load_config(None, ["optim.lr=1" + "0" * 400])
