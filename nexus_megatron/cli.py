@@ -6,8 +6,13 @@ import argparse
 import os
 import sys
 
-from .errors import CheckpointError, DataError, NexusConfigError, NexusNonFiniteError
-from .tools.launch import launch_torchrun, under_launcher
+from .errors import USER_ERRORS, NexusConfigError
+from .launcher import launch_torchrun, under_launcher
+
+
+def check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        raise NexusConfigError(f"--nproc {nproc}: must be >= 1 (processes on this machine)")
 
 
 def cmd_train(args) -> int:
@@ -15,12 +20,21 @@ def cmd_train(args) -> int:
 
     if args.allow_changed:   # --allow-changed A,B -> --set train.allow_changed=[A, B]
         args.set = list(args.set) + [f"train.allow_changed=[{', '.join(k.strip() for k in args.allow_changed.split(',') if k.strip())}]"]
+    check_nproc(args.nproc)
     cfg = load_config(args.config, args.set)   # bad settings fail here, before any process is spawned
     if args.nproc > 1 and not under_launcher():
+        from .runlock import HELD_ENV, acquire
+        from .train import preflight
+
+        preflight(cfg, args.nproc)   # layout split, data, vocabulary, run_dir: before any worker starts
         argv = ["train", "--config", args.config] if args.config else ["train"]
         for s in args.set:
             argv += ["--set", s]
-        return launch_torchrun(args.nproc, argv)
+        lock = acquire(cfg.train.run_dir)   # one live run per run_dir, held until every worker has exited
+        try:
+            return launch_torchrun(args.nproc, argv, {HELD_ENV: os.path.abspath(cfg.train.run_dir)})
+        finally:
+            lock.release()
     from .train import train
 
     summary = train(cfg)
@@ -57,6 +71,7 @@ def cmd_sharpness(args) -> int:
 def cmd_quickstart(args) -> int:
     from .tools.quickstart import quickstart
 
+    check_nproc(args.nproc)
     return quickstart(args)
 
 
@@ -162,9 +177,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (NexusConfigError, DataError, NexusNonFiniteError, CheckpointError) as e:
-        print(f"nexus-megatron: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        msg = " ".join(str(e).split())   # one line
+        if under_launcher():
+            from .launcher import report_error
+            if report_error(msg):   # a worker of `--nproc N`: the command prints it once
+                return 2
+        print(f"nexus-megatron: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if under_launcher():   # Ctrl-C / SIGINT forwarded to the job: the command reports it
+            return 128 + 2
+        raise
 
 
 if __name__ == "__main__":

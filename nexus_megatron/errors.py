@@ -15,3 +15,15 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (truncated, corrupted, or a ``latest`` naming nothing)."""
+
+
+class RunLockError(RuntimeError):
+    """Another live run holds ``train.run_dir`` (its lock file names the pid and host)."""
+
+
+class ReportedError(RuntimeError):
+    """An input error a worker process reported (one line); the launching command prints it once."""
+
+
+USER_ERRORS = (NexusConfigError, DataError, NexusNonFiniteError, CheckpointError, RunLockError, ReportedError)
+"""Errors the CLI prints as one line, ``nexus-megatron: error: ...``, with exit status 2 (no traceback)."""

@@ -1,4 +1,5 @@
-"""Fault handling helpers: a token-range check for prepared data (an out-of-vocabulary id is an error
+"""Fault handling helpers: one-line errors for unreadable or malformed JSON files (manifest.json, summary.json,
+metrics.jsonl, with a partial last line tolerated), a token-range check for prepared data (an out-of-vocabulary id is an error
 before compute, not an index error or a CUDA device-side assert mid-run), and a fault-injection hook
 used only by the tests (tests/test_faults.py, tests/test_faults_engines.py, tests/test_bad_inputs.py).
 
@@ -18,6 +19,7 @@ The hook is driven by the environment variable ``NEXUS_FAULT_INJECT``, a comma-s
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -95,3 +97,49 @@ def check_token_range(path: str, tokens: np.ndarray, vocab_size: int, name: str,
                 f"source {name!r}: {path} holds token id {int(part[pos])} at position {s + pos}, outside the "
                 f"tokenizer vocabulary (manifest.json vocab_size={vocab_size}): the file is corrupted or was "
                 "written with another tokenizer; re-run `nexus-megatron prepare-data`")
+
+
+# ---------------------------------------------------------------------------------------------------
+# files written by this package, read back with one-line errors (a file-system fault names the path and the fix)
+
+def read_json_file(path: str, fix: str, error=DataError):
+    """The JSON object in ``path``; an unreadable or malformed file is ``error`` naming the path and ``fix``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise error(f"{path} does not exist: {fix}") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"{path} is not valid JSON ({' '.join(str(e).split())}): {fix}") from None
+
+
+def read_jsonl(path: str, fix: str, error=DataError) -> list:
+    """The objects of a JSON-lines file such as metrics.jsonl. A partial last line (a run stopped while
+    writing it) is dropped with a warning on stderr; a malformed line elsewhere is ``error`` naming the line."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").split("\n")
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"nexus-megatron: warning: {path}: the last line ({i + 1}) is incomplete (a run stopped while "
+                      "writing it); ignored", file=sys.stderr)
+                break
+            raise error(f"{path} line {i + 1} is not a JSON object ({' '.join(str(e).split())}): {fix}") from None
+        out.append(rec)
+    return out

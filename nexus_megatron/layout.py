@@ -288,27 +288,32 @@ class SequentialLayout(SourceLayout):
         return out
 
 
+def source_parallel_group_size(K: int, D: int, sources=()) -> int:
+    """Ranks per source group of the source-parallel layout with ``K`` sources on ``D`` data-parallel ranks,
+    or the error saying why the ranks cannot be split (pure: the launcher checks it before any worker starts)."""
+    if K > D:
+        raise NexusConfigError(
+            f"nexus.layout=source-parallel: {K} sources ({', '.join(sources)}) but only {D} "
+            f"data-parallel rank(s); each source needs its own group of ranks. Use at least {K} "
+            "data-parallel ranks, fewer data.sources, or nexus.layout=sequential")
+    if D % K:
+        lo, hi = (D // K) * K, (D // K + 1) * K
+        raise NexusConfigError(
+            f"nexus.layout=source-parallel: the data-parallel size {D} is not a multiple of the number "
+            f"of sources {K}, so the ranks cannot be split into equal source groups. Use {lo} or {hi} "
+            "data-parallel ranks, change data.sources, or use nexus.layout=sequential")
+    return D // K
+
+
 class SourceParallelLayout(SourceLayout):
     mode = "source-parallel"
 
     def __init__(self, cfg, dp_group=None, norm_group=None):
         super().__init__(cfg, dp_group, norm_group)
-        K, D = self.num_sources, self.dp_size
-        if K > D:
-            raise NexusConfigError(
-                f"nexus.layout=source-parallel: {K} sources ({', '.join(self.sources)}) but only {D} "
-                f"data-parallel rank(s); each source needs its own group of ranks. Use at least {K} "
-                "data-parallel ranks, fewer data.sources, or nexus.layout=sequential")
-        if D % K:
-            lo, hi = (D // K) * K, (D // K + 1) * K
-            raise NexusConfigError(
-                f"nexus.layout=source-parallel: the data-parallel size {D} is not a multiple of the number "
-                f"of sources {K}, so the ranks cannot be split into equal source groups. Use {lo} or {hi} "
-                "data-parallel ranks, change data.sources, or use nexus.layout=sequential")
-        self.group_size = D // K
+        self.group_size = source_parallel_group_size(self.num_sources, self.dp_size, self.sources)
         self.my_source = self.dp_rank // self.group_size
         self.pos_in_group = self.dp_rank % self.group_size
-        self.source_group, self.cross_group = _build_source_groups(self.dp_ranks, K, self.group_size)
+        self.source_group, self.cross_group = _build_source_groups(self.dp_ranks, self.num_sources, self.group_size)
 
     def source_for(self, step, micro):
         return self.my_source

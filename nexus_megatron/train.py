@@ -17,10 +17,13 @@ from .checkpoint import atomic_write_text, clean_stale_tmp
 from .config import RunConfig, to_dict
 from .data.shards import open_sources
 from .errors import DataError, NexusConfigError
+from .errors import RunLockError
 from .faults import fault_point, inject_loss
-from .layout import LayoutConfig, build_layout
+from .layout import LayoutConfig, build_layout, source_parallel_group_size
 from .models import build_model, count_params, lm_loss
 from .resume import check_resume, default_settings, read_run_id, run_record, write_run_id
+from .runlock import acquire as acquire_run_lock
+from .runlock import held_by_launcher
 from .safe_load import rng_to_plain, set_rng_from_plain
 from .sharpness import build_sharpness_hook
 
@@ -96,8 +99,20 @@ def sample_counts(layout, steps: int, k: int, B: int) -> list:
     return counts
 
 
-def check_data_budget(cfg: RunConfig, layout, sources) -> None:
-    need = sample_counts(layout, cfg.train.steps, cfg.train.micro_steps, cfg.data.micro_batch_size)
+def planned_sample_counts(cfg: RunConfig, world: int) -> list:
+    """:func:`sample_counts` of the layout a job of ``world`` data-parallel ranks will build, computed in one
+    process (the launcher, before it starts the workers; checks the split of the ranks into source groups)."""
+    names, t = cfg.data.sources, cfg.train
+    if cfg.nexus.layout == "source-parallel":
+        group = source_parallel_group_size(len(names), world, names)
+        return [t.steps * t.micro_steps * group * cfg.data.micro_batch_size] * len(names)
+    one = build_layout(_layout_config(cfg))   # sequential: every rank reads the same source in a micro-step
+    return [world * c for c in sample_counts(one, t.steps, t.micro_steps, cfg.data.micro_batch_size)]
+
+
+def check_data_budget(cfg: RunConfig, layout, sources, need=None) -> None:
+    if need is None:
+        need = sample_counts(layout, cfg.train.steps, cfg.train.micro_steps, cfg.data.micro_batch_size)
     for i, name in enumerate(cfg.data.sources):
         have = sources[name].train.windows
         if need[i] > have * cfg.data.max_epochs:
@@ -237,8 +252,86 @@ def build_engine(cfg: RunConfig, model, layout):
     raise NexusConfigError(f"train.engine={name!r}: use plain or deepspeed")
 
 
+def _layout_config(cfg: RunConfig) -> LayoutConfig:
+    d = cfg.data
+    return LayoutConfig(mode=cfg.nexus.layout, sources=tuple(d.sources),
+                        weights=tuple(d.weights) if d.weights else None, seed=cfg.nexus.seed)
+
+
+def check_vocab_size(cfg: RunConfig, manifest: dict) -> int:
+    vocab = cfg.model.vocab_size or int(manifest["vocab_size"])
+    if vocab < int(manifest["vocab_size"]):
+        raise NexusConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
+                               f"({manifest['vocab_size']}): remove model.vocab_size or raise it")
+    return vocab
+
+
+def prepare_run_dir(run_dir: str) -> None:
+    """Create ``run_dir`` (and its checkpoints/) or say in one line why it cannot be used."""
+    where = f"train.run_dir={run_dir!r}"
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise NexusConfigError(f"{where} is a file, not a directory: choose another train.run_dir")
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    except OSError as e:
+        raise NexusConfigError(f"{where} cannot be created ({e.strerror or e}: {e.filename or run_dir}): choose a "
+                               "train.run_dir on a writable file system") from None
+    probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise NexusConfigError(f"{where} is not writable ({e.strerror or e}): fix its permissions or choose "
+                               "another train.run_dir") from None
+
+
+def preflight(cfg: RunConfig, world: int) -> None:
+    """Everything about a run of ``world`` processes that can be checked in one process before any worker
+    starts: the split of the ranks into source groups, the data (manifest, files, token ids, enough
+    sequences for the run), the model's vocabulary, the run directory. ``nexus-megatron train --nproc N``
+    calls it in the launching command; each worker repeats the checks in :func:`train`."""
+    d = cfg.data
+    need = planned_sample_counts(cfg, world)
+    manifest, sources = open_sources(d.path, list(d.sources), list(d.ood), d.seq_len, cfg.train.seed)
+    check_vocab_size(cfg, manifest)
+    check_data_budget(cfg, None, sources, need=need)
+    prepare_run_dir(cfg.train.run_dir)
+
+
+def take_run_lock(cfg: RunConfig, rank: int, world: int, held: list) -> None:
+    """Rank 0 takes run_dir's lock (unless the launching command holds it); every rank fails if it cannot."""
+    run_dir = cfg.train.run_dir
+    if held_by_launcher(run_dir):
+        return
+    err = None
+    if rank == 0:
+        try:
+            prepare_run_dir(run_dir)
+            held.append(acquire_run_lock(run_dir))
+        except (RunLockError, NexusConfigError) as e:
+            err = e
+    if world > 1:   # every rank learns whether rank 0 got it (the others stop with a pointer to rank 0's error)
+        local_device()
+        flag = _all_reduce(torch.tensor([1.0 if err is not None else 0.0]), op=dist.ReduceOp.MAX)
+        if err is None and float(flag[0]):
+            raise RunLockError(f"train.run_dir={run_dir!r}: rank 0 could not take the run lock (its error says why)")
+    if err is not None:
+        raise err
+
+
 def train(cfg: RunConfig) -> dict:
-    """Run (or resume) one training run; returns the summary (rank 0 also writes it to summary.json)."""
+    """Run (or resume) one training run; returns the summary (rank 0 also writes it to summary.json).
+    Rank 0 holds run_dir's lock (``run.lock``) for the duration of the run."""
+    held: list = []
+    try:
+        return _train(cfg, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _train(cfg: RunConfig, held: list) -> dict:
     t_start = time.time()
     rank, world = init_distributed(cfg.train.collective_timeout_s)
     if cfg.train.threads:
@@ -249,15 +342,12 @@ def train(cfg: RunConfig) -> dict:
     names, ood = list(d.sources), list(d.ood)
 
     # -- everything that can be wrong is checked before compute -----------------------------------
-    layout = build_layout(LayoutConfig(mode=cfg.nexus.layout, sources=tuple(names),
-                                       weights=tuple(d.weights) if d.weights else None, seed=cfg.nexus.seed))
+    layout = build_layout(_layout_config(cfg))
     manifest, sources = open_sources(d.path, names, ood, d.seq_len, tr.seed)
-    vocab = cfg.model.vocab_size or int(manifest["vocab_size"])
-    if vocab < int(manifest["vocab_size"]):
-        raise NexusConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
-                               f"({manifest['vocab_size']}): remove model.vocab_size or raise it")
+    vocab = check_vocab_size(cfg, manifest)
     check_data_budget(cfg, layout, sources)
-    # a resume must not change the run (resume.py): checked before anything in run_dir is written
+    take_run_lock(cfg, rank, world, held)   # one live run per run_dir
+    # a resume must not change the run (resume.py): checked before anything else in run_dir is written
     record = run_record(to_dict(cfg), manifest, world)
     run_id = check_resume(run_dir, record, tr.allow_changed, defaults=default_settings()) if tr.resume else None
     if rank == 0:

@@ -1,4 +1,4 @@
-"""Bad configurations and inputs through the trainer (docs/reliability.md has the full table, with the
+"""Bad configurations and inputs through the trainer (docs/reliability.md groups them by class, with the
 rows already covered elsewhere): each is an exact error raised before compute starts (the model is
 never built, or no training step runs), or the documented recovery during the run."""
 import json

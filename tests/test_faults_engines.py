@@ -110,7 +110,7 @@ def test_deepspeed_kill9_mid_step_then_mid_checkpoint_then_resume(ds_reference):
 
 def test_latest_naming_a_missing_or_partial_checkpoint_is_an_error(tmp_path):
     """A `latest` that names no complete checkpoint (someone deleted it) is an error, not a silent restart
-    from step 0 (row 27 of docs/reliability.md; the plain engine: test_bad_inputs.py)."""
+    from step 0 (docs/reliability.md, "checkpoints that cannot be resumed from"; the plain engine: test_bad_inputs.py)."""
     pytest.importorskip("megatron.core")
     from nexus_megatron.engines.deepspeed.adapter import _latest_tag
     from nexus_megatron.engines.megatron.checkpoint import latest_checkpoint

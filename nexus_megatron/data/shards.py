@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..faults import check_token_range
+from ..faults import check_token_range, read_json_file
 from ..layout import hash_seed
 
 
@@ -27,8 +27,16 @@ def load_manifest(path: str) -> dict:
         raise DataError(
             f"data.path={path!r} has no manifest.json: prepare it first with "
             f"`nexus-megatron prepare-data --out {path}` (or point data.path at a prepared directory)")
-    with open(mf) as f:
-        return json.load(f)
+    manifest = read_json_file(mf, "re-run `nexus-megatron prepare-data` for this directory")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict) or \
+            not isinstance(manifest.get("vocab_size"), int):
+        raise DataError(f"{mf} is not a prepare-data manifest (it needs 'sources' and an integer 'vocab_size'): "
+                        "re-run `nexus-megatron prepare-data` for this directory")
+    for name, info in manifest["sources"].items():
+        if not isinstance(info, dict) or info.get("dtype") not in ("uint16", "uint32"):
+            raise DataError(f"{mf}: source {name!r} has no token dtype (uint16 or uint32): the manifest is damaged; "
+                            "re-run `nexus-megatron prepare-data` for this directory")
+    return manifest
 
 
 VERIFIED_CACHE = ".verified.json"

@@ -1,22 +1,23 @@
 """Side-by-side comparison of finished runs: a table on stdout and a PNG plot."""
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import NexusConfigError
+from ..faults import read_json_file, read_jsonl
 
 
 def load_run(run_dir: str):
     sp, mp = os.path.join(run_dir, "summary.json"), os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(sp):
         raise NexusConfigError(f"{run_dir} has no summary.json: is it a finished run directory?")
-    with open(sp) as f:
-        summary = json.load(f)
-    metrics = []
-    if os.path.isfile(mp):
-        with open(mp) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
+    fix = f"is {run_dir} a finished run directory? (rerun the run, or leave it out of the comparison)"
+    summary = read_json_file(sp, fix, NexusConfigError)
+    need = ("optimizer", "final", "tokens", "wall_s", "skipped_steps", "skipped_sources")
+    missing = [k for k in need if not isinstance(summary, dict) or k not in summary]
+    if missing or not isinstance(summary["final"], dict):
+        raise NexusConfigError(f"{sp} is not a run summary (missing {', '.join(missing) or 'final'}): {fix}")
+    metrics = read_jsonl(mp, fix, NexusConfigError) if os.path.isfile(mp) else []
     return summary, metrics
 
 

@@ -34,6 +34,14 @@ def resolve_model(spec: str):
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     if not os.path.isdir(spec):
         raise NexusConfigError(f"--model {spec}: not a directory, a .gguf file or 'smollm2'")
+    files = os.listdir(spec)
+    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt")) or f.endswith(".index.json")]
+    if "config.json" not in files or not weights:
+        missing = " and ".join(w for w, gone in (("config.json", "config.json" not in files),
+                                                  ("weights (*.safetensors / pytorch_model*.bin)", not weights)) if gone)
+        raise NexusConfigError(f"--model {spec}: the directory has no {missing}, so it holds no model (a tokenizer "
+                               "alone is not enough): give a directory written by save_pretrained, a .gguf file "
+                               "or 'smollm2'")
     return spec, None
 
 
@@ -53,7 +61,11 @@ def load_model_and_tokenizer(spec: str, device: Optional[str] = "cpu"):
     except (OSError, ValueError) as e:
         raise DataError(f"--model {spec}: no tokenizer could be loaded ({e}); the command tokenizes with the "
                         "model's own tokenizer, so the directory must contain one") from None
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"--model {spec}: the model cannot be loaded ({' '.join(str(e).split())[:300]}); give a "
+                        "directory written by save_pretrained, a .gguf file or 'smollm2'") from None
     if device is not None:
         model.to(device)
     model.eval()

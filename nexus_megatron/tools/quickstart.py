@@ -5,7 +5,8 @@ import os
 import time
 
 from ..config import load_config
-from .launch import launch_deepspeed, launch_torchrun
+from ..launcher import launch_torchrun
+from .launch import launch_deepspeed
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 

@@ -49,6 +49,7 @@ import copy
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict
 from typing import Optional
@@ -936,6 +937,25 @@ def _latest_tag(ckpt_root) -> Optional[str]:
     return tag
 
 
+def _check_rank_files(ckpt_root, tag) -> None:
+    """Every data-parallel rank's ``zero_pp_rank_<r>_*`` file is in checkpoint ``tag`` (a missing one would be a
+    FileNotFoundError inside DeepSpeed on that rank only)."""
+    d = os.path.join(ckpt_root, tag)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    by_kind: dict = {}
+    for name in os.listdir(d):
+        m = re.match(r"zero_pp_rank_(\d+)_(.+)$", name)
+        if m:
+            by_kind.setdefault(m.group(2), set()).add(int(m.group(1)))
+    for kind, ranks in sorted(by_kind.items()):
+        missing = sorted(set(range(world)) - ranks)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {d} is incomplete: {os.path.join(d, f'zero_pp_rank_{missing[0]}_{kind}')} (rank "
+                f"{missing[0]}'s file) is missing; delete {d} and point 'latest' at an earlier step_* directory, or "
+                "start a new run_dir")
+
+
 def _outer_param_groups(cfg, model):
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     o = cfg.optim
@@ -1003,6 +1023,7 @@ class DeepSpeedNexusEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
+        _check_rank_files(ckpt_root, tag)
         _, client_state = self.nexus.load_checkpoint(ckpt_root, tag=tag)
         return client_state[_TRAINER_KEY]
 
@@ -1105,6 +1126,7 @@ class DeepSpeedAdamWEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
+        _check_rank_files(ckpt_root, tag)
         _, client_state = safe_ds_load(self.ds, ckpt_root, tag=tag)   # runs no pickled code
         return client_state[_TRAINER_KEY]
 
