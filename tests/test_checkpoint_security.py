@@ -5,7 +5,7 @@ with a one-line error naming the file, and the file is never created, on the pla
 state we add to DeepSpeed checkpoints and in the files of Megatron ``dist_checkpointing`` checkpoints. A
 checkpoint written the old way (pickled numpy RNG state, no format marker) is refused, converted by the
 explicit step (``nexus-megatron convert-checkpoint``), then resumes and continues bitwise like an
-uninterrupted run. About 2-4 min on 2 shared CPU cores (one DeepSpeed and one Megatron spawn of 2 ranks)."""
+uninterrupted run. 3.5-4.5 min on 2 shared CPU cores (one DeepSpeed and one Megatron spawn of 2 ranks)."""
 import json
 import os
 import random
