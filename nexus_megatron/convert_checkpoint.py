@@ -16,6 +16,7 @@ import glob
 import io
 import json
 import os
+import pickle
 
 import torch
 
@@ -68,9 +69,14 @@ def convert_file(path: str, extra_globals=()) -> bool:
     try:
         safe_torch_load(path, extra_globals=extra_globals)
         return False
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, pickle.UnpicklingError):
         pass
-    obj = torch.load(path, map_location="cpu", weights_only=False)   # the user chose to trust this file
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)   # the user chose to trust this file
+    except Exception as e:   # truncated or not a checkpoint
+        raise CheckpointError(f"convert-checkpoint: {path} cannot be read ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); it was not "
+                              "changed") from e
     buf = io.BytesIO()
     torch.save(to_plain(obj), buf)
     buf.seek(0)

@@ -62,8 +62,11 @@ def safe_torch_load(path, map_location="cpu", extra_globals: Iterable = (), ckpt
         with torch.serialization.safe_globals(list(extra_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = _unpickling_reason(e)
+        if reason.startswith("Unsupported operand"):   # not a pickle at all: damaged, not dangerous
+            raise pickle.UnpicklingError(f"not a torch checkpoint ({reason})") from e
         raise UnsafeCheckpointError(
-            f"checkpoint file {path} holds Python objects that a safe load refuses ({_unpickling_reason(e)}); it "
+            f"checkpoint file {path} holds Python objects that a safe load refuses ({reason}); it "
             f"was written before checkpoint format {FORMAT} or by something else: "
             f"{convert_hint(ckpt_dir or os.path.dirname(str(path)))}") from e
 

@@ -5,7 +5,7 @@ with a one-line error naming the file, and the file is never created, on the pla
 state we add to DeepSpeed checkpoints and in the files of Megatron ``dist_checkpointing`` checkpoints. A
 checkpoint written the old way (pickled numpy RNG state, no format marker) is refused, converted by the
 explicit step (``nexus-megatron convert-checkpoint``), then resumes and continues bitwise like an
-uninterrupted run. About 2-4 min on 2 shared CPU cores (one DeepSpeed and one Megatron spawn of 2 ranks)."""
+uninterrupted run. 3.5-4.5 min on 2 shared CPU cores (one DeepSpeed and one Megatron spawn of 2 ranks)."""
 import json
 import os
 import random
@@ -160,6 +160,14 @@ def test_convert_checkpoint_errors_are_one_line(tmp_path, capsys):
                    "directory, a checkpoint root or one checkpoint directory",
                    f"nexus-megatron: error: convert-checkpoint: no checkpoint under {tmp_path} (looked for state.pt, "
                    "DeepSpeed's *_states.pt and Megatron's common.pt + metadata.json)"]
+    bad = tmp_path / "step_00000001"
+    bad.mkdir()
+    (bad / "state.pt").write_bytes(b"not a checkpoint")
+    assert main(["convert-checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nexus-megatron: error: convert-checkpoint: {bad}/state.pt cannot be "
+                                               "read (UnpicklingError: "), err
+    assert err[0].endswith("); it was not changed") and (bad / "state.pt").read_bytes() == b"not a checkpoint"
 
 
 # -- DeepSpeed: the Nexus state inside DeepSpeed's optimizer files, and the trainer's client state -----------
