@@ -41,9 +41,9 @@ RESERVED_SOURCE_NAMES = ("ood",)
 @dataclass(frozen=True)
 class Rule:
     """What values a setting takes: ``kind`` is ``int``, ``float``, ``bool``, ``str``, ``choice`` (one of
-    ``choices``), ``names`` (a list of source names) or ``numbers`` (a list of finite numbers); ``lo``/``hi``
-    bound numbers (``lo_open``/``hi_open``: strict); ``optional``: null (None) allowed; ``nonempty``: a
-    list or string must not be empty."""
+    ``choices``), ``names`` (a list of source names), ``keys`` (a list of setting names) or ``numbers`` (a
+    list of finite numbers); ``lo``/``hi`` bound numbers (``lo_open``/``hi_open``: strict); ``optional``: null
+    (None) allowed; ``nonempty``: a list or string must not be empty."""
 
     kind: str
     lo: Optional[float] = None
@@ -135,6 +135,11 @@ def check_value(value, r: Rule, name: str):
                     f"{name}: {v!r} is not a source name: use letters, digits, '_', '-' and '.' (not first, no "
                     f"'..'), not {', '.join(RESERVED_SOURCE_NAMES)} (names become directories under data.path "
                     "and parts of metric keys such as loss/<source> and cos/<a>|<b>)")
+        return value
+    if k == "keys":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise NexusConfigError(f"{name}={value!r}: must be a list of setting names, e.g. "
+                                   "[model.num_heads, world.size]")
         return value
     if k == "numbers":
         if not isinstance(value, list) or not all(_is_number(v) and _finite(v) for v in value):
@@ -252,7 +257,7 @@ class TrainConfig:
     """0 = only at the end."""
     resume: bool = field(default=True, metadata=rule("bool"))
     """Continue from run_dir/checkpoints/latest if it exists."""
-    allow_changed: list = field(default_factory=list)
+    allow_changed: list = field(default_factory=list, metadata=rule("keys"))
     """Settings a resume may change beyond the always-changeable ones (``--allow-changed KEY,...``; a section
     name covers its keys, ``all`` everything): docs/training.md#resume."""
     engine: str = field(default="plain", metadata=rule("choice", choices=ENGINES))
@@ -400,9 +405,6 @@ def validate_run_config(cfg: RunConfig) -> None:
     overlap = set(d.sources) & set(d.ood)
     if overlap:
         raise NexusConfigError(f"data.ood {sorted(overlap)} also in data.sources: a held-out source must not be trained on")
-    if not isinstance(t.allow_changed, list) or not all(isinstance(k, str) and k for k in t.allow_changed):
-        raise NexusConfigError(f"train.allow_changed={t.allow_changed!r}: must be a list of setting names, e.g. "
-                               "[model.num_heads, world.size]")
     if o.min_lr > o.lr:
         raise NexusConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
     if n.layout not in LAYOUTS:
