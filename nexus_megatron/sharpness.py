@@ -96,7 +96,8 @@ def validate_sharpness_config(cfg: SharpnessConfig, where: str = "sharpness") ->
 # the update direction
 # ---------------------------------------------------------------------------------------------------
 
-def _adam_hyper(optimizer, group) -> tuple:
+def adam_hyper(optimizer, group) -> tuple:
+    """(beta1, beta2, eps, weight decay, decoupled) of an Adam/AdamW param group."""
     beta1, beta2 = (float(b) for b in group["betas"])
     decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
     return beta1, beta2, float(group["eps"]), float(group.get("weight_decay", 0.0)), decoupled
@@ -148,7 +149,7 @@ def adamw_direction(optimizer: torch.optim.Optimizer, params: Optional[Sequence[
             continue
         if group.get("amsgrad", False):
             raise NexusConfigError("critical sharpness: amsgrad AdamW is not supported")
-        beta1, beta2, eps, wd, decoupled = _adam_hyper(optimizer, group)
+        beta1, beta2, eps, wd, decoupled = adam_hyper(optimizer, group)
         if group.get("maximize", False):
             g = -g
         if wd and not decoupled:
@@ -182,7 +183,7 @@ def update_adam_moments(optimizer: torch.optim.Optimizer, params: Optional[Seque
     for group, p, g in _param_grad_pairs(optimizer, params, grads):
         if g is None:
             continue
-        beta1, beta2, _, wd, decoupled = _adam_hyper(optimizer, group)
+        beta1, beta2, _, wd, decoupled = adam_hyper(optimizer, group)
         if group.get("maximize", False):
             g = -g
         if wd and not decoupled:
@@ -834,9 +835,9 @@ def sharpness_metrics(results: dict, *, lr: float, beta1: float, weight_decay: f
     passes = cost.get("passes", max(x.forward_passes for x in results.values()))
     out["sharpness/forward_passes"] = passes
     out["sharpness/forward_passes_total"] = passes
-    for name in ("probe_tokens", "gathers"):
+    for name, metric in (("probe_tokens", "probe_tokens"), ("gathers", "param_gathers")):
         if name in cost:
-            out[f"sharpness/{name}"] = cost[name]
+            out[f"sharpness/{metric}"] = cost[name]
     out["sharpness/relative_cap_hits"] = capped
     out["sharpness/cap_hits"] = capped + int(r.cap_hit)
     return out

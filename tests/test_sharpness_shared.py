@@ -194,3 +194,33 @@ def test_small_lm_shared_search_equals_separate_searches(synthetic_data):
         finally:
             host.end()
     assert cost["passes"] < total, (cost["passes"], total)
+
+
+def test_study_sharpness_table_uses_medians_of_measured_values_and_cap_counts():
+    """The study report: a capped search is counted, never averaged with measurements (issue 18)."""
+    from types import SimpleNamespace
+
+    from nexus_megatron.study_report import _sharpness_summary, sharpness_table
+
+    def run(values):     # one run's measurements: (mixture lambda_c, ood lambda_c or ("at_most"/"at_least", bound))
+        rows = []
+        for mix, ood in values:
+            r = {"sharpness/forward_passes": 9, "sharpness/lambda_c": mix, "sharpness/threshold": 1000.0}
+            if isinstance(ood, tuple):
+                r[f"sharpness/lambda_c_{ood[0]}/ood"] = ood[1]
+            else:
+                r["sharpness/lambda_c/ood"] = ood
+            rows.append(r)
+        return {"sharpness_all": rows, "sharpness": rows[-1]}
+
+    data = {"adamw": {0: run([(100.0, 10.0), (1000.0, ("at_least", 1e9))]),
+                      1: run([(10.0, 100.0), (100.0, ("at_most", 1e-3))])}}
+    st = SimpleNamespace(arms={})
+    table = sharpness_table(st, data, ["adamw"], ["mixture", "ood"])
+    row = table.splitlines()[2].split(" | ")
+    # mixture: log10 of 100, 1000, 10, 100 -> median 2.00; per-seed medians 2.5 and 1.5
+    assert row[2] == "2.00 [1.50, 2.50]; 0/4 capped"
+    # ood: measured 10 and 100 only (the bounds 1e9 and 1e-3 would drag any mean), 2 of 4 capped
+    assert row[3] == "1.50 [1.00, 2.00]; 2/4 capped"
+    s = _sharpness_summary(data["adamw"][0])
+    assert s["ood"] == {"median_log10": 1.0, "measured": 1, "capped": 1}
