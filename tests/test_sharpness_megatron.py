@@ -382,7 +382,9 @@ def test_sharded_runs_match_one_process(runs, name, ref):
             ood = "sharpness/lambda_c/ood" if not got["ood"]["cap"] else [k for k in m if k.endswith("/ood")][0]
             assert m[ood] == got["ood"]["lambda_c"]
         # one shared search for the 4 losses, warm-started (separately: ~6 passes each)
-        assert max(m["sharpness/forward_passes"] for m in res["metrics"][1:]) <= 14
+        assert max(m["sharpness/forward_passes"] for m in res["metrics"][1:]) <= 14, [
+            {k: (v["cap"], v["fp"], [f"{e:.3g}" for e in v["etas"]]) for k, v in got.items() if k != "passes"}
+            for got in res["results"]]
     m0, m1 = (r[name]["metrics"] for r in runs)
     for a, b in zip(m0, m1):
         a, b = dict(a), dict(b)
