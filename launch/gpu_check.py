@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 # (model section, vocab, seq_len, micro batch, k micro-steps, timed steps, warm-up steps, measured steps)
-FULL = {"model": None, "vocab": 32000, "seq": 2048, "batch": 4, "k": 4, "steps": 4, "warmup": 2, "measure": 3,
+FULL = {"model": None, "vocab": 50257, "seq": 2048, "batch": 4, "k": 4, "steps": 4, "warmup": 2, "measure": 3,
         "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4}, "small_vocab": 2048, "small_seq": 256,
         "small_batch": 8, "small_steps": 30}
 DRY = {"model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2}, "vocab": 256, "seq": 32, "batch": 2, "k": 2,

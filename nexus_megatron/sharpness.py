@@ -332,6 +332,9 @@ class _LossSearch:
         self.cap_up, self.cap_down = start + m * max_doublings, start - m * max_doublings
         self.m = m
         self.bisect_next = False
+        self.creep = 0
+        """Consecutive own probes that left the loss unbracketed on the same side: the next step is at least
+        2**creep grid cells (a prediction that keeps falling short cannot creep one cell at a time)."""
         self.wanted: Optional[int] = None
         self.trace: list = []
 
@@ -381,7 +384,7 @@ class _LossSearch:
                     c = math.ceil(index_of(root))
             if c is None:
                 c = self.start if self.start > lo else lo + m
-            return int(min(max(c, lo + 1), lo + 4 * m, self.cap_up))
+            return int(min(max(c, lo + 2 ** max(0, min(self.creep - 1, 8))), lo + 4 * m, self.cap_up))
         if lo is None:                                  # rises at every probe: go down
             above = [(j, v) for j, v in pts if j >= hi][:2]
             c = None
@@ -394,7 +397,7 @@ class _LossSearch:
             if c is None:
                 c = self.start if self.start < hi else hi - m
             elif c != self.cap_down:
-                c = max(min(c, hi - 1), hi - 4 * m)
+                c = max(min(c, hi - 2 ** max(0, min(self.creep - 1, 8))), hi - 4 * m)
             return int(max(c, self.cap_down))
         if hi - lo > 2 and self.bisect_next:
             return (lo + hi) // 2
@@ -503,6 +506,7 @@ def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, 
         for s in told:
             lo, hi = s.bracket()
             before = None if lo is None or hi is None else hi - lo
+            side_before = (hi is None, lo is None)
             v = float(vals[s.key])
             s.f[j] = v - s.loss0 if math.isfinite(v) else math.nan
             s.trace.append((eta, v))
@@ -511,6 +515,8 @@ def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, 
             # safeguard: a wide bracket that a predicted probe did not halve is bisected next
             s.bisect_next = bool(j == s.wanted and before is not None and after is not None and after > 2 and
                                  not s.bisect_next and 2 * after > before)
+            side = (hi is None, lo is None)
+            s.creep = s.creep + 1 if (j == s.wanted and side == side_before and any(side)) else 0
     else:
         raise RuntimeError("shared_critical_steps: no convergence (a bug)")
     out = {}
