@@ -96,7 +96,8 @@ def validate_sharpness_config(cfg: SharpnessConfig, where: str = "sharpness") ->
 # the update direction
 # ---------------------------------------------------------------------------------------------------
 
-def _adam_hyper(optimizer, group) -> tuple:
+def adam_hyper(optimizer, group) -> tuple:
+    """(beta1, beta2, eps, weight decay, decoupled) of an Adam/AdamW param group."""
     beta1, beta2 = (float(b) for b in group["betas"])
     decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
     return beta1, beta2, float(group["eps"]), float(group.get("weight_decay", 0.0)), decoupled
@@ -148,7 +149,7 @@ def adamw_direction(optimizer: torch.optim.Optimizer, params: Optional[Sequence[
             continue
         if group.get("amsgrad", False):
             raise NexusConfigError("critical sharpness: amsgrad AdamW is not supported")
-        beta1, beta2, eps, wd, decoupled = _adam_hyper(optimizer, group)
+        beta1, beta2, eps, wd, decoupled = adam_hyper(optimizer, group)
         if group.get("maximize", False):
             g = -g
         if wd and not decoupled:
@@ -182,7 +183,7 @@ def update_adam_moments(optimizer: torch.optim.Optimizer, params: Optional[Seque
     for group, p, g in _param_grad_pairs(optimizer, params, grads):
         if g is None:
             continue
-        beta1, beta2, _, wd, decoupled = _adam_hyper(optimizer, group)
+        beta1, beta2, _, wd, decoupled = adam_hyper(optimizer, group)
         if group.get("maximize", False):
             g = -g
         if wd and not decoupled:
@@ -227,6 +228,9 @@ class CriticalStep:
     loss0: float
     trace: list = field(default_factory=list)
     """[(eta, loss)] of every evaluation, in order (eta = 0 for L0 when it was evaluated here)."""
+    bound: Optional[str] = None
+    """When ``cap_hit``: ``"lower"`` (the loss never rose up to the cap: eta_c >= ``eta_c``, lambda_c <=
+    ``lambda_c``) or ``"upper"`` (it rose at every step down to the cap: eta_c <= ``eta_c``)."""
 
 
 def _rises(loss: float, loss0: float) -> bool:
@@ -273,7 +277,7 @@ def critical_step(loss_at: Callable[[float], float], eta0: float, *, loss0: Opti
             lo = eta
         if hi is None:
             cap_hit = True
-            return CriticalStep(lo, 2.0 / lo, len(trace), True, lo, math.inf, loss0, trace)
+            return CriticalStep(lo, 2.0 / lo, len(trace), True, lo, math.inf, loss0, trace, bound="lower")
     else:                                # the loss rises at eta0: halve until it does not
         lo, hi = None, eta
         for _ in range(max_doublings):
@@ -284,7 +288,7 @@ def critical_step(loss_at: Callable[[float], float], eta0: float, *, loss0: Opti
             hi = eta
         if lo is None:
             cap_hit = True
-            return CriticalStep(hi, 2.0 / hi, len(trace), True, 0.0, hi, loss0, trace)
+            return CriticalStep(hi, 2.0 / hi, len(trace), True, 0.0, hi, loss0, trace, bound="upper")
     while hi - lo > eps * lo * (1 + 1e-12):      # (slack: a bracket of exactly eps*lo may round up)
         mid = 0.5 * (lo + hi)
         if _rises(f(mid), loss0):
@@ -293,6 +297,246 @@ def critical_step(loss_at: Callable[[float], float], eta0: float, *, loss0: Opti
             lo = mid
     eta_c = 0.5 * (lo + hi)
     return CriticalStep(eta_c, 2.0 / eta_c, len(trace), cap_hit, lo, hi, loss0, trace)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one shared line search for every loss along u
+# ---------------------------------------------------------------------------------------------------
+
+def grid_steps(eps: float) -> int:
+    """m such that the search grid ``anchor * 2**(j/m)`` has cells of relative width 2**(1/m) - 1 <= eps
+    (12 for eps = 2**-4: cells of 5.95%)."""
+    if not (0 < eps < 1):
+        raise ValueError(f"eps={eps!r} must be in (0, 1)")
+    return max(1, math.ceil(math.log(2.0) / math.log1p(eps) - 1e-9))
+
+
+def _quadratic_root(x1: float, f1: float, x2: float, f2: float):
+    """(root, slope at 0) of f(x) = a x + b x^2 through (x1, f1), (x2, f2) (and the origin: f(0) = 0 is
+    L(theta) - L0): the root -a/b when b > 0 and a < 0, else None."""
+    if not (x1 > 0 and x2 > 0 and x1 != x2 and math.isfinite(f1) and math.isfinite(f2)):
+        return None, None
+    b = (f2 / x2 - f1 / x1) / (x2 - x1)
+    a = f1 / x1 - b * x1
+    if a < 0 < b:
+        return -a / b, a
+    return None, a
+
+
+class _LossSearch:
+    """The bracket of one loss on the shared grid: probed indices -> L - L0 (NaN/Inf: a rise)."""
+
+    def __init__(self, key: str, start: int, loss0: float, m: int, max_doublings: int):
+        self.key, self.start, self.loss0 = key, start, float(loss0)
+        self.f: Dict[int, float] = {}
+        self.cap_up, self.cap_down = start + m * max_doublings, start - m * max_doublings
+        self.m = m
+        self.bisect_next = False
+        self.creep = 0
+        """Consecutive own probes that left the loss unbracketed on the same side: the next step is at least
+        2**creep grid cells (a prediction that keeps falling short cannot creep one cell at a time)."""
+        self.wanted: Optional[int] = None
+        self.trace: list = []
+
+    def bracket(self):
+        """(lo, hi): lo the largest non-rising index below hi (None: eta = 0, i.e. L0), hi the smallest
+        rising index (None: no rise seen)."""
+        rising = [j for j, v in self.f.items() if _rises(v, 0.0)]
+        hi = min(rising) if rising else None
+        below = [j for j, v in self.f.items() if not _rises(v, 0.0) and (hi is None or j < hi)]
+        return (max(below) if below else None), hi
+
+    def state(self):
+        """'nan', 'done', 'cap_up' (never rose up to the cap), 'cap_down' (rose at every index down to the
+        cap) or 'open'."""
+        if not math.isfinite(self.loss0):
+            return "nan"
+        lo, hi = self.bracket()
+        if lo is not None and hi is not None and hi - lo <= 1:
+            return "done"
+        if hi is None and lo is not None and lo >= self.cap_up:
+            return "cap_up"
+        if lo is None and hi is not None and hi <= self.cap_down:
+            return "cap_down"
+        return "open"
+
+    def informed_by(self, j: int) -> bool:
+        lo, hi = self.bracket()
+        return (lo is None or j > lo) and (hi is None or j < hi)
+
+    def want(self, eta_of: Callable[[float], float], index_of: Callable[[float], float]) -> int:
+        """The index this loss would probe next: its start first; then the crossing predicted by
+        the quadratic through the origin and the two probes nearest it (a guess, never trusted: the
+        bracket decides), the nearer grid point of it first; without a prediction the separate search's
+        rule: double / halve the step (``m`` grid steps), bisect a bracket (and every second probe of
+        a wide bracket whose predicted probe did not halve it)."""
+        lo, hi = self.bracket()
+        m = self.m
+        if not self.f:
+            return self.start
+        pts = sorted((j, v) for j, v in self.f.items() if math.isfinite(v))
+        if hi is None:                                  # no rise yet: go up
+            below = [(j, v) for j, v in pts if j <= lo][-2:]
+            c = None
+            if len(below) == 2:
+                root, _ = _quadratic_root(eta_of(below[0][0]), below[0][1], eta_of(below[1][0]), below[1][1])
+                if root is not None:
+                    c = math.ceil(index_of(root))
+            if c is None:
+                c = self.start if self.start > lo else lo + m
+            return int(min(max(c, lo + 2 ** max(0, min(self.creep - 1, 8))), lo + 4 * m, self.cap_up))
+        if lo is None:                                  # rises at every probe: go down
+            above = [(j, v) for j, v in pts if j >= hi][:2]
+            c = None
+            if len(above) == 2:
+                root, slope = _quadratic_root(eta_of(above[0][0]), above[0][1], eta_of(above[1][0]), above[1][1])
+                if root is not None:
+                    c = math.floor(index_of(root))
+                elif slope is not None and slope >= 0:  # u ascends this loss at 0: check the cap at once
+                    c = self.cap_down if hi <= self.start else hi - m
+            if c is None:
+                c = self.start if self.start < hi else hi - m
+            elif c != self.cap_down:
+                c = max(min(c, hi - 2 ** max(0, min(self.creep - 1, 8))), hi - 4 * m)
+            return int(max(c, self.cap_down))
+        if hi - lo > 2 and self.bisect_next:
+            return (lo + hi) // 2
+        x_lo, x_hi = eta_of(lo), eta_of(hi)
+        f_lo, f_hi = self.f.get(lo, 0.0), self.f[hi]
+        if not math.isfinite(f_hi):
+            return (lo + hi) // 2
+        root = None
+        if lo in self.f:
+            root, _ = _quadratic_root(x_lo, f_lo, x_hi, f_hi)
+        if root is None or not (x_lo < root < x_hi):
+            root = x_lo + (x_hi - x_lo) * (-f_lo) / (f_hi - f_lo) if f_hi > f_lo else 0.5 * (x_lo + x_hi)
+        x = min(max(index_of(root), lo + 1e-9), hi - 1e-9)
+        a, b = math.floor(x), math.ceil(x)
+        near = a if x - a <= b - x else b
+        for c in (near, a if near == b else b):
+            if lo < c < hi:
+                return int(c)
+        return (lo + hi) // 2
+
+
+@dataclass
+class SharedSearch:
+    """What :func:`shared_critical_steps` did: ``etas`` the probes in order (0.0 for L0),
+    ``evaluated`` the losses evaluated at each."""
+
+    etas: list = field(default_factory=list)
+    evaluated: list = field(default_factory=list)
+
+    @property
+    def passes(self) -> int:
+        return len(self.etas)
+
+
+def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, float]],
+                          starts: Dict[str, float], *, anchor: Optional[float] = None,
+                          loss0: Optional[Dict[str, float]] = None, eps: float = 2.0 ** -4,
+                          max_doublings: int = 12):
+    """The line searches of several losses along one direction u, sharing every probe (ALGORITHMS.md §2.2).
+
+    ``losses_at(eta, keys)`` returns ``{key: L_key(theta - eta u)}`` for the named losses from ONE
+    forward pass (the caller concatenates their probe batches; every rank must get the same values).
+    ``starts[key]`` is each loss's first guess of its eta_c (its previous eta_c: a warm start).
+    ``loss0``: the losses at eta = 0 if already known, else they are evaluated first (one pass).
+
+    The probes lie on one geometric grid ``anchor * 2**(j/m)`` (``anchor``: default the first start;
+    ``m = grid_steps(eps)``, cells of relative width <= eps), so a probe at eta informs every loss whose
+    open bracket contains it, and neighbouring losses share bracket ends. Each loss keeps its own
+    bracket [lo, hi] = [the largest non-rising probe below hi, the smallest rising probe] (lo = 0 before
+    any non-rising probe; NaN/Inf rise) and is done when it is one cell ((hi - lo)/lo <= eps, as
+    :func:`critical_step`; eta_c the midpoint) or when it hits the cap of its exponential phase
+    (no rise up to ``start * 2**max_doublings``: eta_c >= that; a rise at every probe down to
+    ``start / 2**max_doublings``: eta_c <= that). The next probe is the index wanted by the most open
+    losses (ties: the widest bracket, unbounded first), evaluated for every loss whose open bracket
+    contains it. Returns ({key: CriticalStep}, :class:`SharedSearch`); ``CriticalStep.forward_passes``
+    counts the passes that evaluated that loss (its L0 included)."""
+    if not (0 < eps < 1):
+        raise ValueError(f"eps={eps!r} must be in (0, 1)")
+    for k, s in starts.items():
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"start of {k!r}: {s!r} must be a finite number > 0")
+    keys = list(starts)
+    m = grid_steps(eps)
+    anchor = float(anchor if anchor is not None else starts[keys[0]])
+    if not (anchor > 0 and math.isfinite(anchor)):
+        raise ValueError(f"anchor={anchor!r} must be a finite number > 0")
+    log_anchor = math.log2(anchor)
+
+    def eta_of(j) -> float:
+        return anchor * 2.0 ** (j / m)
+
+    def index_of(eta: float) -> float:
+        return (math.log2(eta) - log_anchor) * m
+
+    record = SharedSearch()
+    if loss0 is None:
+        base = losses_at(0.0, keys)
+        record.etas.append(0.0)
+        record.evaluated.append(tuple(keys))
+        loss0 = {k: float(base[k]) for k in keys}
+        counted0 = True
+    else:
+        counted0 = False
+    searches = {k: _LossSearch(k, int(round(index_of(starts[k]))), loss0[k], m, max_doublings) for k in keys}
+    for k in keys:
+        searches[k].trace.append((0.0, float(loss0[k])))
+    for _ in range(100000):
+        open_ = [s for s in searches.values() if s.state() == "open"]
+        if not open_:
+            break
+        wants = {}
+        for s in open_:
+            s.wanted = s.want(eta_of, index_of)
+            wants.setdefault(s.wanted, []).append(s)
+
+        def width(s):
+            lo, hi = s.bracket()
+            return math.inf if lo is None or hi is None else hi - lo
+
+        j = max(wants, key=lambda c: (len(wants[c]), max(width(s) for s in wants[c]), -c))
+        told = [s for s in open_ if s.informed_by(j)]
+        eta = eta_of(j)
+        vals = losses_at(eta, [s.key for s in told])
+        record.etas.append(eta)
+        record.evaluated.append(tuple(s.key for s in told))
+        for s in told:
+            lo, hi = s.bracket()
+            before = None if lo is None or hi is None else hi - lo
+            side_before = (hi is None, lo is None)
+            v = float(vals[s.key])
+            s.f[j] = v - s.loss0 if math.isfinite(v) else math.nan
+            s.trace.append((eta, v))
+            lo, hi = s.bracket()
+            after = None if lo is None or hi is None else hi - lo
+            # safeguard: a wide bracket that a predicted probe did not halve is bisected next
+            s.bisect_next = bool(j == s.wanted and before is not None and after is not None and after > 2 and
+                                 not s.bisect_next and 2 * after > before)
+            side = (hi is None, lo is None)
+            s.creep = s.creep + 1 if (j == s.wanted and side == side_before and any(side)) else 0
+    else:
+        raise RuntimeError("shared_critical_steps: no convergence (a bug)")
+    out = {}
+    for k, s in searches.items():
+        passes = len(s.trace) - (0 if counted0 else 1)
+        st = s.state()
+        lo, hi = s.bracket()
+        if st == "nan":
+            out[k] = CriticalStep(math.nan, math.nan, passes, False, math.nan, math.nan, s.loss0, s.trace)
+        elif st == "cap_up":
+            x = eta_of(lo)
+            out[k] = CriticalStep(x, 2.0 / x, passes, True, x, math.inf, s.loss0, s.trace, bound="lower")
+        elif st == "cap_down":
+            x = eta_of(hi)
+            out[k] = CriticalStep(x, 2.0 / x, passes, True, 0.0, x, s.loss0, s.trace, bound="upper")
+        else:
+            x_lo, x_hi = eta_of(lo), eta_of(hi)
+            eta_c = 0.5 * (x_lo + x_hi)
+            out[k] = CriticalStep(eta_c, 2.0 / eta_c, passes, False, x_lo, x_hi, s.loss0, s.trace)
+    return out, record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,6 +622,31 @@ def lm_loss_sum(model, batch: torch.Tensor):
     return float(lm_loss(model, batch, reduction="sum").double()), batch[:, 1:].numel()
 
 
+def lm_loss_sums(model, batches: Sequence[torch.Tensor], loss_fn: Optional[Callable] = None) -> list:
+    """[(sum of next-token cross-entropies (fp64), tokens)] of each [b, L+1] batch, from one forward over
+    all batches of a length concatenated (one forward per distinct length): the per-sequence sums of the
+    per-token losses. ``loss_fn(model, x) -> per-token losses [B*L]`` (default ``models.lm_loss`` with
+    ``reduction='none'``)."""
+    if loss_fn is None:
+        from .models import lm_loss
+
+        def loss_fn(model, x):
+            return lm_loss(model, x, reduction="none")
+    out: list = [None] * len(batches)
+    by_len: Dict[int, List[int]] = {}
+    for i, b in enumerate(batches):
+        by_len.setdefault(int(b.shape[1]), []).append(i)
+    for idx in by_len.values():
+        x = torch.cat([batches[i] for i in idx]) if len(idx) > 1 else batches[idx[0]]
+        per_seq = loss_fn(model, x).reshape(x.shape[0], -1).double().sum(1).cpu()
+        s = 0
+        for i in idx:
+            n = int(batches[i].shape[0])
+            out[i] = (float(per_seq[s:s + n].sum()), batches[i][:, 1:].numel())
+            s += n
+    return out
+
+
 @dataclass
 class ProbeSet:
     """Probe batches: ``batches[name]`` is this rank's share (a list of LongTensors [b, L+1]) of the
@@ -432,71 +701,103 @@ def probe_mode(model):
 
 class SharpnessMeter:
     """lambda_c of the mixture loss and lambda_c(mixture -> each loss) along one direction u, with
-    warm starts from the previous measurement. Every probe reduces [loss sum, tokens] over the
-    data-parallel ranks (fp64) before comparing, so all ranks take the same branch at every step."""
+    warm starts from the previous measurement, from ONE shared line search
+    (:func:`shared_critical_steps`): every probe eta is one forward pass over the concatenated probe
+    batches of the losses it informs, each loss read from its own sequences' summed token losses. Every
+    probe reduces [loss sum, tokens] per probe set over the data-parallel ranks (fp64) before comparing,
+    so all ranks take the same branch at every step.
+
+    ``loss_sums(model, batches) -> [(loss sum, tokens)]`` evaluates a list of batches in one forward
+    (default :func:`lm_loss_sums`); a per-batch ``loss_sum(model, batch)`` is still accepted (then one
+    forward per batch)."""
 
     def __init__(self, model, probe: ProbeSet, host, *, eps: float = 2.0 ** -4, max_doublings: int = 12,
-                 relative: bool = True, loss_sum: Callable = lm_loss_sum):
+                 relative: bool = True, loss_sum: Optional[Callable] = None, loss_sums: Optional[Callable] = None):
         self.model, self.probe, self.host = model, probe, host
         self.eps, self.max_doublings, self.relative = eps, max_doublings, relative
-        self.loss_sum = loss_sum
+        if loss_sums is None and loss_sum is None:
+            loss_sums = lm_loss_sums
+        self.loss_sum, self.loss_sums = loss_sum, loss_sums
         self.prev: Dict[str, float] = {}
         self.measurements = 0
+        self.last_cost: Dict[str, float] = {}
+        """Of the last measurement: ``passes`` (probe etas, L0 included), ``forward_calls`` (model
+        invocations on this rank), ``gathers`` (parameter gathers of a sharded host: one per move on
+        ZeRO-1/2 and Megatron's distributed optimizer, one per forward call on ZeRO-3; 0 replicated),
+        ``probe_tokens`` (tokens evaluated, all ranks)."""
+        self._calls = self._tokens = 0
 
     # -- losses ------------------------------------------------------------------------------------
     def losses(self, names: Sequence[str]) -> Dict[str, float]:
-        """Mean per-token loss of each named probe set at the current parameters (one all-reduce)."""
+        """Mean per-token loss of each named probe set at the current parameters: one forward over all
+        their batches, one all-reduce."""
         t = torch.zeros(len(names), 2, dtype=torch.float64)
+        owner, batches = [], []
         for i, n in enumerate(names):
             for b in self.probe.batches[n]:
-                s, c = self.loss_sum(self.model, b)
+                owner.append(i)
+                batches.append(b)
+        if batches:
+            if self.loss_sums is not None:
+                sums = self.loss_sums(self.model, batches)
+                self._calls += 1
+            else:
+                sums = [self.loss_sum(self.model, b) for b in batches]
+                self._calls += len(batches)
+            for i, (s, c) in zip(owner, sums):
                 t[i, 0] += s
                 t[i, 1] += c
         self.host.all_reduce(t)
+        self._tokens += int(t[:, 1].sum())
         return {n: float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else math.nan for i, n in enumerate(names)}
 
     def _mixture(self, per: Dict[str, float]) -> float:
         return sum(w * per[n] for n, w in self.probe.mixture.items())
 
+    def targets(self) -> Dict[str, List[str]]:
+        """{loss key: the probe sets it reads}: "mixture", every training source, "ood" (mean of the OOD sets)."""
+        probe = self.probe
+        out = {"mixture": list(probe.mixture)}
+        if self.relative:
+            out.update({n: [n] for n in probe.sources})
+            if probe.ood:
+                out["ood"] = list(probe.ood)
+        return out
+
+    def _value(self, key: str, sets: List[str], per: Dict[str, float]) -> float:
+        if key == "mixture":
+            return self._mixture(per)
+        return sum(per[n] for n in sets) / len(sets)
+
     # -- one measurement ---------------------------------------------------------------------------
     def measure(self, u: Sequence[torch.Tensor], eta0: float, master=None) -> dict:
-        """Run the searches along ``u`` (first time from ``eta0``, e.g. the current lr; afterwards from
-        the previous eta_c of each loss). Parameters are bitwise restored on return. Returns
-        {"mixture": CriticalStep, "<source>": CriticalStep, ..., "ood": CriticalStep}."""
-        host, probe = self.host, self.probe
-        mix_names, ood = list(probe.mixture), list(probe.ood)
-        rel_names = list(probe.sources) if self.relative else []
-        results = {}
+        """The shared search along ``u`` (first time from ``eta0``, e.g. the current lr; afterwards every
+        loss from its previous eta_c, a loss without one from the mixture's). Parameters are bitwise
+        restored on return. Returns {"mixture": CriticalStep, "<source>": CriticalStep, ..., "ood": ...}."""
+        host = self.host
+        targets = self.targets()
+        moves = [0]
+        self._calls = self._tokens = 0
+
+        def losses_at(eta: float, keys: Sequence[str]) -> Dict[str, float]:
+            host.move(eta)
+            moves[0] += 1
+            sets = list(dict.fromkeys(n for k in keys for n in targets[k]))
+            per = self.losses(sets)
+            return {k: self._value(k, targets[k], per) for k in keys}
+
+        start_mix = self._start("mixture", eta0)
+        starts = {k: self._start(k, start_mix) for k in targets}
         with probe_mode(self.model):
             host.begin(u, master)
             try:
-                host.move(0.0)
-                everything = list(dict.fromkeys(mix_names + rel_names + (ood if self.relative else [])))
-                base = self.losses(everything)                  # every L0 from one pass over the probe sets
-
-                def mix_at(eta):
-                    host.move(eta)
-                    return self._mixture(self.losses(mix_names))
-
-                results["mixture"] = r = critical_step(
-                    mix_at, self._start("mixture", eta0), loss0=self._mixture(base), eps=self.eps,
-                    max_doublings=self.max_doublings)
-                r.forward_passes += 1                           # the L0 pass
-                targets = []
-                if self.relative:
-                    targets = [(n, [n]) for n in rel_names] + ([("ood", ood)] if ood else [])
-                for key, group in targets:
-                    def rel_at(eta, group=group):
-                        host.move(eta)
-                        per = self.losses(group)
-                        return sum(per[n] for n in group) / len(group)
-
-                    l0 = sum(base[n] for n in group) / len(group)
-                    warm = r.eta_c if math.isfinite(r.eta_c) else eta0
-                    results[key] = critical_step(rel_at, self._start(key, warm), loss0=l0, eps=self.eps,
-                                                 max_doublings=self.max_doublings)
+                results, search = shared_critical_steps(losses_at, starts, anchor=start_mix, eps=self.eps,
+                                                        max_doublings=self.max_doublings)
             finally:
                 host.end()
+        per = getattr(host, "gathers_per", None)
+        self.last_cost = {"passes": search.passes, "forward_calls": self._calls, "probe_tokens": self._tokens,
+                          "gathers": (moves[0] + 1 if per == "move" else self._calls if per == "forward" else 0)}
         for key, res in results.items():
             if not res.cap_hit and math.isfinite(res.eta_c):
                 self.prev[key] = res.eta_c
@@ -509,22 +810,42 @@ class SharpnessMeter:
         return self.prev.get(key, default)
 
 
-def sharpness_metrics(results: dict, *, lr: float, beta1: float, weight_decay: float) -> dict:
-    """The metrics of one measurement (see docs/sharpness.md)."""
+def bound_key(res: CriticalStep) -> str:
+    """The metric name of a capped value: ``lambda_c_at_most`` (the loss never rose up to the cap: eta_c >=
+    the cap, lambda_c <= 2/cap) or ``lambda_c_at_least`` (it rose at every step down to the cap)."""
+    return "lambda_c_at_most" if res.bound == "lower" else "lambda_c_at_least"
+
+
+def sharpness_metrics(results: dict, *, lr: float, beta1: float, weight_decay: float,
+                      cost: Optional[dict] = None) -> dict:
+    """The metrics of one measurement (see docs/sharpness.md). A capped search is a bound, never logged as a
+    measurement: ``sharpness/lambda_c[/<key>]`` only when measured, else ``sharpness/lambda_c_at_most[/<key>]``
+    or ``sharpness/lambda_c_at_least[/<key>]``; ``sharpness/cap_hits`` counts them."""
     r = results["mixture"]
-    out = {"sharpness/lambda_c": r.lambda_c, "sharpness/eta_c": r.eta_c,
-           "sharpness/forward_passes": r.forward_passes, "sharpness/cap_hit": int(r.cap_hit),
-           "sharpness/threshold": adam_threshold(lr, beta1, weight_decay),
-           "sharpness/lr_over_eta_c": lr / r.eta_c if r.eta_c else math.inf}
-    total, capped = r.forward_passes, 0
+    out = {"sharpness/cap_hit": int(r.cap_hit), "sharpness/threshold": adam_threshold(lr, beta1, weight_decay)}
+    if r.cap_hit:
+        out[f"sharpness/{bound_key(r)}"] = r.lambda_c
+    else:
+        out.update({"sharpness/lambda_c": r.lambda_c, "sharpness/eta_c": r.eta_c,
+                    "sharpness/lr_over_eta_c": lr / r.eta_c if r.eta_c else math.inf})
+    capped = 0
     for key, res in results.items():
         if key == "mixture":
             continue
-        out[f"sharpness/lambda_c/{key}"] = res.lambda_c
-        total += res.forward_passes
-        capped += int(res.cap_hit)
-    out["sharpness/forward_passes_total"] = total
+        if res.cap_hit:
+            out[f"sharpness/{bound_key(res)}/{key}"] = res.lambda_c
+            capped += 1
+        else:
+            out[f"sharpness/lambda_c/{key}"] = res.lambda_c
+    cost = cost or {}
+    passes = cost.get("passes", max(x.forward_passes for x in results.values()))
+    out["sharpness/forward_passes"] = passes
+    out["sharpness/forward_passes_total"] = passes
+    for name, metric in (("probe_tokens", "probe_tokens"), ("gathers", "param_gathers")):
+        if name in cost:
+            out[f"sharpness/{metric}"] = cost[name]
     out["sharpness/relative_cap_hits"] = capped
+    out["sharpness/cap_hits"] = capped + int(r.cap_hit)
     return out
 
 
@@ -591,7 +912,7 @@ class SharpnessHook:
         u, master, lr, beta1, weight_decay = self.direction(opt)
         results = self.meter.measure(u, eta0=lr, master=master)
         del u, master
-        m = sharpness_metrics(results, lr=lr, beta1=beta1, weight_decay=weight_decay)
+        m = sharpness_metrics(results, lr=lr, beta1=beta1, weight_decay=weight_decay, cost=self.meter.last_cost)
         m["sharpness/time_s"] = time.perf_counter() - t0
         self._pending = m
         self.last = m

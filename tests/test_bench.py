@@ -77,6 +77,9 @@ def test_plain_bench_counts_equal_the_plan(tmp_path):
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0
     sh = [r for r in data["rows"] if r["sharpness"]]
     assert len(sh) == 2 and all(r["sharpness_passes"] >= 3 and r["sharpness_s"] > 0 for r in sh)
+    # one shared search: passes, no gathers (replicated parameters), probe tokens in the table
+    assert "param gathers" in stdout and "probe tokens" in stdout
+    assert all(r["sharpness_gathers"] == 0 and r["sharpness_probe_tokens"] > 0 for r in sh)
 
 
 def test_deepspeed_bench_counts_match_the_plan(tmp_path):
@@ -89,6 +92,8 @@ def test_deepspeed_bench_counts_match_the_plan(tmp_path):
     assert "critical-sharpness hook" in stdout
     sh = [r for r in data["rows"] if r["sharpness"]]
     assert len(sh) == 2 and all(r["sharpness_passes"] >= 3 and r["sharpness_s"] > 0 for r in sh)
+    # ZeRO-2: one all-gather of the partitions per probe (every move) and one to restore
+    assert all(r["sharpness_gathers"] == r["sharpness_passes"] + 1 and r["sharpness_probe_tokens"] > 0 for r in sh)
     rows = [r for r in data["rows"] if not r["sharpness"]]
     assert len(rows) == 8
     for r in rows:
@@ -132,6 +137,8 @@ def test_megatron_bench_counts_equal_the_plan(tmp_path):
     sh = [r for r in data["rows"] if r["sharpness"]]
     assert {r["optim"] for r in sh} == {"adamw", "nexus"}
     assert all(r["sharpness_passes"] >= 3 and r["sharpness_s"] > 0 for r in sh)
+    # the distributed optimizer: one param all-gather per probe (every move) and one to restore
+    assert all(r["sharpness_gathers"] == r["sharpness_passes"] + 1 and r["sharpness_probe_tokens"] > 0 for r in sh)
     rows = [r for r in data["rows"] if not r["sharpness"]]
     assert {(r["optim"], r["layout"], r["overlap"]) for r in rows} == {
         (o, lay, ov) for o in ("adamw", "nexus") for lay in ("sequential", "source-parallel") for ov in (False, True)}

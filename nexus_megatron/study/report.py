@@ -96,13 +96,14 @@ def collect(st) -> Dict[str, Dict[int, dict]]:
             if not os.path.isfile(marker):
                 continue
             metrics = _read_metrics(os.path.join(rd, "metrics.jsonl"))
-            sharp = [r for r in metrics if "sharpness/lambda_c" in r]
+            sharp = [r for r in metrics if "sharpness/forward_passes" in r or "sharpness/lambda_c" in r]
             data.setdefault(arm, {})[seed] = {
                 "summary": _read_json(os.path.join(rd, "summary.json")) or {},
                 "metrics": metrics,
                 "analysis": _read_json(os.path.join(rd, "analysis.json")) or {},
                 "match": _read_json(os.path.join(rd, "match.json")) if matched else None,
                 "sharpness": sharp[-1] if sharp else {},
+                "sharpness_all": sharp,
             }
     return data
 
@@ -172,7 +173,8 @@ def build_tables(st, data) -> Dict[str, str]:
     main_cols = [("ID val loss", lambda d: _final(d, "eval/loss")),
                  ("OOD loss", lambda d: _final(d, "eval/ood_loss")),
                  ("mean grad cosine", lambda d: _final(d, "cos/mean")),
-                 ("log10 λ_c (mixture)", lambda d: _log10(d["sharpness"]["sharpness/lambda_c"]))]
+                 ("log10 λ_c (mixture; median of the run's measured values)",
+                  lambda d: _median_log10(d, "mixture")[0])]
     t["same_tokens"] = metric_table(st, data, base_arms, main_cols, ref=ref,
                                     diff_cols=("ID val loss", "OOD loss", "mean grad cosine"))
     if st.study.contrasts:
@@ -193,12 +195,7 @@ def build_tables(st, data) -> Dict[str, str]:
     pairs = [k for k in next(iter(next(iter(data.values())).values()))["summary"].get("final", {})
              if k.startswith("cos/") and k != "cos/mean"] if data else []
     t["cosines"] = metric_table(st, data, arms, [(k[4:], (lambda d, k=k: _final(d, k))) for k in pairs])
-    t["sharpness"] = metric_table(st, data, arms,
-                                  [("mixture", lambda d: _log10(d["sharpness"]["sharpness/lambda_c"]))]
-                                  + [(n, (lambda d, n=n: _log10(d["sharpness"][f"sharpness/lambda_c/{n}"])))
-                                     for n in names + (["ood"] if ood else [])]
-                                  + [("Adam threshold", lambda d: _log10(d["sharpness"]["sharpness/threshold"]))],
-                                  digits=2)
+    t["sharpness"] = sharpness_table(st, data, arms, ["mixture"] + names + (["ood"] if ood else []))
     if st.downstream.enabled:
         cols, dcols = [], []
         for task in st.downstream.tasks:
@@ -256,6 +253,83 @@ def build_tables(st, data) -> Dict[str, str]:
 
 def _log10(v):
     return math.log10(v) if v is not None and v > 0 and math.isfinite(v) else None
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    if not n:
+        return None
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def sharpness_values(d: dict, key: str):
+    """(measured log10 lambda_c values, number of capped searches) of one run over all its measurements.
+    ``key``: "mixture" or a relative loss. A capped search is a bound (``lambda_c_at_most`` / ``_at_least``),
+    never a value (runs logged before bounds were split off have only values: all counted as measured)."""
+    suffix = "" if key == "mixture" else f"/{key}"
+    vals, capped = [], 0
+    for r in d.get("sharpness_all", []):
+        if f"sharpness/lambda_c_at_most{suffix}" in r or f"sharpness/lambda_c_at_least{suffix}" in r:
+            capped += 1
+            continue
+        v = _log10(r.get(f"sharpness/lambda_c{suffix}"))
+        if v is not None:
+            vals.append(v)
+    return vals, capped
+
+
+def _median_log10(d: dict, key: str):
+    vals, capped = sharpness_values(d, key)
+    return _median(vals), capped
+
+
+def _sharpness_summary(d: dict) -> dict:
+    """{loss: {"median_log10": median of the measured values, "measured": n, "capped": n}} of one run."""
+    keys = {"mixture"}
+    for r in d.get("sharpness_all", []):
+        for k in r:
+            for pre in ("sharpness/lambda_c/", "sharpness/lambda_c_at_most/", "sharpness/lambda_c_at_least/"):
+                if k.startswith(pre):
+                    keys.add(k[len(pre):])
+    out = {}
+    for key in sorted(keys):
+        vals, capped = sharpness_values(d, key)
+        out[key] = {"median_log10": _median(vals), "measured": len(vals), "capped": capped}
+    return out
+
+
+def sharpness_table(st, data, arms, keys) -> str:
+    """Critical sharpness per arm: for each loss the median of the measured log10 lambda_c over every
+    measurement of every seed, the range of the per-seed medians, and how many searches hit the cap (bounds,
+    left out of the medians, never averaged with measurements)."""
+    header = ["arm", "seeds"] + list(keys) + ["Adam threshold (last)"]
+    rows = []
+    for arm in arms:
+        if arm not in data:
+            continue
+        row = [_label(st, arm), str(len(data[arm]))]
+        for key in keys:
+            pooled, per_seed, capped, total = [], [], 0, 0
+            for d in data[arm].values():
+                vals, c = sharpness_values(d, key)
+                pooled += vals
+                capped += c
+                total += len(vals) + c
+                if vals:
+                    per_seed.append(_median(vals))
+            if not total:
+                row.append("-")
+                continue
+            cell = f"{_median(pooled):.2f}" if pooled else "all capped"
+            if len(per_seed) > 1:
+                cell += f" [{min(per_seed):.2f}, {max(per_seed):.2f}]"
+            row.append(cell + f"; {capped}/{total} capped")
+        thr = [_log10(d["sharpness"].get("sharpness/threshold")) for d in data[arm].values()]
+        thr = [x for x in thr if x is not None]
+        row.append(f"{_median(thr):.2f}" if thr else "-")
+        rows.append(row)
+    return md_table(header, rows)
 
 
 def _curve(data, arm, key):
@@ -422,7 +496,8 @@ _SECTIONS = [
     ("contrasts", "Nexus against its controls (same tokens, paired by seed)"),
     ("per_source_loss", "Per-source validation loss (final)"),
     ("cosines", "Pairwise gradient cosine between sources (final probe)"),
-    ("sharpness", "Critical sharpness, log10 λ_c (last measurement): mixture and relative per source"),
+    ("sharpness", "Critical sharpness, log10 λ_c: median of the measured values over every measurement and seed "
+                  "[range of the per-seed medians]; capped searches (bounds) counted, not averaged"),
     ("match_runs", "Matched in-distribution loss: the reference continued at its final learning rate"),
     ("matched", "At matched in-distribution loss (Δ vs the continued reference, paired by seed)"),
     ("downstream", "Downstream (log-likelihood ranking): accuracy and mean margin (nats)"),
@@ -450,6 +525,7 @@ def write_report(st, out_dir: str, say=print) -> dict:
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)
     summary = {arm: {seed: {"final": d["summary"].get("final", {}), "sharpness": d["sharpness"],
+                            "sharpness_log10_median": _sharpness_summary(d),
                             "downstream": d["analysis"].get("downstream"),
                             "minima": {k: v for k, v in (d["analysis"].get("minima") or {}).items()
                                        if k not in ("pairs",)} or None,

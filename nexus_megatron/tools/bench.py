@@ -305,7 +305,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
     B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
     module = engine.module
     consumed = [0] * len(names)
-    times, cpu_times, hook_s, hook_passes = [], [], [], []
+    times, cpu_times, hook_s, hook_passes, hook_gathers, hook_tokens = [], [], [], [], [], []
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
     COUNTER.take()
@@ -340,7 +340,9 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
             if hook is not None:
                 mm = hook.pop_metrics()
                 hook_s.append(mm.get("sharpness/time_s", math.nan))
-                hook_passes.append(mm.get("sharpness/forward_passes_total", math.nan))
+                hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
+                hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
+                hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_engine(engine)
     peak = mem.peak()
@@ -356,6 +358,8 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
         h = max_over_ranks(hook_s, device)
         row["sharpness_s"] = statistics.median(h)
         row["sharpness_passes"] = statistics.median(hook_passes)
+        row["sharpness_gathers"] = statistics.median(hook_gathers)
+        row["sharpness_probe_tokens"] = statistics.median(hook_tokens)
         row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
     nx = getattr(engine, "nexus", None)
     pg = getattr(getattr(nx, "_core", None), "param_gather", None)
@@ -507,19 +511,31 @@ def format_table(rows: list, raw: dict, args, world: int, device: torch.device) 
             continue
         ops = "; ".join(f"{name}: {v['calls']:.0f}, {v['bus'] / 2**20:.2f}" for name, v in r["comm"]["ops"].items())
         lines.append(f"  {r['optim']} {r['layout']} overlap={'on' if r['overlap'] else 'off'}: {ops or 'none'}")
-    sh = [r for r in rows if r["sharpness"]]
-    if sh:
-        lines += ["", "critical-sharpness hook (sharpness.every=1, split=step, relative=true: mixture + one search "
-                      "per source), per measurement:",
-                  "| optimizer | layout | forward passes | s per measurement | training step s | x training step "
-                  "| s per forward pass / s per micro-step |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sh:
-            per_pass = r["sharpness_s"] / r["sharpness_passes"] if r["sharpness_passes"] else math.nan
-            lines.append(f"| {r['optim']} | {r['layout']} | {r['sharpness_passes']:.0f} | {r['sharpness_s']:.3f} | "
-                         f"{r['train_step_s']:.3f} | {r['sharpness_s'] / r['train_step_s']:.3f} | "
-                         f"{per_pass / (r['train_step_s'] / k):.3f} |")
+    tokens_per_step = dp * k * d["micro_batch_size"] * d["seq_len"]
+    lines += sharpness_table(rows, k, tokens_per_step)
     return "\n".join(lines)
+
+
+def sharpness_table(rows, k: int, tokens_per_step: int) -> list:
+    """The hook's cost per measurement (every engine's bench): forward passes (one per probe eta, L0 included,
+    shared by the mixture and every relative loss), parameter gathers, probe tokens (all ranks; next to the
+    step's training tokens), seconds, and the measurement in training steps."""
+    sh = [r for r in rows if r["sharpness"]]
+    if not sh:
+        return []
+    lines = ["", "critical-sharpness hook (sharpness.every=1, split=step, relative=true: one shared line search for "
+                 "the mixture and every source), per measurement (medians):",
+             "| optimizer | layout | forward passes | param gathers | probe tokens / step tokens | s per measurement "
+             "| training step s | x training step | s per forward pass / s per micro-step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sh:
+        per_pass = r["sharpness_s"] / r["sharpness_passes"] if r["sharpness_passes"] else math.nan
+        lines.append(f"| {r['optim']} | {r['layout']} | {r['sharpness_passes']:.0f} | "
+                     f"{r.get('sharpness_gathers', math.nan):.0f} | "
+                     f"{r.get('sharpness_probe_tokens', math.nan) / tokens_per_step:.2f} | {r['sharpness_s']:.3f} | "
+                     f"{r['train_step_s']:.3f} | {r['sharpness_s'] / r['train_step_s']:.3f} | "
+                     f"{per_pass / (r['train_step_s'] / k):.3f} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         it = RecordingIterator(it)
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
-    times, cpu_times, hook_s, hook_passes = [], [], [], []
+    times, cpu_times, hook_s, hook_passes, hook_gathers, hook_tokens = [], [], [], [], [], []
     COUNTER.take()
     for step in range(warmup + steps):
         timed = step >= warmup
@@ -236,7 +236,9 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
             if hook is not None:
                 mm = hook.pop_metrics()
                 hook_s.append(mm.get("sharpness/time_s", math.nan))
-                hook_passes.append(mm.get("sharpness/forward_passes_total", math.nan))
+                hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
+                hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
+                hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_megatron(ddp, opt)
     peak = mem.peak()
@@ -262,6 +264,8 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         h = max_over_ranks(hook_s, device)
         row["sharpness_s"] = statistics.median(h)
         row["sharpness_passes"] = statistics.median(hook_passes)
+        row["sharpness_gathers"] = statistics.median(hook_gathers)
+        row["sharpness_probe_tokens"] = statistics.median(hook_tokens)
         row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
     del opt, ddp, model, fb, it, hook
     gc.collect()

@@ -257,6 +257,20 @@ def causal_lm_loss_sum(model, batch):
     return float(s.double()), batch[:, 1:].numel()
 
 
+def causal_lm_token_losses(model, x):
+    """Per-token next-token cross-entropies [B*L] of a [B, L+1] batch (no KV cache)."""
+    import torch.nn.functional as F
+    x = x.to(next(model.parameters()).device)
+    logits = model(input_ids=x[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="none")
+
+
+def causal_lm_loss_sums(model, batches):
+    """:func:`nexus_megatron.sharpness.lm_loss_sums` for a transformers causal LM: one forward over all batches."""
+    from .sharpness import lm_loss_sums
+    return lm_loss_sums(model, batches, loss_fn=causal_lm_token_losses)
+
+
 def _mixture_gradient(model, params, batches: dict, weights: Dict[str, float]):
     """Gradients of sum_i w_i * (mean token loss of source i) into p.grad (one backward per source)."""
     import torch.nn.functional as F
@@ -366,7 +380,7 @@ def run_sharpness(args) -> dict:
     timing["train_step_s"] = timing["accumulate_s"] / args.accumulate if args.accumulate else math.nan
 
     meter = SharpnessMeter(model, ProbeSet({}, weights, ood), cmd.host, eps=args.eps,
-                           max_doublings=args.max_doublings, relative=True, loss_sum=causal_lm_loss_sum)
+                           max_doublings=args.max_doublings, relative=True, loss_sums=causal_lm_loss_sums)
     measurements = []
     for j in range(args.measure):
         t = time.perf_counter()
@@ -378,28 +392,34 @@ def run_sharpness(args) -> dict:
         del u
         t_search = time.perf_counter() - t
         r = res["mixture"]
-        # batch-forwards: the L0 pass covers every source; a mixture probe runs all training sources,
-        # a relative probe only its own
-        rel_fp = sum(x.forward_passes for k, x in res.items() if k != "mixture")
-        m = {"lambda_c": r.lambda_c, "eta_c": r.eta_c, "forward_passes": r.forward_passes, "cap_hit": r.cap_hit,
-             "loss0": r.loss0, "relative": {k: x.lambda_c for k, x in res.items() if k != "mixture"},
+        cost = meter.last_cost
+        # one forward pass per probe eta over the batches of every loss that probe informs; a capped search
+        # is a bound (bound: "lower" = eta_c >= eta_c, lambda_c <= lambda_c; "upper" = the reverse)
+        m = {"lambda_c": r.lambda_c, "eta_c": r.eta_c, "forward_passes": cost["passes"], "cap_hit": r.cap_hit,
+             "bound": r.bound, "loss0": r.loss0,
+             "relative": {k: x.lambda_c for k, x in res.items() if k != "mixture"},
              "relative_eta_c": {k: x.eta_c for k, x in res.items() if k != "mixture"},
              "relative_cap_hit": {k: x.cap_hit for k, x in res.items() if k != "mixture"},
-             "forward_passes_total": r.forward_passes + rel_fp, "forward_backward_s": t_grad - t_u,
+             "relative_bound": {k: x.bound for k, x in res.items() if k != "mixture"},
+             "forward_passes_total": cost["passes"], "param_gathers": cost["gathers"],
+             "probe_tokens": cost["probe_tokens"], "forward_backward_s": t_grad - t_u,
              "direction_s": t_u, "search_s": t_search,
              "mixture_search_trace": r.trace}
         measurements.append(m)
-        say(f"measure {j + 1}/{args.measure}: lambda_c {r.lambda_c:.4g} (eta_c {r.eta_c:.4g}, {r.forward_passes} "
-            f"forward passes{', CAP HIT' if r.cap_hit else ''}), {t_search:.1f}s")
+        say(f"measure {j + 1}/{args.measure}: lambda_c {'<=' if r.bound == 'lower' else '>=' if r.bound else ''}"
+            f"{r.lambda_c:.4g} (eta_c {r.eta_c:.4g}, {cost['passes']} forward passes for all "
+            f"{len(res)} losses{', CAP HIT' if r.cap_hit else ''}), {t_search:.1f}s")
     cmd.close()
 
-    lam = [m["lambda_c"] for m in measurements]
     rel_keys = list(measurements[0]["relative"])
+    mix = summarize_values([(m["lambda_c"], m["bound"]) for m in measurements])
+    rel = {k: summarize_values([(m["relative"][k], m["relative_bound"][k]) for m in measurements]) for k in rel_keys}
     result = {
         "model": {"spec": args.model, "params": nparams},
-        "lambda_c": sum(lam) / len(lam),
-        "eta_c": sum(m["eta_c"] for m in measurements) / len(measurements),
-        "lambda_c_relative": {k: sum(m["relative"][k] for m in measurements) / len(measurements) for k in rel_keys},
+        "lambda_c": mix["median"],
+        "eta_c": 2.0 / mix["median"] if mix["median"] and math.isfinite(mix["median"]) else math.nan,
+        "lambda_c_relative": {k: v["median"] for k, v in rel.items()},
+        "lambda_c_summary": {"mixture": mix, **rel},
         "adam_threshold_at_lr": adam_threshold(args.lr, args.beta1, args.weight_decay),
         "measurements": measurements,
         "accumulate_losses": acc_losses,
@@ -415,15 +435,34 @@ def run_sharpness(args) -> dict:
     return result
 
 
+def summarize_values(values) -> dict:
+    """[(lambda_c, bound or None)] of several measurements -> {"median" of the measured values (nan if none),
+    "measured", "capped", "at_most": [bounds lambda_c <= x], "at_least": [bounds lambda_c >= x]}: a capped search
+    is a bound and never enters the median."""
+    import statistics
+    measured = [v for v, b in values if b is None and v is not None and math.isfinite(v)]
+    return {"median": statistics.median(measured) if measured else math.nan, "measured": len(measured),
+            "capped": sum(1 for _, b in values if b is not None),
+            "at_most": [v for v, b in values if b == "lower"], "at_least": [v for v, b in values if b == "upper"]}
+
+
+def _fmt_summary(s: dict) -> str:
+    out = f"{s['median']:.4g}" if s["measured"] else "-"
+    if s["capped"]:
+        out += f"  ({s['capped']} capped: " + ", ".join([f"<= {x:.3g}" for x in s["at_most"]] +
+                                                         [f">= {x:.3g}" for x in s["at_least"]]) + ")"
+    return out
+
+
 def _print_table(res: dict, names, ood) -> None:
     t = res["timing"]
     print(f"critical sharpness of {res['model']['spec']} ({res['model']['params']:,} params), "
-          f"mean of {len(res['measurements'])} measurement(s)")
-    print(f"  lambda_c (mixture)      {res['lambda_c']:.4g}   eta_c {res['eta_c']:.4g}")
-    for k, v in res["lambda_c_relative"].items():
-        print(f"  lambda_c (mix -> {k:<8}) {v:.4g}")
+          f"median of the measured values of {len(res['measurements'])} measurement(s); capped searches are bounds")
+    summ = res["lambda_c_summary"]
+    print(f"  lambda_c (mixture)      {_fmt_summary(summ['mixture'])}")
+    for k in res["lambda_c_relative"]:
+        print(f"  lambda_c (mix -> {k:<8}) {_fmt_summary(summ[k])}")
     fp = [m["forward_passes"] for m in res["measurements"]]
-    fpt = [m["forward_passes_total"] for m in res["measurements"]]
-    print(f"  forward passes per measurement: mixture {fp}, all searches {fpt}")
+    print(f"  forward passes per measurement (all losses, L0 included): {fp}")
     print(f"  time: load {t['load_s']:.1f}s, data {t['data_s']:.1f}s, one mixture fwd+bwd "
           f"{t['train_step_s']:.2f}s, search {[round(m['search_s'], 1) for m in res['measurements']]}s")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import NexusConfigError
-from ...sharpness import SharpnessSeam, _adam_hyper
+from ...sharpness import SharpnessSeam, adam_hyper
 from .runtime import init_adamw_state
 
 CHUNK = 1 << 22   # elements per chunk of the direction's temporaries (16 MiB in fp32)
@@ -196,6 +196,9 @@ class DeepSpeedHost:
         self.protect = list(protect) if protect is not None else [None] * len(parts.lps)
         """One tensor per partition that must stay bitwise as it is besides DeepSpeed's master (Nexus's anchor)."""
         self.device = parts.masters[0].device if parts.masters else torch.device("cpu")
+        self.gathers_per = {"zero12": "move", "bf16-zero1": "move", "zero3": "forward"}.get(parts.kind)
+        """How the probes gather parameters (``SharpnessMeter.last_cost['gathers']``): ZeRO-1/2 all-gather the
+        partitions at every move (and at ``end``); ZeRO-3 gathers every layer in each forward call."""
         self._theta = self._u = self._saved = None
         self._persistent = False
         self.last_buffers: dict = {}
@@ -265,7 +268,7 @@ def nexus_direction(core):
             return core.pseudo_grad(i, s, e)
         u = torch.empty_like(a)
         adamw_update_into(u.view(-1), grad_of, a.view(-1), client.state.get(p, {}), core.group_list[gi],
-                          decoupled=_adam_hyper(client, core.group_list[gi])[4])
+                          decoupled=adam_hyper(client, core.group_list[gi])[4])
         us.append(u)
     sizes = {}
     for (p, gi) in core.parts:
@@ -372,7 +375,7 @@ def adamw_seam_direction(seam: AdamWSeam):
         else:
             g = grad.view(-1)
             adamw_update_into(u.view(-1), lambda s, e, g=g: g[s:e], m.view(-1), opt.state.get(m, {}), group,
-                              decoupled=_adam_hyper(opt, group)[4])
+                              decoupled=adam_hyper(opt, group)[4])
         us.append(u)
     return us, list(P.masters), *_hyper(P.main_group())
 
@@ -526,7 +529,7 @@ class ZeroCommand:
                         u = torch.empty_like(p)
                         grad = p.grad.view(-1)
                         adamw_update_into(u.view(-1), lambda s, e, grad=grad: grad[s:e], p.view(-1),
-                                          self.opt.state.get(p, {}), g, decoupled=_adam_hyper(self.opt, g)[4])
+                                          self.opt.state.get(p, {}), g, decoupled=adam_hyper(self.opt, g)[4])
                         self._us[id(p)] = u
         self._t_u += time.perf_counter() - t
         update_adam_moments(self.opt)

@@ -153,6 +153,8 @@ class MegatronHost:
             self.device = torch.device("cpu")
         self._theta: Optional[List[torch.Tensor]] = None
         self._u: Optional[List[torch.Tensor]] = None
+        self.gathers_per = "move" if any(isinstance(c, DistributedOptimizer) for c in children) else None
+        """With the distributed optimizer every move (and ``end``) is one param all-gather."""
 
     @staticmethod
     def _validate(optimizer, children):
@@ -316,6 +318,48 @@ class MegatronProbeLoss:
             return 0.0, 0
         return float(res[0]["sum"]), int(res[0]["count"])
 
+    def many(self, _model, batches) -> list:
+        """[(loss sum, tokens)] of each batch from ONE forward-only schedule call over all of them concatenated
+        along the batch dimension (one micro-batch: one parameter all-gather, one pipeline pass), read from the
+        per-sequence sums of the masked per-token losses. Batches of different lengths go in separate calls.
+        On stages other than the last the sums are 0 (the host's ``all_reduce`` broadcasts them)."""
+        if self.fb is None:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+            self.fb = get_forward_backward_func()
+        dicts = [_as_batch(b) for b in batches]
+        dev = next(self.chunks[0].parameters()).device
+        out: list = [(0.0, 0)] * len(dicts)
+        by_len: dict = {}
+        for i, d in enumerate(dicts):
+            by_len.setdefault(int(d["tokens"].shape[1]), []).append(i)
+        for idx in by_len.values():
+            keys = [k for k in dicts[idx[0]] if all(k in dicts[i] for i in idx)]
+            big = {k: torch.cat([dicts[i][k] for i in idx]) for k in keys}
+
+            def forward_step(data_iterator, model):
+                x = {k: v.to(dev) for k, v in next(data_iterator).items()}
+                res = model(x["tokens"], x["position_ids"], x["attention_mask"], labels=x["labels"])
+
+                def loss_func(output):
+                    mask = x["loss_mask"].to(output.device).double()
+                    per_seq = (output.double() * mask).sum(dim=1)
+                    return per_seq.sum().clone(), {"seq_sums": per_seq, "seq_counts": mask.sum(dim=1)}
+                return res, loss_func
+
+            with torch.no_grad():
+                res = self.fb(forward_step_func=forward_step, data_iterator=iter([big]), model=self.chunks,
+                              num_microbatches=1, seq_length=int(big["tokens"].shape[1]),
+                              micro_batch_size=int(big["tokens"].shape[0]), forward_only=True)
+            if not res:
+                continue
+            sums, counts = res[0]["seq_sums"].cpu(), res[0]["seq_counts"].cpu()
+            s = 0
+            for i in idx:
+                n = int(dicts[i]["tokens"].shape[0])
+                out[i] = (float(sums[s:s + n].sum()), int(counts[s:s + n].sum()))
+                s += n
+        return out
+
 
 class RecordingIterator:
     """A pass-through data iterator that keeps (compactly) the micro-batches read since the last
@@ -379,9 +423,11 @@ class MegatronSharpnessHook(SharpnessHook):
         eta0 = lr if lr > 0 else (max_lr if max_lr > 0 else 1e-3)
         results = self.meter.measure(u, eta0=eta0, master=host.master())
         del u
-        m = sharpness_metrics(results, lr=eta0, beta1=beta1, weight_decay=wd)
+        m = sharpness_metrics(results, lr=eta0, beta1=beta1, weight_decay=wd, cost=self.meter.last_cost)
         if lr <= 0:
-            m["sharpness/threshold"], m["sharpness/lr_over_eta_c"] = math.inf, 0.0
+            m["sharpness/threshold"] = math.inf
+            if "sharpness/lr_over_eta_c" in m:
+                m["sharpness/lr_over_eta_c"] = 0.0
         m["sharpness/time_s"] = time.perf_counter() - t0
         step = self._step_number(opt)
         self._pending = m
@@ -440,7 +486,7 @@ def build_megatron_sharpness_hook(scfg: SharpnessConfig, optimizer, model_chunks
                                world=host.dp_size, eod=eod, mask_eod=mask_eod)
     meter = SharpnessMeter(ChunkModes(model_chunks), probe, host, eps=scfg.eps, max_doublings=scfg.max_doublings,
                            relative=scfg.relative,
-                           loss_sum=MegatronProbeLoss(model_chunks, seq_length, forward_backward_func))
+                           loss_sums=MegatronProbeLoss(model_chunks, seq_length, forward_backward_func).many)
     hook = MegatronSharpnessHook(meter, every=scfg.every, sink=sink)
     if isinstance(optimizer, NexusMegatronOptimizer):
         optimizer.pre_outer_step = hook

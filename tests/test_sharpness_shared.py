@@ -1,0 +1,226 @@
+"""The shared line search (one probe eta, every loss along u at once; ALGORITHMS.md §2.2, issue 18): on
+quadratic oracles where lambda_c = lambda_dir, against the separate searches, and on a small LM through
+SharpnessMeter (one forward per probe, per-sequence losses)."""
+import math
+
+import pytest
+import torch
+
+from nexus_megatron.sharpness import (PlainHost, SharpnessMeter, critical_step, grid_steps, lm_loss_sum,
+                                      shared_critical_steps, sharpness_metrics)
+
+F64 = torch.float64
+
+
+def _problem(k=6, n=24, seed=0):
+    """k quadratic losses L_i = 1/2 th^T H_i th - b_i^T th sharing one direction u: the mixture's AdamW-like
+    preconditioned gradient. Returns (theta, u, [(H_i, b_i)])."""
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(k):
+        A = torch.randn(n, n, generator=g, dtype=F64)
+        losses.append((A @ A.T / n + 0.05 * torch.eye(n, dtype=F64), torch.randn(n, generator=g, dtype=F64)))
+    theta = torch.randn(n, generator=g, dtype=F64)
+    G = sum(H @ theta - b for H, b in losses) / k
+    u = G / (G.abs().sqrt() + 1e-3)
+    return theta, u, losses
+
+
+def _oracle(theta, u, H, b):
+    """eta* = 2 g^T u / u^T H u: L(theta - eta u) > L(theta) iff eta > eta* (None: u ascends this loss)."""
+    gtu, uhu = float((H @ theta - b) @ u), float(u @ H @ u)
+    return 2 * gtu / uhu if gtu > 0 else None
+
+
+def _loss_fn(H, b):
+    return lambda th: float(0.5 * th @ H @ th - b @ th)
+
+
+def _evaluator(theta, u, fns, calls):
+    def losses_at(eta, keys):
+        calls.append((eta, tuple(keys)))
+        th = theta - eta * u
+        return {k: fns[k](th) for k in keys}
+    return losses_at
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eps", [2 ** -3, 2 ** -4, 2 ** -6])
+@pytest.mark.parametrize("start_factor", [1e-3, 0.7, 1.0, 40.0])
+def test_shared_search_matches_the_quadratic_oracle_and_the_separate_searches(seed, eps, start_factor):
+    theta, u, losses = _problem(seed=seed)
+    fns = {f"L{i}": _loss_fn(H, b) for i, (H, b) in enumerate(losses)}
+    oracle = {f"L{i}": _oracle(theta, u, H, b) for i, (H, b) in enumerate(losses)}
+    ref = next(v for v in oracle.values() if v is not None)
+    starts = {k: start_factor * (v if v is not None else ref) for k, v in oracle.items()}
+    calls = []
+    res, search = shared_critical_steps(_evaluator(theta, u, fns, calls), starts, eps=eps, max_doublings=30)
+    assert search.passes == len(calls) and calls[0] == (0.0, tuple(fns))          # L0 of every loss in pass 1
+    assert [c[0] for c in calls] == search.etas
+    separate = 1
+    for k, fn in fns.items():
+        r, want = res[k], oracle[k]
+        alone = critical_step(lambda e: fn(theta - e * u), starts[k], loss0=fn(theta), eps=eps, max_doublings=30)
+        separate += alone.forward_passes
+        if want is None:                      # u ascends this loss: a rise at every step down to the cap
+            assert r.cap_hit and r.bound == "upper" and alone.cap_hit and alone.bound == "upper"
+            assert r.eta_c == pytest.approx(alone.eta_c, rel=eps)
+            continue
+        fp = 1e-9 * want
+        assert not r.cap_hit and r.bound is None
+        assert r.eta_lo - fp <= want <= r.eta_hi + fp and (r.eta_hi - r.eta_lo) <= eps * r.eta_lo * (1 + 1e-12)
+        assert abs(r.eta_c - want) <= eps / 2 * want + fp                        # the tolerance of today's search
+        assert abs(r.eta_c - alone.eta_c) <= eps * min(r.eta_c, alone.eta_c) * (1 + 1e-9) + 2 * fp
+        assert r.lambda_c == pytest.approx(2 / r.eta_c)
+        # every probe the loss saw is in its trace, with its value
+        assert r.trace[0] == (0.0, fn(theta)) and r.forward_passes == len(r.trace)
+    assert search.passes < separate
+
+
+def test_grid_cells_are_within_eps():
+    for eps in (0.5, 2 ** -2, 2 ** -4, 2 ** -6, 0.01, 0.99):
+        m = grid_steps(eps)
+        assert 2 ** (1 / m) - 1 <= eps * (1 + 1e-12) and (m == 1 or 2 ** (1 / (m - 1)) - 1 > eps)
+    assert grid_steps(2 ** -4) == 12
+
+
+def test_warm_started_quadratics_need_few_passes():
+    """Warm starts within 30% of every crossing: on a quadratic the crossing predicted from two probes is exact,
+    so after the first probes each loss needs only its two bracket ends (shared between neighbours)."""
+    counts = []
+    for seed in range(6):
+        theta, u, losses = _problem(seed=seed)
+        fns = {f"L{i}": _loss_fn(H, b) for i, (H, b) in enumerate(losses)}
+        oracle = {k: _oracle(theta, u, H, b) for k, (H, b) in zip(fns, losses)}
+        keep = {k: v for k, v in oracle.items() if v is not None}
+        g = torch.Generator().manual_seed(100 + seed)
+        starts = {k: v * float(0.7 + 0.6 * torch.rand(1, generator=g)) for k, v in keep.items()}
+        res, search = shared_critical_steps(_evaluator(theta, u, fns, []), starts)
+        ends = {x for r in res.values() for x in (r.eta_lo, r.eta_hi)}
+        separate = 1 + sum(critical_step(lambda e, f=fns[k]: f(theta - e * u), s, loss0=fns[k](theta)).forward_passes - 0
+                           for k, s in starts.items())
+        counts.append((len(keep), search.passes, 1 + len(ends), separate))
+        assert search.passes <= 1 + len(ends) + 3, counts[-1]      # L0 + the bracket ends + a few first probes
+        assert search.passes <= separate / 2, counts[-1]
+    print(counts)
+
+
+def test_caps_bounds_and_non_finite_losses():
+    # one loss falls forever (cap up: a lower bound on eta_c), one rises at every step (cap down: an upper
+    # bound), one is NaN beyond eta = 3 and crosses at 2, one has a NaN L0
+    fns = {"falls": lambda e: -e, "ascent": lambda e: e, "nan_far": lambda e: math.nan if e > 3 else (e - 1) ** 2 - 1,
+           "bad": lambda e: math.nan}
+    res, search = shared_critical_steps(lambda eta, keys: {k: fns[k](eta) for k in keys},
+                                        {k: 0.5 for k in fns}, eps=2 ** -10, max_doublings=5)
+    assert res["falls"].cap_hit and res["falls"].bound == "lower" and res["falls"].eta_hi == math.inf
+    assert res["falls"].eta_c == pytest.approx(0.5 * 32, rel=2 ** -10)
+    assert res["ascent"].cap_hit and res["ascent"].bound == "upper" and res["ascent"].eta_c == pytest.approx(0.5 / 32)
+    assert not res["nan_far"].cap_hit and res["nan_far"].eta_c == pytest.approx(2.0, rel=2 ** -10)
+    assert math.isnan(res["bad"].eta_c) and not res["bad"].cap_hit and res["bad"].forward_passes == 1
+    # the cap of the ascent: checked directly once two probes predict an ascent, not halving 5 times
+    alone = critical_step(lambda e: e, 0.5, loss0=0.0, max_doublings=5)
+    assert res["ascent"].forward_passes < alone.forward_passes + 1
+    with pytest.raises(ValueError):
+        shared_critical_steps(lambda eta, keys: {}, {"a": 0.0})
+
+
+def test_metrics_report_bounds_apart_from_measurements():
+    res, search = shared_critical_steps(lambda eta, keys: {k: {"mixture": (eta - 1) ** 2 - 1, "web": -eta,
+                                                               "ood": eta}[k] for k in keys},
+                                        {"mixture": 1.0, "web": 1.0, "ood": 1.0}, max_doublings=3)
+    m = sharpness_metrics(res, lr=0.1, beta1=0.9, weight_decay=0.0, cost={"passes": search.passes, "gathers": 0,
+                                                                          "probe_tokens": 10})
+    assert m["sharpness/lambda_c"] == pytest.approx(1.0, rel=2 ** -4) and m["sharpness/cap_hit"] == 0
+    assert "sharpness/lambda_c/web" not in m and "sharpness/lambda_c/ood" not in m
+    assert m["sharpness/lambda_c_at_most/web"] == pytest.approx(2 / 8)          # never rose up to eta = 8
+    assert m["sharpness/lambda_c_at_least/ood"] == pytest.approx(2 / (1 / 8))   # rose at every eta down to 1/8
+    assert m["sharpness/cap_hits"] == 2 and m["sharpness/relative_cap_hits"] == 2
+    assert m["sharpness/forward_passes"] == search.passes and m["sharpness/probe_tokens"] == 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# a small LM: the shared search through SharpnessMeter against the separate searches
+
+def test_small_lm_shared_search_equals_separate_searches(synthetic_data):
+    from tests.test_sharpness import _probe_setup
+    torch.set_num_threads(1)
+    model, params, probe, u = _probe_setup(synthetic_data, 0, 1)
+    theta = [p.detach().clone() for p in params]
+    host = PlainHost(params)
+    eps = 2 ** -4
+    meter = SharpnessMeter(model, probe, host, eps=eps)
+    res = meter.measure(u, eta0=1e-2)
+    assert all(torch.equal(p, t) for p, t in zip(params, theta))              # restored bitwise
+    cost = meter.last_cost
+    assert cost["passes"] == cost["forward_calls"] and cost["gathers"] == 0    # one forward per probe eta
+    per_pass = sum(b.shape[0] * (b.shape[1] - 1) for bs in probe.batches.values() for b in bs)
+    assert per_pass < cost["probe_tokens"] <= per_pass * cost["passes"]
+
+    # the separate searches (today's algorithm), one forward per batch
+    def loss_of(names):
+        s = c = 0.0
+        for n in names:
+            for b in probe.batches[n]:
+                a, k = lm_loss_sum(model, b)
+                s, c = s + a, c + k
+        return s / c
+
+    groups = {"mixture": None, **{n: [n] for n in probe.sources}, "ood": list(probe.ood)}
+    total = 1
+    with torch.no_grad():
+        model.eval()
+        host.begin(u)
+        try:
+            def value(key):
+                if key == "mixture":
+                    return sum(w * loss_of([n]) for n, w in probe.mixture.items())
+                return sum(loss_of([n]) for n in groups[key]) / len(groups[key])
+            host.move(0.0)
+            base = {k: value(k) for k in groups}
+            for key in groups:
+                def at(eta, key=key):
+                    host.move(eta)
+                    return value(key)
+                alone = critical_step(at, 1e-2, loss0=base[key], eps=eps)
+                total += alone.forward_passes
+                got = res[key]
+                assert got.cap_hit == alone.cap_hit, key
+                if got.cap_hit:
+                    assert got.bound == alone.bound
+                else:
+                    assert abs(got.eta_c - alone.eta_c) <= eps * min(got.eta_c, alone.eta_c) * 1.001, \
+                        (key, got.eta_c, alone.eta_c)
+                    assert (got.eta_hi - got.eta_lo) <= eps * got.eta_lo * (1 + 1e-12)
+        finally:
+            host.end()
+    assert cost["passes"] < total, (cost["passes"], total)
+
+
+def test_study_sharpness_table_uses_medians_of_measured_values_and_cap_counts():
+    """The study report: a capped search is counted, never averaged with measurements (issue 18)."""
+    from types import SimpleNamespace
+
+    from nexus_megatron.study_report import _sharpness_summary, sharpness_table
+
+    def run(values):     # one run's measurements: (mixture lambda_c, ood lambda_c or ("at_most"/"at_least", bound))
+        rows = []
+        for mix, ood in values:
+            r = {"sharpness/forward_passes": 9, "sharpness/lambda_c": mix, "sharpness/threshold": 1000.0}
+            if isinstance(ood, tuple):
+                r[f"sharpness/lambda_c_{ood[0]}/ood"] = ood[1]
+            else:
+                r["sharpness/lambda_c/ood"] = ood
+            rows.append(r)
+        return {"sharpness_all": rows, "sharpness": rows[-1]}
+
+    data = {"adamw": {0: run([(100.0, 10.0), (1000.0, ("at_least", 1e9))]),
+                      1: run([(10.0, 100.0), (100.0, ("at_most", 1e-3))])}}
+    st = SimpleNamespace(arms={})
+    table = sharpness_table(st, data, ["adamw"], ["mixture", "ood"])
+    row = table.splitlines()[2].split(" | ")
+    # mixture: log10 of 100, 1000, 10, 100 -> median 2.00; per-seed medians 2.5 and 1.5
+    assert row[2] == "2.00 [1.50, 2.50]; 0/4 capped"
+    # ood: measured 10 and 100 only (the bounds 1e9 and 1e-3 would drag any mean), 2 of 4 capped
+    assert row[3] == "1.50 [1.00, 2.00]; 2/4 capped"
+    s = _sharpness_summary(data["adamw"][0])
+    assert s["ood"] == {"median_log10": 1.0, "measured": 1, "capped": 1}
