@@ -61,11 +61,11 @@ def _bus_per_micro(p, optim, layout):
 @pytest.mark.parametrize("gpus,K", [(2, 2), (8, 4), (16, 2)])
 def test_plain_source_parallel_moves_one_allreduce_per_micro_step(gpus, K):
     """Reduce-scatter in the source group + cross all-reduce of the shard + all-gather = 2(d-1)/d of the
-    gradient, exactly one ring all-reduce (plus the K-vector of norms)."""
+    gradient, exactly one ring all-reduce (plus the K norms and the non-finite flag)."""
     p = validate(PlanInput(params=1 << 20, engine="plain", nodes=1, gpus_per_node=gpus, sources=K, k=4))
     one = 4 * p.params * 2 * (gpus - 1) / gpus
     assert _bus_per_micro(p, "nexus", "sequential") == pytest.approx(one)
-    norms = 8 * K * bus_factor("all_reduce", gpus)
+    norms = 8 * (K + 1) * bus_factor("all_reduce", gpus)
     assert _bus_per_micro(p, "nexus", "source-parallel") == pytest.approx(one + norms)
     assert sum(o.bus for o in comm_ops(p, "adamw", "sequential")) == pytest.approx(one)   # once per step
 

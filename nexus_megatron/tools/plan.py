@@ -351,7 +351,8 @@ def comm_ops(p: PlanInput, optim: str, layout: str, overlap: bool = False, bucke
             return ops
         if S > 1:
             ops.append(Op("reduce_scatter_tensor", S, k * Gp, k * nb, "reduce-scatter in the source group", "bwd", link))
-        ops.append(Op("all_reduce", D, k * 8 * K, k, "squared norms (K-vector)", "none", all_link))
+        ops.append(Op("all_reduce", D, k * 8 * (K + 1), k, "squared norms + non-finite flag (fp64 K+1-vector)",
+                      "none", all_link))
         if K > 1:
             ops.append(Op("all_reduce", K, k * Gp / S, k, "normalized shard across source groups", "none", cross_link))
         if S > 1:
@@ -390,7 +391,7 @@ def comm_ops(p: PlanInput, optim: str, layout: str, overlap: bool = False, bucke
                           "none", cross_link))
         return ops
     if nexus:
-        norm = 8 * (K + 1) if p.engine == "deepspeed" else 8 * K
+        norm = 8 * (K + 1)    # the one norm exchange of every engine: K squared norms + a non-finite flag
         ops.append(Op("all_reduce", D, k * norm, k, "squared norms", "none", all_link))
         if sp and K > 1:   # the fp32 gradient partition (DeepSpeed) / main-grad shard (Megatron), scaled
             elems = P_local / S if sharded else P_local
