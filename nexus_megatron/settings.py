@@ -100,13 +100,13 @@ def check_value(name: str, value, label: Optional[str] = None) -> None:
     bound = "" if lo is None else f" {'>' if strict else '>='} {lo}"
     if f.type is int:
         if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
-            extra = " (0 = never abort)" if name == "max_consecutive_skips" else ""
-            raise NexusConfigError(f"{label}={value!r}: must be an integer{bound}{extra}")
+            raise NexusConfigError(f"{label}={value!r}: must be an integer{bound}")
         return
     if f.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (lo is not None and (value <= lo if strict else value < lo)):
-            raise NexusConfigError(f"{label}={value!r}: must be a finite number{bound}{hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise NexusConfigError(f"{label}={value!r}: must be a finite number")
+        if lo is not None and (value <= lo if strict else value < lo):
+            raise NexusConfigError(f"{label}={value!r}: must be{bound}{hint}")
         return
     raise TypeError(f"NexusConfig.{name}: no check for type {f.type!r}")   # a new field needs its check here
 
