@@ -128,16 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--eval-iters", type=int, default=100)
 
     n = p.add_argument_group("nexus")
-    n.add_argument("--nexus-gamma", type=float, default=0.25,
-                   help="inner step size; gamma_mode=update: gamma_t = g * lr_t * sqrt(P) / K (default 0.25, see docs/quickstart.md)")
-    n.add_argument("--nexus-gamma-mode", choices=["update", "absolute"], default="update")
+    from nexus_megatron.settings import add_nexus_flags
+    add_nexus_flags(n)   # --nexus-gamma, --nexus-gamma-mode, --nexus-min-grad-norm, --nexus-max-consecutive-skips
     n.add_argument("--nexus-layout", choices=["sequential", "source-parallel"], default="sequential")
     n.add_argument("--nexus-micro-steps", type=int, default=None,
                    help="inner steps K per iteration; each runs N/K of the N micro-batches. Default: N with "
                         "PP=1; with PP=p the largest divisor of N not above N/p (>= p micro-batches per pass)")
     n.add_argument("--nexus-layout-seed", type=int, default=None, help="seed of the sequential source draws (--seed)")
-    n.add_argument("--nexus-min-grad-norm", type=float, default=1e-8)
-    n.add_argument("--nexus-max-consecutive-skips", type=int, default=10)
     n.add_argument("--nexus-exact-displacement", action="store_true",
                    help="keep the displacement in its own fp32 shard (+4 bytes/param/DP)")
     n.add_argument("--nexus-log-file", type=str, default=None, help="JSON lines of the training log (rank 0)")
@@ -374,7 +371,7 @@ def main(argv=None) -> dict:
     from nexus_megatron.engines.megatron.optimizer import step_with_pre_update
     from nexus_megatron.faults import fault_point
     from nexus_megatron.layout import LayoutConfig
-    from nexus_megatron.nexus import NexusConfig
+    from nexus_megatron.settings import nexus_config_from_flags
 
     if args.ignored:
         log0(f"[pretrain_gpt_nexus] ignoring Megatron-LM arguments this launcher does not implement: {args.ignored}")
@@ -419,9 +416,7 @@ def main(argv=None) -> dict:
                            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                            use_distributed_optimizer=args.use_distributed_optimizer)
     if nexus:
-        ncfg = NexusConfig(gamma=args.nexus_gamma, gamma_mode=args.nexus_gamma_mode,
-                           min_grad_norm=args.nexus_min_grad_norm,
-                           max_consecutive_skips=args.nexus_max_consecutive_skips)
+        ncfg = nexus_config_from_flags(args)
         opt = get_nexus_megatron_optimizer(ocfg, model, groups, ncfg, micro_steps=k,
                                            exact_displacement=args.nexus_exact_displacement)
     else:

@@ -21,13 +21,13 @@ import yaml
 
 from .errors import NexusConfigError
 from .layout import LAYOUTS
-from .nexus import CONTROLS, GAMMA_MODES
+from .engines import ENGINES
+from .settings import FIELDS, NexusConfig, names_on, nexus_config_of_section
 from .sharpness import SharpnessConfig, validate_sharpness_config
 
 OPTIMIZERS = ("nexus", "adamw")
 SCHEDULES = ("cosine", "constant", "wsd")
 WANDB_MODES = ("disabled", "offline", "online")
-ENGINES = ("plain", "deepspeed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,25 +210,34 @@ class OptimConfig:
     """Max gradient norm for AdamW (null = off). Nexus's pseudo-gradient has norm <= 1 by construction."""
 
 
-@dataclass
-class NexusSection:
-    layout: str = "sequential"
-    gamma: float = 0.25
-    gamma_mode: str = "update"
-    min_grad_norm: float = 1e-8
-    max_consecutive_skips: int = 10
-    seed: int = 0
-    """Seed of the sequential layout's per-micro-step source draws (and of the control's random directions)."""
-    overlap_grad_reduce: bool = False
-    """Plain engine: start the gradient reduction of each bucket while backward is still running
-    (per-parameter post-accumulate-grad hooks, asynchronous collectives), for Nexus (every micro-step) and
-    the AdamW baseline (its one reduction, during the last micro-step's backward). Same results as without
-    it (docs/performance.md). DeepSpeed: use the ds_config's ``zero_optimization.overlap_comm`` instead."""
-    bucket_size: int = 10_000_000
-    """Elements per gradient bucket when ``overlap_grad_reduce`` is on (10M fp32 = 40 MB)."""
-    control: str = "none"
-    """``none`` or ``random_direction``: the study's control that replaces the direction of each inner
-    step's displacement by a seeded random one of the same length (docs/nexus.md#controls; plain engine)."""
+def _nexus_fields(names) -> list:
+    """(name, type, field) of NexusConfig's settings, for a dataclass that exposes them under their names."""
+    return [(n, FIELDS[n].type, field(default=FIELDS[n].default, metadata=FIELDS[n].metadata)) for n in names]
+
+
+NexusSection = dataclasses.make_dataclass("NexusSection", [
+    ("layout", str, field(default="sequential", metadata={"doc": "'sequential' (one source per micro-step, all "
+                                                                 "ranks) or 'source-parallel' (docs/nexus.md)"})),
+    # gamma, gamma_mode, min_grad_norm, max_consecutive_skips, control: generated from NexusConfig
+    *_nexus_fields(names_on("yaml")),
+    ("seed", int, field(default=0, metadata={"doc": "seed of the sequential layout's per-micro-step source draws "
+                                                    "(and of the control's random directions)"})),
+    ("overlap_grad_reduce", bool, field(default=False, metadata={"doc": (
+        "plain engine: start the gradient reduction of each bucket while backward is still running "
+        "(per-parameter post-accumulate-grad hooks, asynchronous collectives), for Nexus (every micro-step) and "
+        "the AdamW baseline (its one reduction, during the last micro-step's backward). Same results as without "
+        "it (docs/performance.md). DeepSpeed: use the ds_config's zero_optimization.overlap_comm instead")})),
+    ("bucket_size", int, field(default=10_000_000, metadata={"doc": "elements per gradient bucket when "
+                                                                    "overlap_grad_reduce is on (10M fp32 = 40 MB)"})),
+], namespace={"__doc__": "The YAML's ``nexus:`` section: the settings of :class:`nexus_megatron.settings.NexusConfig` "
+                         "(same names, types, defaults, validation), the layout and its seed, and the plain "
+                         "engine's gradient-reduction overlap. Each field's ``metadata['doc']`` documents it.",
+              "__module__": __name__})
+
+
+def nexus_config_of(cfg) -> NexusConfig:
+    """The NexusConfig of a RunConfig's ``nexus`` section (``nexus.seed`` also seeds the control's directions)."""
+    return nexus_config_of_section(cfg.nexus)
 
 
 @dataclass
@@ -409,18 +418,11 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise NexusConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
     if n.layout not in LAYOUTS:
         raise NexusConfigError(f"nexus.layout={n.layout!r}: use one of {', '.join(LAYOUTS)}")
-    if n.gamma_mode not in GAMMA_MODES:
-        raise NexusConfigError(f"nexus.gamma_mode={n.gamma_mode!r}: use one of {', '.join(GAMMA_MODES)}")
-    _number(n.gamma, "nexus.gamma", 0, lo_open=True)
-    _number(n.min_grad_norm, "nexus.min_grad_norm", 0)
-    if n.control not in CONTROLS:
-        raise NexusConfigError(f"nexus.control={n.control!r}: use one of {', '.join(CONTROLS)}")
+    nexus_config_of(cfg)   # gamma, gamma_mode, min_grad_norm, max_consecutive_skips, control, seed
     if n.control != "none" and (o.name != "nexus" or t.engine != "plain"):
         raise NexusConfigError(f"nexus.control={n.control} is a variant of Nexus on the plain engine: it needs "
                                f"optim.name=nexus and train.engine=plain (got {o.name}, {t.engine}); "
                                "set nexus.control=none")
-    if not (isinstance(n.max_consecutive_skips, int) and n.max_consecutive_skips >= 0):
-        raise NexusConfigError(f"nexus.max_consecutive_skips={n.max_consecutive_skips!r}: must be an integer >= 0")
     if not isinstance(n.overlap_grad_reduce, bool):
         raise NexusConfigError(f"nexus.overlap_grad_reduce={n.overlap_grad_reduce!r}: must be true or false")
     _positive_int(n.bucket_size, "nexus.bucket_size")

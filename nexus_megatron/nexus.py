@@ -31,64 +31,16 @@ Degenerate cases (§1.4):
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import torch
 
 from .errors import NexusConfigError
+from .settings import CONTROLS, GAMMA_MODES, NexusConfig, validate_nexus_config  # noqa: F401 (NexusConfig's home)
 
 if TYPE_CHECKING:
     from .layout import Reduced, SourceLayout
-
-GAMMA_MODES = ("update", "absolute")
-CONTROLS = ("none", "random_direction")
-
-
-@dataclass(frozen=True)
-class NexusConfig:
-    """Settings of the inner loop. The outer optimizer (lr, schedule, betas, weight decay) is configured
-    on the outer optimizer itself."""
-
-    gamma: float = 0.25
-    """Inner step size. With ``gamma_mode='update'`` a dimensionless factor ``alpha``:
-    ``gamma_t = alpha * lr_t * sqrt(P) / k`` (the whole inner path ``k * gamma_t`` is ``alpha`` times the
-    length of a sign-like AdamW step of ``P`` parameters at the current lr, so it follows the lr schedule
-    and scales with the model). With ``gamma_mode='absolute'`` the length of one inner step in
-    parameter space, fixed for the whole run."""
-    gamma_mode: str = "update"
-    """``update`` (default; see ``gamma``) or ``absolute``."""
-    min_grad_norm: float = 1e-8
-    """A source whose gradient norm is below this is dropped from the micro-step (§1.4)."""
-    max_consecutive_skips: int = 10
-    """Abort after this many outer steps in a row with NaN/Inf gradients (0 = never abort)."""
-    control: str = "none"
-    """``none`` (Nexus) or ``random_direction`` (the study's control, docs/nexus.md#controls): each inner
-    step moves the forward point by a seeded random direction of the length the inner step would have
-    moved (``gamma_t * ||d||``), while the pseudo-gradient still sums the normalized gradients ``d``."""
-    control_seed: int = 0
-    """Seed of the random directions (mixed with the outer-step and micro-step numbers; every rank
-    draws the same direction)."""
-
-    def __post_init__(self):
-        validate_nexus_config(self)
-
-
-def validate_nexus_config(cfg: NexusConfig) -> None:
-    if cfg.gamma_mode not in GAMMA_MODES:
-        raise NexusConfigError(f"nexus.gamma_mode={cfg.gamma_mode!r}: use one of {', '.join(GAMMA_MODES)}")
-    if not (isinstance(cfg.gamma, (int, float)) and math.isfinite(cfg.gamma) and cfg.gamma > 0):
-        raise NexusConfigError(
-            f"nexus.gamma={cfg.gamma!r}: the inner step size must be a finite number > 0 "
-            "(gamma -> 0 is the 'normalized AdamW' control: use a small positive value such as 1e-6)")
-    if not (math.isfinite(cfg.min_grad_norm) and cfg.min_grad_norm >= 0):
-        raise NexusConfigError(f"nexus.min_grad_norm={cfg.min_grad_norm!r}: must be a finite number >= 0")
-    if not (isinstance(cfg.max_consecutive_skips, int) and cfg.max_consecutive_skips >= 0):
-        raise NexusConfigError(
-            f"nexus.max_consecutive_skips={cfg.max_consecutive_skips!r}: must be an integer >= 0 (0 = never abort)")
-    if cfg.control not in CONTROLS:
-        raise NexusConfigError(f"nexus.control={cfg.control!r}: use one of {', '.join(CONTROLS)}")
 
 
 # The pure functions live in functional.py, the bookkeeping in outer.py; their names stay importable from here.

@@ -242,14 +242,10 @@ class Logger:
 
 def build_engine(cfg: RunConfig, model, layout):
     """The engine adapter named by train.engine (see nexus_megatron/engines/)."""
-    name = cfg.train.engine
-    if name == "plain":
-        from .engines.plain import PlainEngine
-        return PlainEngine(cfg, model, layout, lr_lambda(cfg))
-    if name == "deepspeed":
-        from .engines.deepspeed import build_deepspeed_engine
-        return build_deepspeed_engine(cfg, model, layout, lr_lambda(cfg))
-    raise NexusConfigError(f"train.engine={name!r}: use plain or deepspeed")
+    from .engines import ENGINES, build_engine as build
+    if cfg.train.engine not in ENGINES:
+        raise NexusConfigError(f"train.engine={cfg.train.engine!r}: use one of {', '.join(ENGINES)}")
+    return build(cfg, model, layout, lr_lambda(cfg))
 
 
 def _layout_config(cfg: RunConfig) -> LayoutConfig:
@@ -446,8 +442,8 @@ def _train(cfg: RunConfig, held: list) -> dict:
             rec["grad_norm"] = info["grad_norm"]
         done = step + 1
         if tr.probe_every and engine.supports_probe and (done % tr.probe_every == 0 or done == tr.steps):
-            last_probe = probe_gradients(getattr(engine, "probe_module", module), engine.params, sources, names,
-                                         cfg, rank, world)
+            probe_module = module if engine.probe_module is None else engine.probe_module
+            last_probe = probe_gradients(probe_module, engine.params, sources, names, cfg, rank, world)
             rec.update(last_probe)
         if tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
             last_eval = do_eval(done)

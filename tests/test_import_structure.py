@@ -148,3 +148,19 @@ def test_old_paths_keep_their_names():
     from nexus_megatron.plan import PlanInput, bus_factor, comm_ops, state_bytes, validate  # noqa: F401
     from nexus_megatron.tools.measure import COUNTER as counter
     assert COUNTER is counter
+
+
+def test_one_engine_registry_for_the_config_and_the_trainer():
+    import subprocess
+    import sys
+    from nexus_megatron.config import load_config
+    from nexus_megatron.engines import ENGINES, REGISTRY
+    from nexus_megatron.engines.base import Engine
+    from nexus_megatron.errors import NexusConfigError
+    assert ENGINES == tuple(REGISTRY) == ("plain", "deepspeed")
+    with pytest.raises(NexusConfigError, match="train.engine='jax': use one of plain, deepspeed"):
+        load_config(None, ["train.engine=jax"])
+    assert Engine.params == () and Engine.probe_module is None and Engine.sharpness_seam is None
+    code = ("import sys, nexus_megatron.engines, nexus_megatron.config; "
+            "assert not {'deepspeed', 'megatron.core'} & set(sys.modules), 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})

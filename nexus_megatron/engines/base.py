@@ -10,13 +10,23 @@ and ``engine.save(...)`` / ``engine.load(...)`` at checkpoint boundaries (always
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 
 class Engine:
     name = "base"
     module = None          # the torch.nn.Module whose forward computes the loss
     supports_probe = False  # can the trainer run the per-source gradient probe on it?
+    params: Sequence = ()
+    """The trainable parameters, each once, in a fixed order (the gradient probe and critical sharpness read
+    them)."""
+    probe_module = None
+    """The module the per-source gradient probe runs on, when it is not :attr:`module` (DeepSpeed: the wrapped
+    module, bypassing the engine's backward bookkeeping)."""
+    sharpness_seam: Optional[Callable[[], object]] = None
+    """None, or a method returning the engine's ``SharpnessSeam`` (:mod:`nexus_megatron.sharpness`): where critical
+    sharpness is measured inside the outer step. Without one (plain engine), the hook is the optimizer's
+    ``opt.pre_outer_step``."""
 
     def backward(self, loss) -> None:
         raise NotImplementedError

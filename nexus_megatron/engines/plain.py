@@ -22,6 +22,7 @@ from ..baseline import MixtureAdamW
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..layout import GradBuckets, Reduced
 from ..nexus import Nexus, NexusConfig
+from ..settings import nexus_config_of_section
 from .base import Engine
 
 
@@ -36,9 +37,7 @@ def build_outer_adamw(cfg, params):
 
 
 def nexus_config(cfg) -> NexusConfig:
-    n = cfg.nexus
-    return NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
-                       max_consecutive_skips=n.max_consecutive_skips, control=n.control, control_seed=n.seed)
+    return nexus_config_of_section(cfg.nexus)   # one mapping for every surface (nexus_megatron.settings)
 
 
 class OverlappedNexus(Nexus):

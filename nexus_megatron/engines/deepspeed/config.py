@@ -27,18 +27,16 @@ from typing import Optional
 
 from ...errors import NexusConfigError
 from ...layout import LAYOUTS, LayoutConfig
-from ...nexus import GAMMA_MODES, NexusConfig
+from ...settings import NexusConfig, check_value, doc_of, names_on, nexus_config_from
 from .ds_view import ds_view
 
-#: keys of the ``"nexus"`` section of a ds_config.json
+#: keys of the ``"nexus"`` section of a ds_config.json: NexusConfig's settings (names, docs and checks from
+#: :mod:`nexus_megatron.settings`), the layout's, and DeepSpeed's parameter-gather overlap
 NEXUS_KEYS = {
-    "gamma": "inner step size (see nexus_megatron.nexus.NexusConfig.gamma)",
-    "gamma_mode": "'update' (gamma is a factor of the lr-scaled AdamW step length) or 'absolute'",
+    **{name: doc_of(name) for name in names_on("ds_config")},
     "layout": "'sequential' (one source per micro-step, all ranks) or 'source-parallel'",
     "sources": "list of source names (source-parallel: source i is read by source group i)",
     "weights": "one weight per source (default uniform)",
-    "min_grad_norm": "a source whose gradient norm is below this is dropped from the micro-step",
-    "max_consecutive_skips": "abort after this many NaN/Inf outer steps in a row (0 = never)",
     "seed": "seed of the sequential layout's per-micro-step source draws",
     "overlap_param_gather": "ZeRO-1/2: all-gather the updated parameters during the next forward pass, bucket by "
                             "bucket, instead of at the end of step() (default false)",
@@ -47,7 +45,11 @@ NEXUS_KEYS = {
 }
 
 _LAYOUT_KEYS = {"layout": "mode", "sources": "sources", "weights": "weights", "seed": "seed"}
-_NEXUS_CFG_KEYS = ("gamma", "gamma_mode", "min_grad_norm", "max_consecutive_skips")
+_NEXUS_CFG_KEYS = names_on("ds_config")
+
+
+def _label(name: str) -> str:
+    return f"ds_config nexus.{name}"
 
 
 @dataclass
@@ -134,8 +136,9 @@ def check_nexus_section(section) -> dict:
             raise NexusConfigError(f"ds_config: unknown setting 'nexus.{key}'{hint} (valid: {', '.join(NEXUS_KEYS)})")
     if "layout" in section and section["layout"] not in LAYOUTS:
         raise NexusConfigError(f"ds_config nexus.layout={section['layout']!r}: use one of {', '.join(LAYOUTS)}")
-    if "gamma_mode" in section and section["gamma_mode"] not in GAMMA_MODES:
-        raise NexusConfigError(f"ds_config nexus.gamma_mode={section['gamma_mode']!r}: use one of {', '.join(GAMMA_MODES)}")
+    for key in _NEXUS_CFG_KEYS:
+        if key in section:
+            check_value(key, section[key], _label(key))
     if "sources" in section and not (isinstance(section["sources"], list) and section["sources"]):
         raise NexusConfigError("ds_config nexus.sources must be a non-empty list of source names")
     if "weights" in section and section["weights"] is not None and not isinstance(section["weights"], list):
@@ -186,7 +189,7 @@ def merge_nexus(section: dict, layout: Optional[LayoutConfig], nexus: Optional[N
                     f"ds_config nexus.{key}={section[key]!r} conflicts with {nexus_where}.{key}="
                     f"{getattr(nexus, key)!r}: give it in one place, or make them equal")
     else:
-        nexus = NexusConfig(**{k: section[k] for k in _NEXUS_CFG_KEYS if k in section})
+        nexus = nexus_config_from(section, label=_label)
     return layout, nexus
 
 
@@ -536,8 +539,7 @@ def check_run_config(cfg, world_size: Optional[int] = None) -> PreparedConfig:
                           weights=tuple(cfg.data.weights) if cfg.data.weights else None, seed=n.seed)
     prepared = prepare_ds_config(
         raw, world_size=world_size, micro_steps=t.micro_steps, layout=layout,
-        nexus=NexusConfig(gamma=n.gamma, gamma_mode=n.gamma_mode, min_grad_norm=n.min_grad_norm,
-                          max_consecutive_skips=n.max_consecutive_skips),
+        nexus=nexus_config_from(n),
         optim_name=cfg.optim.name, allow_scheduler=False, micro_steps_where="train.micro_steps",
         micro_batch=cfg.data.micro_batch_size, micro_batch_where="data.micro_batch_size",
         layout_where="the YAML (nexus.layout / data.sources / data.weights / nexus.seed)", nexus_where="nexus",

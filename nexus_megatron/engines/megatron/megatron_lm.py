@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ...errors import NexusConfigError
-from ...layout import LayoutConfig
+from ...layout import LAYOUTS, LayoutConfig
 from ...nexus import NexusConfig
+from ...settings import DEFAULTS, add_nexus_flags, names_on, nexus_config_from, nexus_config_from_flags
 from ...sharpness import SharpnessConfig
 
 
@@ -49,13 +50,13 @@ class NexusSettings:
     sources: Sequence[str]
     weights: Optional[Sequence[float]] = None
     layout: str = "sequential"
-    gamma: float = 1.0
-    gamma_mode: str = "update"
+    gamma: float = DEFAULTS.gamma                       # the defaults of NexusConfig (nexus_megatron.settings)
+    gamma_mode: str = DEFAULTS.gamma_mode
     micro_steps: Optional[int] = None
     """K inner steps per iteration; None = one per Megatron micro-batch (get_num_microbatches())."""
     layout_seed: int = 0
-    min_grad_norm: float = 1e-8
-    max_consecutive_skips: int = 10
+    min_grad_norm: float = DEFAULTS.min_grad_norm
+    max_consecutive_skips: int = DEFAULTS.max_consecutive_skips
     exact_displacement: bool = False
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     """Critical sharpness (off by default); needs ``probe_data``."""
@@ -69,8 +70,7 @@ class NexusSettings:
                             weights=tuple(self.weights) if self.weights else None, seed=self.layout_seed)
 
     def nexus_config(self) -> NexusConfig:
-        return NexusConfig(gamma=self.gamma, gamma_mode=self.gamma_mode, min_grad_norm=self.min_grad_norm,
-                           max_consecutive_skips=self.max_consecutive_skips)
+        return nexus_config_from(self)
 
 
 def _groups(settings: NexusSettings):
@@ -258,13 +258,17 @@ def add_nexus_args(parser):
     add_sharpness_args(parser)
     g = parser.add_argument_group("nexus")
     g.add_argument("--nexus", action="store_true", help="train with Nexus (outer optimizer: --optimizer adam)")
-    g.add_argument("--nexus-gamma", type=float, default=1.0)
-    g.add_argument("--nexus-gamma-mode", choices=["update", "absolute"], default="update")
-    g.add_argument("--nexus-layout", choices=["sequential", "source-parallel"], default="sequential")
+    add_nexus_flags(g)            # --nexus-gamma, --nexus-gamma-mode, --nexus-min-grad-norm, --nexus-max-consecutive-skips
+    g.add_argument("--nexus-layout", choices=list(LAYOUTS), default="sequential")
     g.add_argument("--nexus-micro-steps", type=int, default=None)
-    g.add_argument("--nexus-min-grad-norm", type=float, default=1e-8)
     g.add_argument("--nexus-exact-displacement", action="store_true")
     return parser
+
+
+def _flag_settings(args) -> dict:
+    """NexusConfig's settings from the --nexus-* flags (checked), under NexusSettings' names (the same)."""
+    cfg = nexus_config_from_flags(args)
+    return {name: getattr(cfg, name) for name in names_on("megatron")}
 
 
 def settings_from_args(args) -> NexusSettings:
@@ -274,9 +278,8 @@ def settings_from_args(args) -> NexusSettings:
              "split": args.split, "seed": args.seed, "ood_data_path": getattr(args, "sharpness_ood_data_path", None),
              "mask_eod": getattr(args, "eod_mask_loss", False)}
     return NexusSettings(sources=[s.name for s in specs], weights=[s.weight for s in specs], layout=args.nexus_layout,
-                         gamma=args.nexus_gamma, gamma_mode=args.nexus_gamma_mode, micro_steps=args.nexus_micro_steps,
-                         layout_seed=args.seed, min_grad_norm=args.nexus_min_grad_norm,
-                         exact_displacement=args.nexus_exact_displacement,
+                         **_flag_settings(args), micro_steps=args.nexus_micro_steps,
+                         layout_seed=args.seed, exact_displacement=args.nexus_exact_displacement,
                          sharpness=sharpness_config_from_args(args) if hasattr(args, "sharpness_every")
                          else SharpnessConfig(), probe_data=probe)
 
