@@ -80,6 +80,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ...errors import NexusConfigError, NexusNonFiniteError
 from ...nexus import NexusConfig, NexusStats, inner_gamma, source_coefficients
+from .compat import full_grad_norm, prepare_model_params_for_param_sync as compat_prepare_param_sync
 from .groups import NexusGroups
 from .version import check_megatron_core_version
 
@@ -190,6 +191,8 @@ def publish_main_params(children, *, defer_gather: bool = False) -> None:
     for child in children:
         if isinstance(child, MixedPrecisionOptimizer) and not child.is_stub_optimizer:
             child._copy_main_params_to_model_params()
+    for child in children:
+        compat_prepare_param_sync(child)              # compat: 0.17+ staging before an explicit param sync
     for mc in chunks:
         if not _overlapped(mc):
             mc.start_param_sync()
@@ -462,7 +465,7 @@ class NexusMegatronOptimizer(MegatronOptimizer):
         if m == 0:
             self.gamma_t = inner_gamma(self.nexus_config, self.current_lr(), self.num_norm_params, k)
         found_inf = bool(self.inner.prepare_grads())
-        norm = float(self.inner.get_grad_norm())
+        norm = full_grad_norm(self.inner)             # compat: every parameter, also 0.17+'s MTP group
         K = layout.num_sources
         norms = torch.zeros(K, dtype=torch.float64)
         norms[src] = norm
@@ -643,8 +646,18 @@ class NexusMegatronOptimizer(MegatronOptimizer):
     def get_parameters(self):
         return self.inner.get_parameters()
 
+    # compat: 0.16 names it get_main_grads_for_grad_norm(), 0.17+ get_grads_for_grad_norm(grad_norm_group)
     def get_main_grads_for_grad_norm(self):
         return self.inner.get_main_grads_for_grad_norm()
+
+    def get_grads_for_grad_norm(self, grad_norm_group=None):
+        return self.inner.get_grads_for_grad_norm(grad_norm_group)
+
+    def has_grad_norm_group(self, grad_norm_group):
+        return self.inner.has_grad_norm_group(grad_norm_group)
+
+    def prepare_model_params_for_param_sync(self):
+        compat_prepare_param_sync(self.inner)
 
     def get_grad_stats_parallel_group(self):
         return self.inner.get_grad_stats_parallel_group()
