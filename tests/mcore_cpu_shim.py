@@ -1,8 +1,10 @@
-"""TEST-ONLY: run megatron-core 0.16.x on a CPU-only torch build (gloo).
+"""TEST-ONLY: run megatron-core 0.16.x-0.19.x on a CPU-only torch build (gloo).
 
 megatron-core hard-codes CUDA in a few places (``device='cuda'`` tensors, ``torch.cuda.current_device()``
 buffers, the CUDA RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` checks). This shim rewrites
-them to CPU for the current process. It patches torch globally, so:
+them to CPU for the current process. From 0.17 the gradient reduction also asks for
+``torch.cuda.current_stream()`` (to wait on CUDA-graph events) and Megatron-LM's loop creates CUDA events and
+streams: those become no-op stand-ins (CPU work is synchronous). It patches torch globally, so:
 
 * never import it from ``nexus_megatron`` runtime code (only tests and ``--cpu-test-shim`` smoke runs);
 * never apply it in a process that also runs DeepSpeed (it fakes ``Tensor.type()`` strings).
@@ -31,6 +33,28 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event on CPU: every wait, record and synchronize is a no-op."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 _MODE = None
 _PATCHED = False
 
@@ -46,6 +70,12 @@ def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()   # "CUDA" RNG := CPU RNG
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    # 0.17+: streams and events (gradient reduction, Megatron-LM's timers and loop)
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()
+    torch.cuda.default_stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullStream
+    torch.cuda.stream = lambda *a, **k: _NullStream()
     import megatron.core.tensor_parallel.random as mrandom
     mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
     torch.Tensor.cuda = lambda self, *a, **k: self

@@ -13,6 +13,8 @@ staging before an explicit param sync  none                        ``prepare_mod
 ``ProcessGroupCollection`` data-       dp, dp_cp, intra_dp_cp,     + ``dp_cp_gtp_remat``,
 parallel fields                        expt_dp, intra_expt_dp      ``expt_dp_gtp_remat`` (read first by
                                                                    ``finalize_model_grads`` when set)
+``dist_checkpointing.save`` async   megatron-core's own         default ``nvrx`` (optional package):
+                                                                   ask for ``mcore``
 ``megatron.training`` in the wheel     no (a Megatron-LM checkout) yes (extra ``[mlm]``); ``pretrain()``
                                                                    takes a config container (0.18+)
 =====================================  ==========================  =======================================
@@ -101,6 +103,18 @@ def set_data_parallel_group(pgc, block) -> None:
     for name in GTP_DATA_PARALLEL_FIELDS:
         if name in names:
             setattr(pgc, name, block)
+
+
+def dist_checkpointing_async_save(sharded_state_dict, directory):
+    """``dist_checkpointing.save(..., async_sharded_save=True)``: the request to ``execute_sync()``. 0.19
+    defaults to the ``nvrx`` async strategy (the optional nvidia-resiliency-ext package); the adapter asks for
+    megatron-core's own (``mcore``), which is what 0.16 always used."""
+    import inspect
+    from megatron.core import dist_checkpointing
+    kw = {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kw["async_strategy"] = "mcore"
+    return dist_checkpointing.save(sharded_state_dict, directory, async_sharded_save=True, **kw)
 
 
 def has_megatron_training() -> bool:
