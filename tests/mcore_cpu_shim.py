@@ -92,3 +92,25 @@ def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
                 return t if t.startswith("torch.cuda.") else t.replace("torch.", "torch.cuda.", 1)
             return _orig(self, dtype, non_blocking, **kw)
         torch.Tensor.type = _type
+
+
+def patch_megatron_training_for_cpu():
+    """Also run Megatron-LM's loop (``megatron.training``, shipped in megatron-core >= 0.17) on CPU: it asserts
+    ``torch.cuda.is_available()``, selects a device, reads memory statistics and times with CUDA events.
+    Pass ``--distributed-backend gloo``. Call instead of :func:`patch_megatron_for_cpu`."""
+    patch_megatron_for_cpu()
+    import torch._dynamo
+    torch._dynamo.config.disable = True     # the jit-fusion warm-up would trace through the CUDA->CPU mode
+    torch.cuda.is_available = lambda: True
+    torch.accelerator.current_stream = lambda *a, **k: _NullStream()   # torch.optim's graph-capture check
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(torch.cuda, name, lambda *a, **k: 0)
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+    torch.cuda.reset_max_memory_allocated = lambda *a, **k: None
+    torch.cuda.memory_stats = lambda *a, **k: {}
+    torch.cuda.mem_get_info = lambda *a, **k: (0, 0)
+    torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
+    torch.cuda.get_device_name = lambda *a, **k: "cpu"

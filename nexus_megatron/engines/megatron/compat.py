@@ -126,6 +126,20 @@ def has_megatron_training() -> bool:
         return False
 
 
+def use_prebuilt_dataset_helpers() -> None:
+    """megatron-core wheels ship the dataset helpers compiled (``helpers_cpp*.so``) but not their Makefile;
+    ``megatron.training``'s initialization still runs ``make`` in that directory on rank 0 and exits when it
+    fails. With the compiled module importable the compilation is skipped (a source checkout keeps it)."""
+    import importlib.util
+    import os
+    from megatron.core.datasets import utils as dutils
+    here = os.path.dirname(os.path.abspath(dutils.__file__))
+    if os.path.exists(os.path.join(here, "Makefile")):
+        return
+    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
+        dutils.compile_helpers = lambda: None
+
+
 def pretrain_takes_config_container() -> bool:
     """``megatron.training.training.pretrain``'s first argument is a ``PretrainConfigContainer`` (0.18+)
     instead of the dataset provider (with ``extra_args_provider=`` / ``args_defaults=`` keywords)."""
