@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not HAVE_TRAINING, reason="megatron-core < 0.17 
                                 "(the 0.16 path is tested in test_megatron.py)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(ROOT, "tests", "mcore_training_runner.py")
+LAUNCHER = os.path.join(ROOT, "launch", "pretrain_gpt_nexus.py")
 ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
 
 
@@ -48,7 +48,7 @@ def _run(argv, nproc, port, tmp_path, expect_ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TORCHDYNAMO_DISABLE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           RUNNER] + argv
+           LAUNCHER, "--cpu-test-shim"] + argv
     r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -100,7 +100,7 @@ def test_llama_style_arguments_train(data, tmp_path):
 @pytest.mark.parametrize("extra,flag", [
     (["--rampup-batch-size", "4", "4", "16"], "--rampup-batch-size"),
     (["--num-experts", "4", "--moe-router-topk", "2"], "--num-experts"),      # Mixtral-style MoE
-    (["--mtp-num-layers", "1"], "--mtp-num-layers"),
+    (["--mtp-num-layers", "1", "--position-embedding-type", "rope"], "--mtp-num-layers"),
     (["--fp16"], "--fp16"),
 ])
 def test_unsupported_flags_stop_before_training(data, tmp_path, extra, flag):
