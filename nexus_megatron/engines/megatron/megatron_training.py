@@ -111,6 +111,28 @@ def gpt_forward_step(data_iterator, model):
     return out, loss_func
 
 
+def enable_nexus_from_parsed_args(args, training_module=None):
+    """After Megatron-LM's ``parse_and_validate_args(extra_args_provider=add_nexus_megatron_args)``: with
+    ``--optimizer nexus``, refuse what Nexus cannot run (naming the flag), make Adam the outer optimizer and patch
+    ``megatron.training.training`` (:func:`~.megatron_lm.enable_nexus`). Returns the settings, or None without
+    ``--optimizer nexus``. The train dataset provider is then :func:`~.megatron_lm.nexus_datasets_provider`."""
+    if args.optimizer != NEXUS:
+        return None
+    from megatron.training import training as T
+    check_nexus_args(args)
+    args.optimizer = "adam"               # the outer optimizer; Megatron builds it
+    args.nexus = True
+    args.dataloader_type = "external"
+    args.check_for_nan_in_loss_and_grad = False   # Nexus skips a non-finite outer step itself
+    settings: NexusSettings = settings_from_args(args)
+    enable_nexus(settings, training_module or T)
+    register_settings(settings)
+    # Megatron re-parses sys.argv later (ft_integration / inprocess_restart, parse_known_args, without the
+    # extra provider): let it see the outer optimizer there.
+    sys.argv = _outer_optimizer_argv(sys.argv)
+    return settings
+
+
 def main(argv=None):
     """Run Megatron-LM's ``pretrain()`` (from the megatron-core wheel) on a GPT, with ``--optimizer nexus``."""
     from megatron.core.enums import ModelType
@@ -126,19 +148,7 @@ def main(argv=None):
                                "recipe of docs/megatron.md §2 with your Megatron-LM checkout")
     args = parse_and_validate_args(extra_args_provider=add_nexus_megatron_args,
                                    args_defaults={"tokenizer_type": "NullTokenizer"})
-    nexus = args.optimizer == NEXUS
-    if nexus:
-        check_nexus_args(args)
-        args.optimizer = "adam"               # the outer optimizer; Megatron builds it
-        args.nexus = True
-        args.dataloader_type = "external"
-        args.check_for_nan_in_loss_and_grad = False   # Nexus skips a non-finite outer step itself
-        settings: NexusSettings = settings_from_args(args)
-        enable_nexus(settings, T)
-        register_settings(settings)
-        # Megatron re-parses sys.argv later (ft_integration / inprocess_restart, parse_known_args, without our
-        # provider): let it see the outer optimizer there.
-        sys.argv = _outer_optimizer_argv(sys.argv)
+    nexus = enable_nexus_from_parsed_args(args, T) is not None
     use_prebuilt_dataset_helpers()
     model_cfg = gpt_config_from_args(args)
     full_config = pretrain_cfg_container_from_args(args, model_cfg)
