@@ -24,7 +24,7 @@ LAUNCHER = os.path.join(ROOT, "launch", "pretrain_gpt_nexus.py")
 ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
 
 
-def tiny_gpt(data, iters=3):
+def tiny_gpt(data, iters=3):  # noqa: D401
     """A tiny GPT modelled on Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh (shapes cut, fp8 and
     bf16 removed: bf16 is ~20x slower on this CPU)."""
     return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
@@ -102,6 +102,7 @@ def test_llama_style_arguments_train(data, tmp_path):
     (["--num-experts", "4", "--moe-router-topk", "2"], "--num-experts"),      # Mixtral-style MoE
     (["--mtp-num-layers", "1", "--position-embedding-type", "rope"], "--mtp-num-layers"),
     (["--fp16"], "--fp16"),
+    (["--eval-iters", "2"], "--eval-iters"),
 ])
 def test_unsupported_flags_stop_before_training(data, tmp_path, extra, flag):
     r = _run(tiny_gpt(data) + extra, 1, 29635, tmp_path, expect_ok=False)

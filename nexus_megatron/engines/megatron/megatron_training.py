@@ -65,6 +65,9 @@ def check_nexus_args(args) -> None:
     if getattr(args, "dataloader_type", None) == "cyclic":      # Megatron's default is single
         raise NexusConfigError("--dataloader-type cyclic: --optimizer nexus reads one source per inner step from its "
                                "own per-source iterator (it runs as external); drop the flag")
+    if (getattr(args, "eval_iters", 0) or 0) > 0 and not getattr(args, "skip_train", False):
+        raise NexusConfigError(f"--eval-iters {args.eval_iters}: validation inside Megatron's loop is not wired for "
+                               "--optimizer nexus yet (its data provider has no validation split); give --eval-iters 0")
     if not getattr(args, "data_path", None):
         raise NexusConfigError("--data-path: --optimizer nexus needs one path per source (W1 P1 W2 P2 ...)")
     if args.nexus_micro_steps is not None and args.nexus_micro_steps < 1:
