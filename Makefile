@@ -24,3 +24,18 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The Megatron tests on the other end of the supported range: Python 3.12 + megatron-core 0.19.x (which ships
+# Megatron-LM's own loop, megatron.training). Not part of `make test` yet: see docs/megatron.md §7.
+PY312      ?= $(shell ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python 2>/dev/null | tail -1 || echo python3.12)
+VENV312    ?= .venv312
+MCORE312   ?= megatron-core[mlm]==0.19.2
+.PHONY: test-megatron-312
+$(VENV312)/.installed: pyproject.toml
+	$(PY312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(MCORE312)" -e ".[test]"
+	touch $@
+
+test-megatron-312: $(VENV312)/.installed
+	OMP_NUM_THREADS=1 $(VENV312)/bin/python -m pytest -q tests/test_megatron.py tests/test_megatron_launch.py \
+		tests/test_megatron_overlap.py tests/test_megatron_training_loop.py

@@ -1,6 +1,16 @@
 #!/usr/bin/env python
 """GPT pretraining on megatron-core with Nexus (or Adam), Megatron-LM style command line.
 
+megatron-core >= 0.17 (Python >= 3.12): this runs Megatron-LM's own training loop from the wheel
+(``megatron.training``: ``parse_and_validate_args`` + ``pretrain()``), with ``--optimizer nexus`` and the
+``--nexus-*`` flags; every Megatron-LM argument is parsed, validated and honoured by Megatron itself, and what
+Nexus cannot run stops before training naming the flag
+(:mod:`nexus_megatron.engines.megatron.megatron_training`).
+
+megatron-core 0.16 (no ``megatron.training`` in the wheel) runs the loop below, which re-implements the subset
+of Megatron-LM's loop listed by ``--help``; prefer the hook-in recipe of docs/megatron.md §2 with your own
+Megatron-LM checkout there.
+
 Takes Megatron-LM's usual ``pretrain_gpt.py`` arguments (the subset listed by ``--help``; other
 Megatron-LM flags are accepted and ignored with a warning) plus::
 
@@ -534,7 +544,29 @@ def main(argv=None) -> dict:
     return last
 
 
+def megatron_loop_available() -> bool:
+    """megatron-core >= 0.17 ships Megatron-LM's loop (``megatron.training``) with a config-container pretrain()."""
+    from nexus_megatron.engines.megatron.compat import has_megatron_training
+    if not has_megatron_training():
+        return False
+    from nexus_megatron.engines.megatron.compat import pretrain_takes_config_container
+    return pretrain_takes_config_container()
+
+
+def run(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import importlib.util
+    if "--cpu-test-shim" in argv and importlib.util.find_spec("megatron.training") is not None:   # test-only; before megatron.training is imported
+        argv.remove("--cpu-test-shim")
+        from nexus_megatron.tools.mcore_cpu_shim import patch_megatron_training_for_cpu
+        patch_megatron_training_for_cpu()
+    if megatron_loop_available():
+        from nexus_megatron.engines.megatron.megatron_training import main as megatron_main
+        return megatron_main(argv)
+    return main(argv)
+
+
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        main()
+        run()

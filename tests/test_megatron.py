@@ -289,7 +289,9 @@ def test_version_check():
     from nexus_megatron.errors import NexusConfigError
     assert check_megatron_core_version("0.16.1") == "0.16.1"
     assert check_megatron_core_version("0.16.0rc2") == "0.16.0rc2"
-    for bad in ("0.15.2", "0.19.0"):
+    for good in ("0.17.0", "0.18.1", "0.19.2", "0.19.3rc0+abc"):
+        assert check_megatron_core_version(good) == good
+    for bad in ("0.15.2", "0.20.0", "1.0.0"):
         with pytest.raises(NexusConfigError, match=OVERRIDE_ENV):
             check_megatron_core_version(bad)
 

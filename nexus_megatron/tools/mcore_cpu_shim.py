@@ -1,8 +1,10 @@
-"""TESTS AND CPU SMOKE RUNS ONLY: run megatron-core 0.16.x on a CPU-only torch build (gloo).
+"""TESTS AND CPU SMOKE RUNS ONLY: run megatron-core 0.16.x-0.19.x on a CPU-only torch build (gloo).
 
 megatron-core hard-codes CUDA in a few places (``device='cuda'`` tensors, ``torch.cuda.current_device()``
 buffers, the CUDA RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` checks). This shim rewrites
-them to CPU for the current process. It patches torch globally, so:
+them to CPU for the current process. From 0.17 the gradient reduction also asks for
+``torch.cuda.current_stream()`` (to wait on CUDA-graph events) and Megatron-LM's loop creates CUDA events and
+streams: those become no-op stand-ins (CPU work is synchronous). It patches torch globally, so:
 
 * never import it from ``nexus_megatron`` runtime code (only tests, ``bench --engine megatron`` on CPU through
   the tests' wrapper, and ``launch/pretrain_gpt_nexus.py --cpu-test-shim`` smoke runs);
@@ -32,6 +34,28 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event on CPU: every wait, record and synchronize is a no-op."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 _MODE = None
 _PATCHED = False
 
@@ -47,6 +71,12 @@ def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()   # "CUDA" RNG := CPU RNG
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    # 0.17+: streams and events (gradient reduction, Megatron-LM's timers and loop)
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()
+    torch.cuda.default_stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullStream
+    torch.cuda.stream = lambda *a, **k: _NullStream()
     import megatron.core.tensor_parallel.random as mrandom
     mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
     torch.Tensor.cuda = lambda self, *a, **k: self
@@ -63,3 +93,25 @@ def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
                 return t if t.startswith("torch.cuda.") else t.replace("torch.", "torch.cuda.", 1)
             return _orig(self, dtype, non_blocking, **kw)
         torch.Tensor.type = _type
+
+
+def patch_megatron_training_for_cpu():
+    """Also run Megatron-LM's loop (``megatron.training``, shipped in megatron-core >= 0.17) on CPU: it asserts
+    ``torch.cuda.is_available()``, selects a device, reads memory statistics and times with CUDA events.
+    Pass ``--distributed-backend gloo``. Call instead of :func:`patch_megatron_for_cpu`."""
+    patch_megatron_for_cpu()
+    import torch._dynamo
+    torch._dynamo.config.disable = True     # the jit-fusion warm-up would trace through the CUDA->CPU mode
+    torch.cuda.is_available = lambda: True
+    torch.accelerator.current_stream = lambda *a, **k: _NullStream()   # torch.optim's graph-capture check
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(torch.cuda, name, lambda *a, **k: 0)
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+    torch.cuda.reset_max_memory_allocated = lambda *a, **k: None
+    torch.cuda.memory_stats = lambda *a, **k: {}
+    torch.cuda.mem_get_info = lambda *a, **k: (0, 0)
+    torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
+    torch.cuda.get_device_name = lambda *a, **k: "cpu"

@@ -35,6 +35,7 @@ from ...errors import CheckpointError
 from ...faults import fault_point
 from ...safe_load import MARKER_FILE, marker_text, rng_to_plain, set_rng_from_plain
 from .optimizer import sync_model_params
+from .compat import dist_checkpointing_async_save
 from .safe_load import safe_dist_checkpointing
 
 
@@ -139,7 +140,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     # dist_checkpointing.save(...) is async_save(...).execute_sync() plus metadata.json; split, so that the
     # fault hook sits inside the write: rank 0's common.pt is on disk, no rank has written its shards.
     with _in_process_write_results():
-        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+        request = dist_checkpointing_async_save(sd, tmp)    # compat: megatron-core's own async strategy
         fault_point("checkpoint", iteration)
         request.execute_sync()   # every rank's shards (fsynced by megatron-core), .metadata, metadata.json
     _barrier()

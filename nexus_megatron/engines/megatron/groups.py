@@ -101,6 +101,7 @@ def build_nexus_groups(layout_cfg: LayoutConfig) -> NexusGroups:
     instance = new_groups([sorted(r for r, j in dp_index.items() if j // S == i) for i in range(K)],
                           singletons=True)
     from megatron.core.process_groups_config import ProcessGroupCollection
+    from .compat import set_data_parallel_group
     pgc = ProcessGroupCollection()
     pgc.tp = ps.get_tensor_model_parallel_group()
     pgc.pp = ps.get_pipeline_model_parallel_group()
@@ -110,11 +111,7 @@ def build_nexus_groups(layout_cfg: LayoutConfig) -> NexusGroups:
     pgc.tp_ep_pp = ps.get_expert_tensor_model_pipeline_parallel_group()
     pgc.embd = ps.get_embedding_group(check_initialized=False)
     pgc.pos_embd = ps.get_position_embedding_group(check_initialized=False)
-    pgc.dp = block
-    pgc.dp_cp = block
-    pgc.intra_dp_cp = block
-    pgc.expt_dp = block
-    pgc.intra_expt_dp = block
+    set_data_parallel_group(pgc, block)                 # every field this megatron-core reads it from
     pgc.intra_dist_opt = instance
     if cross is not None:
         pgc.inter_dist_opt = cross

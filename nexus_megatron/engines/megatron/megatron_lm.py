@@ -287,6 +287,11 @@ def settings_from_args(args) -> NexusSettings:
 _SETTINGS: dict = {}
 
 
+def register_settings(settings: NexusSettings) -> None:
+    """The settings :func:`nexus_datasets_provider` reads (set by whoever called :func:`enable_nexus`)."""
+    _SETTINGS["settings"] = settings
+
+
 def enable_nexus_from_args():
     """Defer :func:`enable_nexus` until Megatron-LM has parsed its arguments: patches
     ``megatron.training.training.get_model`` to read ``get_args()`` (``--nexus`` and --nexus-*) on first use."""

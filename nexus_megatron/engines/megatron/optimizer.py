@@ -79,6 +79,7 @@ from ...errors import NexusConfigError
 from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum
 from ...nexus import NexusConfig
 from ...outer import BookViews, OuterBook, check_resume
+from .compat import full_grad_norm, prepare_model_params_for_param_sync as compat_prepare_param_sync
 from .groups import NexusGroups
 from .version import check_megatron_core_version
 
@@ -186,6 +187,8 @@ def publish_main_params(children, *, defer_gather: bool = False) -> None:
     for child in children:
         if isinstance(child, MixedPrecisionOptimizer) and not child.is_stub_optimizer:
             child._copy_main_params_to_model_params()
+    for child in children:
+        compat_prepare_param_sync(child)              # compat: 0.17+ staging before an explicit param sync
     for mc in chunks:
         if not _overlapped(mc):
             mc.start_param_sync()
@@ -443,7 +446,7 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         if sp and src != layout.my_source:
             raise RuntimeError(f"source-parallel: this rank reads source {layout.my_source}, not {src}")
         found_inf = bool(self.inner.prepare_grads())
-        norm = float(self.inner.get_grad_norm())
+        norm = float(full_grad_norm(self.inner))      # compat: every parameter, also 0.17+'s MTP group
         # each rank of the cross group holds its source's full norm (Megatron reduced it over the grad-stats group)
         red, coef = layout.exchange_norms(norm * norm if math.isfinite(norm) else float("nan"), src,
                                           groups=(self.groups.cross_group,) if sp else (), nonfinite=found_inf,
@@ -570,8 +573,18 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
     def get_parameters(self):
         return self.inner.get_parameters()
 
+    # compat: 0.16 names it get_main_grads_for_grad_norm(), 0.17+ get_grads_for_grad_norm(grad_norm_group)
     def get_main_grads_for_grad_norm(self):
         return self.inner.get_main_grads_for_grad_norm()
+
+    def get_grads_for_grad_norm(self, grad_norm_group=None):
+        return self.inner.get_grads_for_grad_norm(grad_norm_group)
+
+    def has_grad_norm_group(self, grad_norm_group):
+        return self.inner.has_grad_norm_group(grad_norm_group)
+
+    def prepare_model_params_for_param_sync(self):
+        compat_prepare_param_sync(self.inner)
 
     def get_grad_stats_parallel_group(self):
         return self.inner.get_grad_stats_parallel_group()

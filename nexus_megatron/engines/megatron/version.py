@@ -4,8 +4,8 @@ The adapter touches megatron-core at a few documented seams (``MegatronOptimizer
 ``prepare_grads`` / ``step_with_ready_grads`` split, ``ProcessGroupCollection``, DDP's
 ``zero_grad_buffer`` / ``start_param_sync``, ``finalize_model_grads``, and the main-parameter lists
 of ``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params`` / ``DistributedOptimizer``). These move
-between minor releases (``pretrain()``'s signature changed in 0.19, ``DistributedOptimizer``'s
-internals change often), so only the tested minor line is accepted by default.
+between minor releases; every difference between the supported lines is handled in :mod:`.compat`.
+Other minor lines are refused by default.
 """
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import os
 
 from ...errors import NexusConfigError
 
-SUPPORTED = ((0, 16),)
-"""(major, minor) lines that are accepted. 0.16.1 is the tested release."""
-TESTED = "0.16.1"
+SUPPORTED = ((0, 16), (0, 17), (0, 18), (0, 19))
+"""(major, minor) lines that are accepted (0.17+ needs Python >= 3.12)."""
+TESTED = ("0.16.1", "0.19.2")
+"""The releases the test suite runs on (CI: Python 3.11 + 0.16.1, Python 3.12 + 0.19.2)."""
 OVERRIDE_ENV = "NEXUS_MEGATRON_ALLOW_UNTESTED_MCORE"
 
 
-def _parse(v: str) -> tuple:
+def parse_version(v: str) -> tuple:
+    """'0.19.2rc1+abc' -> (0, 19, 2)."""
     parts = []
     for p in v.split("+")[0].split("."):
         num = ""
@@ -51,17 +53,19 @@ def check_megatron_core_version(version: str | None = None) -> str:
     Set ``NEXUS_MEGATRON_ALLOW_UNTESTED_MCORE=1`` to try another version at your own risk."""
     v = version or megatron_core_version()
     if v == "unknown":
-        raise NexusConfigError("megatron-core is not installed (pip install 'megatron-core==0.16.1')")
-    major, minor, _ = _parse(v)
+        raise NexusConfigError("megatron-core is not installed (pip install 'megatron-core>=0.16,<0.20'; "
+                               "0.17+ needs Python >= 3.12)")
+    major, minor, _ = parse_version(v)
     if (major, minor) in SUPPORTED:
         return v
     if os.environ.get(OVERRIDE_ENV, "") not in ("", "0"):
         import warnings
-        warnings.warn(f"nexus_megatron: megatron-core {v} is untested (tested: {TESTED}); {OVERRIDE_ENV} is set, "
+        warnings.warn(f"nexus_megatron: megatron-core {v} is untested (tested: {', '.join(TESTED)}); {OVERRIDE_ENV} is set, "
                       "continuing", stacklevel=2)
         return v
     lines = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED)
     raise NexusConfigError(
         f"megatron-core {v} is not supported by nexus_megatron's Megatron adapter (supported: {lines}; "
-        f"tested: {TESTED}). Install it with `pip install 'megatron-core=={TESTED}'`, or set {OVERRIDE_ENV}=1 "
+        f"tested: {', '.join(TESTED)}). Install a supported release (`pip install 'megatron-core>=0.16,<0.20'`; 0.17+ "
+        f"needs Python >= 3.12), or set {OVERRIDE_ENV}=1 "
         "to try this version anyway (the optimizer seams it uses may have moved)")

@@ -1,0 +1,149 @@
+"""Every per-version difference of megatron-core (0.16.x - 0.19.x) the adapter depends on, in one place.
+
+The rest of the adapter calls these functions instead of the moved seams:
+
+=====================================  ==========================  =======================================
+seam                                   0.16.x                      0.17.x - 0.19.x
+=====================================  ==========================  =======================================
+gradients for a norm                   ``get_main_grads_for_       ``get_grads_for_grad_norm(group)``; the
+                                       grad_norm()`` (all params)  default group leaves out the parameters
+                                                                   of a separate grad-norm group (MTP)
+separate grad-norm groups              none                        ``SEPARATE_GRAD_NORM_GROUPS`` (MTP)
+staging before an explicit param sync  none                        ``prepare_model_params_for_param_sync()``
+``ProcessGroupCollection`` data-       dp, dp_cp, intra_dp_cp,     + ``dp_cp_gtp_remat``,
+parallel fields                        expt_dp, intra_expt_dp      ``expt_dp_gtp_remat`` (read first by
+                                                                   ``finalize_model_grads`` when set)
+``dist_checkpointing.save`` async   megatron-core's own         default ``nvrx`` (optional package):
+                                                                   ask for ``mcore``
+``megatron.training`` in the wheel     no (a Megatron-LM checkout) yes (extra ``[mlm]``); ``pretrain()``
+                                                                   takes a config container (0.18+)
+=====================================  ==========================  =======================================
+
+Nothing here changes megatron-core; the functions only pick the call that exists.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+from .version import megatron_core_version, parse_version
+
+MCORE = parse_version(megatron_core_version())
+"""The installed megatron-core as (major, minor, patch)."""
+
+
+def separate_grad_norm_groups() -> tuple:
+    """The grad-norm groups megatron-core keeps out of the main norm (0.17+: the MTP parameters)."""
+    try:
+        from megatron.core.optimizer.optimizer import SEPARATE_GRAD_NORM_GROUPS
+    except ImportError:          # 0.16: one norm over every parameter
+        return ()
+    return tuple(SEPARATE_GRAD_NORM_GROUPS)
+
+
+def grads_for_full_norm(opt) -> List[torch.Tensor]:
+    """The gradients of *every* parameter of a (non-chained) Megatron optimizer for a norm, with Megatron's
+    filters (TP duplicates, shared parameters): 0.16's ``get_main_grads_for_grad_norm()``; 0.17+'s
+    ``get_grads_for_grad_norm()`` plus each separate group's."""
+    if hasattr(opt, "get_grads_for_grad_norm"):
+        out = list(opt.get_grads_for_grad_norm())
+        for g in separate_grad_norm_groups():
+            out += list(opt.get_grads_for_grad_norm(g))
+        return out
+    return list(opt.get_main_grads_for_grad_norm())
+
+
+@torch.no_grad()
+def full_grad_norm(inner) -> float:
+    """The L2 norm of the whole gradient of a Megatron optimizer (chained or not), reduced over its grad-stats
+    group: what 0.16's ``get_grad_norm()`` returns. From 0.17 ``get_grad_norm()`` leaves out the separate
+    grad-norm groups (MTP); Nexus's per-source norm n_i must count every parameter, so those groups' norms are
+    added in quadrature (one more scalar all-reduce per group, only when a rank holds such parameters)."""
+    groups = separate_grad_norm_groups()
+    main = float(inner.get_grad_norm())
+    if not groups:
+        return main
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    children = list(getattr(inner, "chained_optimizers", [inner]))
+    sq = main * main
+    for child in children:
+        if getattr(child, "is_stub_optimizer", False) or not hasattr(child, "has_grad_norm_group"):
+            continue
+        for g in groups:
+            if child.has_grad_norm_group(g):           # cached, globally consistent over the grad-stats group
+                n = float(get_grad_norm_fp32(child.get_grads_for_grad_norm(g),
+                                             grad_stats_parallel_group=child.get_grad_stats_parallel_group()))
+                sq += n * n
+    return math.sqrt(sq)
+
+
+def prepare_model_params_for_param_sync(opt) -> None:
+    """0.17+: stage the optimizer-owned model params before an explicit DDP param sync (a no-op except for
+    MXFP8 params that reuse the grad buffer); 0.16: nothing to do."""
+    fn = getattr(opt, "prepare_model_params_for_param_sync", None)
+    if fn is not None:
+        fn()
+
+
+DATA_PARALLEL_FIELDS = ("dp", "dp_cp", "intra_dp_cp", "expt_dp", "intra_expt_dp")
+"""The ``ProcessGroupCollection`` fields that name the data-parallel group (every version)."""
+GTP_DATA_PARALLEL_FIELDS = ("dp_cp_gtp_remat", "expt_dp_gtp_remat")
+"""0.18+: data-parallel x generalized-TP groups (read before ``dp_cp`` by ``finalize_model_grads``)."""
+
+
+def set_data_parallel_group(pgc, block) -> None:
+    """Make ``block`` the data-parallel group of a ``ProcessGroupCollection`` in every field this version
+    reads it from (the source block of the source-parallel layout)."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(type(pgc))} if dataclasses.is_dataclass(pgc) else set()
+    for name in DATA_PARALLEL_FIELDS:
+        setattr(pgc, name, block)
+    for name in GTP_DATA_PARALLEL_FIELDS:
+        if name in names:
+            setattr(pgc, name, block)
+
+
+def dist_checkpointing_async_save(sharded_state_dict, directory):
+    """``dist_checkpointing.save(..., async_sharded_save=True)``: the request to ``execute_sync()``. 0.19
+    defaults to the ``nvrx`` async strategy (the optional nvidia-resiliency-ext package); the adapter asks for
+    megatron-core's own (``mcore``), which is what 0.16 always used."""
+    import inspect
+    from megatron.core import dist_checkpointing
+    kw = {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kw["async_strategy"] = "mcore"
+    return dist_checkpointing.save(sharded_state_dict, directory, async_sharded_save=True, **kw)
+
+
+def has_megatron_training() -> bool:
+    """megatron-core ships Megatron-LM's training loop (``megatron.training``) from 0.17 on."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("megatron.training") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def use_prebuilt_dataset_helpers() -> None:
+    """megatron-core wheels ship the dataset helpers compiled (``helpers_cpp*.so``) but not their Makefile;
+    ``megatron.training``'s initialization still runs ``make`` in that directory on rank 0 and exits when it
+    fails. With the compiled module importable the compilation is skipped (a source checkout keeps it)."""
+    import importlib.util
+    import os
+    from megatron.core.datasets import utils as dutils
+    here = os.path.dirname(os.path.abspath(dutils.__file__))
+    if os.path.exists(os.path.join(here, "Makefile")):
+        return
+    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
+        dutils.compile_helpers = lambda: None
+
+
+def pretrain_takes_config_container() -> bool:
+    """``megatron.training.training.pretrain``'s first argument is a ``PretrainConfigContainer`` (0.18+)
+    instead of the dataset provider (with ``extra_args_provider=`` / ``args_defaults=`` keywords)."""
+    import inspect
+    from megatron.training.training import pretrain
+    params = list(inspect.signature(pretrain).parameters)
+    return bool(params) and params[0] == "cfg_container"
