@@ -18,7 +18,31 @@ SECTIONS = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig)
             ("train.wandb", WandbConfig)]
 SETTINGS = [(f"{where}.{f.name}", f.metadata["rule"]) for where, cls in SECTIONS
             for f in dataclasses.fields(cls) if "rule" in f.metadata]
-ROOT_USER = os.geteuid() == 0
+
+
+def deny(monkeypatch, module, *, opens=None, makedirs=None):
+    """Permission denied (EACCES) for ``module``'s own ``open`` of paths containing ``opens`` or its
+    ``os.makedirs`` of paths containing ``makedirs``: what a read-only file or directory gives a non-root user,
+    simulated so the case runs the same for every user (CI runs as root, which chmod does not stop)."""
+    import builtins
+    import errno
+
+    def fail(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    if opens is not None:
+        def fake_open(path, *a, **k):
+            if opens in str(path):
+                fail(path)
+            return builtins.open(path, *a, **k)
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
+    if makedirs is not None:
+        real = os.makedirs
+
+        def fake_makedirs(path, *a, **k):
+            if makedirs in str(path):
+                fail(path)
+            return real(path, *a, **k)
+        monkeypatch.setattr(module.os, "makedirs", fake_makedirs)
 
 
 def one_line(rc, capsys, start):
@@ -122,7 +146,7 @@ def test_cli_setting_errors_are_one_line(capsys):
 # -- class: a config file that cannot be used ---------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["directory", "binary", "nul", "list", "unreadable", "missing", "bad-yaml"])
-def test_config_file_unusable(tmp_path, capsys, kind):
+def test_config_file_unusable(tmp_path, capsys, monkeypatch, kind):
     p = tmp_path / "c.yaml"
     if kind == "directory":
         p.mkdir()
@@ -133,10 +157,9 @@ def test_config_file_unusable(tmp_path, capsys, kind):
     elif kind == "list":
         p.write_text("- model\n- data\n")
     elif kind == "unreadable":
-        if ROOT_USER:
-            pytest.skip("root reads any file")
+        import nexus_megatron.config as C
         p.write_text("model: {}\n")
-        p.chmod(0)
+        deny(monkeypatch, C, opens=str(p))
     elif kind == "bad-yaml":
         p.write_text("optim: {lr: [1,\n")
     line = one_line(main(["train", "--config", str(p)]), capsys, f"--config {p}: ")
@@ -174,8 +197,7 @@ def no_compute(monkeypatch):
 @pytest.mark.parametrize("nproc", ["1", "2"])
 @pytest.mark.parametrize("kind", ["a-file", "read-only-fs", "read-only-parent", "read-only-dir"])
 def test_run_dir_unusable(data, tmp_path, capsys, monkeypatch, no_compute, kind, nproc):
-    if kind in ("read-only-parent", "read-only-dir") and ROOT_USER:
-        pytest.skip("root writes anywhere (read-only-fs covers the message)")
+    import nexus_megatron.train as T
     run = tmp_path / "parent" / "run"
     run.parent.mkdir()
     if kind == "a-file":
@@ -188,17 +210,12 @@ def test_run_dir_unusable(data, tmp_path, capsys, monkeypatch, no_compute, kind,
         import nexus_megatron.train as T
         monkeypatch.setattr(T.os, "makedirs", erofs)
     elif kind == "read-only-parent":
-        run.parent.chmod(0o555)
+        deny(monkeypatch, T, makedirs=str(run))
     else:
         run.mkdir()
         (run / "checkpoints").mkdir()
-        run.chmod(0o555)
-    try:
-        line = one_line(main(["train", "--nproc", nproc, *tiny(data, run)]), capsys, f"train.run_dir={str(run)!r}")
-    finally:
-        run.parent.chmod(0o755)
-        if run.is_dir():
-            run.chmod(0o755)
+        deny(monkeypatch, T, opens=str(run / ".write-test-"))
+    line = one_line(main(["train", "--nproc", nproc, *tiny(data, run)]), capsys, f"train.run_dir={str(run)!r}")
     assert {"a-file": "is a file, not a directory", "read-only-parent": "cannot be created",
             "read-only-fs": "cannot be created (Read-only file system",
             "read-only-dir": "is not writable"}[kind] in line
