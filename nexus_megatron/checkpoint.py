@@ -184,12 +184,21 @@ def save_checkpoint(ckpt_root: str, step: int, state: dict, keep: int = 2, run: 
     return final
 
 
-def latest_checkpoint(ckpt_root: str) -> Optional[str]:
+def read_latest(ckpt_root: str) -> Optional[tuple]:
+    """``(pointer file, name)`` of ``<ckpt_root>/latest``, or None when there is none: the one reader of the
+    ``latest`` pointer (plain, DeepSpeed and Megatron checkpoints, and the resume check)."""
     pointer = os.path.join(ckpt_root, "latest")
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
-        name = f.read().strip()
+        return pointer, f.read().strip()
+
+
+def latest_checkpoint(ckpt_root: str) -> Optional[str]:
+    found = read_latest(ckpt_root)
+    if found is None:
+        return None
+    pointer, name = found
     path = os.path.join(ckpt_root, name)
     if not os.path.isfile(os.path.join(path, "state.pt")):
         raise CheckpointError(f"{pointer} names {name!r} but {path}/state.pt does not exist: point 'latest' at an "

@@ -15,7 +15,7 @@ import re
 import uuid
 from typing import Optional
 
-from .checkpoint import META_FILE, atomic_write_text, read_meta
+from .checkpoint import META_FILE, atomic_write_text, read_latest, read_meta
 from .config import RunConfig, to_dict
 from .errors import CheckpointError, NexusConfigError
 
@@ -177,11 +177,10 @@ def resolve_latest(ckpt_root: str) -> Optional[str]:
     """The checkpoint directory ``<ckpt_root>/latest`` names, or None when there is no ``latest``.
     ``latest`` must name a ``step_NNNNNNNN`` directory directly inside ``ckpt_root`` (no path, no link out of
     it). A name whose directory is missing is returned as is (the engine reports it)."""
-    pointer = os.path.join(ckpt_root, "latest")
-    if not os.path.isfile(pointer):
+    found = read_latest(ckpt_root)
+    if found is None:
         return None
-    with open(pointer) as f:
-        name = f.read().strip()
+    pointer, name = found
     path = os.path.join(ckpt_root, name)
     inside = os.path.dirname(os.path.realpath(path)) == os.path.realpath(ckpt_root)
     if not CHECKPOINT_NAME.fullmatch(name) or (os.path.exists(path) and not inside):

@@ -925,11 +925,10 @@ def _tags(root):
 
 
 def _latest_tag(ckpt_root) -> Optional[str]:
-    pointer = os.path.join(ckpt_root, "latest")
-    if not os.path.isfile(pointer):
+    found = _ckpt.read_latest(ckpt_root)
+    if found is None:
         return None
-    with open(pointer) as f:
-        tag = f.read().strip()
+    pointer, tag = found
     if not tag or not os.path.isdir(os.path.join(ckpt_root, tag)):
         raise CheckpointError(f"{pointer} names {tag!r} but {os.path.join(ckpt_root, tag)} does not exist: point "
                               "'latest' at an existing step_* directory, or start a new run_dir (train.resume=false "

@@ -155,11 +155,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
 def latest_checkpoint(root: str) -> Optional[str]:
     """The directory ``<root>/latest`` names; None if there is no ``latest``; CheckpointError if it names
     a directory that does not exist (rather than silently starting over)."""
-    pointer = os.path.join(root, "latest")
-    if not os.path.isfile(pointer):
+    found = _ckpt.read_latest(root)
+    if found is None:
         return None
-    with open(pointer) as f:
-        name = f.read().strip()
+    pointer, name = found
     path = os.path.join(root, name)
     if not name or not os.path.isfile(os.path.join(path, "metadata.json")):
         raise CheckpointError(f"{pointer} names {name!r} but {path} is not a complete checkpoint: point 'latest' at "
