@@ -98,8 +98,10 @@ def test_deepspeed_kill9_mid_step_then_mid_checkpoint_then_resume(ds_reference):
     assert not [d for d in os.listdir(ckpts) if d.startswith(".tmp-")]
     got, ref_files = ds_files(run, 6), ds_files(ref, 6)
     assert sorted(got) == DS_FILES
-    for name in DS_PT:   # model, fp32 master partitions, AdamW moments, Nexus anchors, RNG state
-        assert assert_tensors_equal(got[name], ref_files[name], name) >= 10
+    # numpy/python RNG states became tensors with checkpoint format 2; like before (ndarrays/tuples), not compared
+    plain_rng = lambda x: {k: v for k, v in tensors(x) if "/rng/numpy/" not in k and "/rng/python/" not in k}
+    for name in DS_PT:   # model, fp32 master partitions, AdamW moments, Nexus anchors, torch RNG state
+        assert assert_tensors_equal(plain_rng(got[name]), plain_rng(ref_files[name]), name) >= 10
     key = "nexus_megatron_trainer_state"
     a, b = got[DS_PT[0]][key], ref_files[DS_PT[0]][key]
     assert (a["step"], a["tokens"], a["consumed"]) == (b["step"], b["tokens"], b["consumed"]) and a["step"] == 6
