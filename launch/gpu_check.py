@@ -49,7 +49,7 @@ DRY = {"model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2}, "vocab": 2
        "steps": 2, "warmup": 1, "measure": 2, "small": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
        "small_vocab": 128, "small_seq": 16, "small_batch": 2, "small_steps": 4}
 SOURCES = ["s0", "s1", "s2", "s3"]
-OOD = ["ood"]
+OOD = ["heldout"]
 
 
 def _sync(device):

@@ -56,6 +56,17 @@ def old_way(state):
 
 # -- plain engine ---------------------------------------------------------------------------------------
 
+@pytest.fixture
+def only_torchs_safe_globals():
+    """The test sees torch's own weights_only allow-list: importing megatron-core (another test in this process)
+    registers numpy arrays with ``torch.serialization.add_safe_globals``, after which an old checkpoint's numpy
+    RNG state would already load safely and the conversion below would have nothing to rewrite."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    yield
+    torch.serialization.add_safe_globals(saved)
+
+
 def test_rng_states_round_trip_as_plain_data():
     from nexus_megatron.safe_load import rng_to_plain, set_rng_from_plain
     np.random.seed(3), random.seed(4), torch.manual_seed(5)
@@ -106,7 +117,8 @@ def test_plain_resume_refuses_a_code_payload(synthetic_data, tmp_path, capsys):
 
 
 def test_plain_old_format_is_refused_then_converted_and_resumes_bitwise(synthetic_data, tmp_path,
-                                                                        crash_after_checkpoint, capsys):
+                                                                        crash_after_checkpoint, capsys,
+                                                                        only_torchs_safe_globals):
     from nexus_megatron.cli import main
     from nexus_megatron.train import train
     over = {"train.steps": 6, "train.eval_every": 3}

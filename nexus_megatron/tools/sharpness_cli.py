@@ -267,7 +267,7 @@ def causal_lm_token_losses(model, x):
 
 def causal_lm_loss_sums(model, batches):
     """:func:`nexus_megatron.sharpness.lm_loss_sums` for a transformers causal LM: one forward over all batches."""
-    from .sharpness import lm_loss_sums
+    from ..sharpness import lm_loss_sums
     return lm_loss_sums(model, batches, loss_fn=causal_lm_token_losses)
 
 
