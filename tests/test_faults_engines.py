@@ -108,7 +108,8 @@ def test_deepspeed_kill9_mid_step_then_mid_checkpoint_then_resume(ds_reference):
     for name in DS_PT[1:]:
         na = got[name]["optimizer_state_dict"]["base_optimizer_state"]["nexus"]
         nb = ref_files[name]["optimizer_state_dict"]["base_optimizer_state"]["nexus"]
-        assert {k: v for k, v in na.items() if k != "anchors"} == {k: v for k, v in nb.items() if k != "anchors"}
+        bitwise = ("anchors", "d_sums")   # compared bitwise above (assert_tensors_equal over the whole file)
+        assert {k: v for k, v in na.items() if k not in bitwise} == {k: v for k, v in nb.items() if k not in bitwise}
 
 
 def test_latest_naming_a_missing_or_partial_checkpoint_is_an_error(tmp_path):
