@@ -34,7 +34,11 @@ def _worker(rank, world, port, fn, args, queue):
     try:
         import torch
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        except Exception as e:   # before fn ran: the caller may retry on another port
+            queue.put((rank, "init-error", f"{type(e).__name__}: {e}"))
+            return
         out = fn(rank, world, *args)
         queue.put((rank, "ok", _detach(out)))
     except BaseException as e:  # report the failure to the parent
@@ -46,20 +50,35 @@ def _worker(rank, world, port, fn, args, queue):
 
 def run_distributed(fn, world: int, *args, timeout: float = 120.0):
     """fn(rank, world, *args) on `world` processes; returns [result of rank 0, rank 1, ...].
-    fn must be importable (defined at module level)."""
+    fn must be importable (defined at module level). A rendezvous port taken between choosing it and binding it
+    (another job on this machine) is retried on a new port: no rank has run fn then."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world, args, timeout)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _run_once(fn, world, args, timeout):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results, errors = {}, []
+    results, errors, port_taken = {}, [], False
     try:
         for _ in range(world):
             rank, status, out = queue.get(timeout=timeout)
             if status == "ok":
                 results[rank] = _detach(out, to_numpy=False)
             else:
+                port_taken = status == "init-error" and "EADDRINUSE" in out
                 errors.append(f"rank {rank}: {out}")
                 break
     finally:
@@ -67,6 +86,8 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0):
             p.join(timeout=5 if errors else 30)
             if p.is_alive():
                 p.kill()
+    if port_taken:
+        raise _PortTaken(errors[0])
     if errors:
         raise RuntimeError("distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world)]

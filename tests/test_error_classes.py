@@ -335,19 +335,20 @@ def test_sharpness_on_a_directory_without_a_model(tmp_path, capsys):
     one_line(main(["sharpness", "--model", str(tok), "--data", str(tmp_path)]), capsys, f"--model {tok}: ")
 
 
-def test_deepspeed_checkpoint_missing_one_ranks_file(tmp_path, monkeypatch):
+def test_deepspeed_checkpoint_missing_one_ranks_file(tmp_path):
+    """The files are named by DeepSpeed's data-parallel rank: 2 ranks expect zero_pp_rank_0 and _1; under the
+    source-parallel layout with one rank per source group DeepSpeed's data-parallel size is 1 (one file)."""
     import nexus_megatron.engines.deepspeed.adapter as A
     d = tmp_path / "step_00000002"
     d.mkdir()
     for name in ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]:
         (d / name).write_bytes(b"x")
-    monkeypatch.setattr(A.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(A.dist, "get_world_size", lambda: 2)
+    A._check_rank_files(str(tmp_path), "step_00000002", 1)
     with pytest.raises(CheckpointError, match=r"^checkpoint .*step_00000002 is incomplete: .*zero_pp_rank_1_mp_rank_00_"
                                               r"optim_states\.pt \(rank 1's file\) is missing; delete "):
-        A._check_rank_files(str(tmp_path), "step_00000002")
+        A._check_rank_files(str(tmp_path), "step_00000002", 2)
     (d / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
-    A._check_rank_files(str(tmp_path), "step_00000002")
+    A._check_rank_files(str(tmp_path), "step_00000002", 2)
 
 
 def test_an_integer_beyond_the_float_range_is_not_finite():

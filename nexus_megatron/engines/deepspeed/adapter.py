@@ -936,11 +936,12 @@ def _latest_tag(ckpt_root) -> Optional[str]:
     return tag
 
 
-def _check_rank_files(ckpt_root, tag) -> None:
+def _check_rank_files(ckpt_root, tag, dp_world: int) -> None:
     """Every data-parallel rank's ``zero_pp_rank_<r>_*`` file is in checkpoint ``tag`` (a missing one would be a
-    FileNotFoundError inside DeepSpeed on that rank only)."""
+    FileNotFoundError inside DeepSpeed on that rank only). ``dp_world``: DeepSpeed's data-parallel size, which
+    names the files (source-parallel: the size of one source group, whose ranks write the same names)."""
     d = os.path.join(ckpt_root, tag)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = int(dp_world)
     by_kind: dict = {}
     for name in os.listdir(d):
         m = re.match(r"zero_pp_rank_(\d+)_(.+)$", name)
@@ -1022,7 +1023,7 @@ class DeepSpeedNexusEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
-        _check_rank_files(ckpt_root, tag)
+        _check_rank_files(ckpt_root, tag, self.nexus.ds_engine.dp_world_size)
         _, client_state = self.nexus.load_checkpoint(ckpt_root, tag=tag)
         return client_state[_TRAINER_KEY]
 
@@ -1125,7 +1126,7 @@ class DeepSpeedAdamWEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
-        _check_rank_files(ckpt_root, tag)
+        _check_rank_files(ckpt_root, tag, self.ds.dp_world_size)
         _, client_state = safe_ds_load(self.ds, ckpt_root, tag=tag)   # runs no pickled code
         return client_state[_TRAINER_KEY]
 
