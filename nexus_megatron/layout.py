@@ -102,6 +102,9 @@ class Reduced:
     """bool [K]: present and with norm >= min_grad_norm (the sources that moved the parameters)."""
     nonfinite: bool
     """NaN/Inf somewhere in the micro-step's gradients: the outer step must be skipped."""
+    scale: float = 1.0
+    """d = ``scale`` * the reduced buffer. 1 unless the caller asked ``defer_scale=True`` and the layout
+    could leave the scaling (w_i / n_i, one pass over the buffer) to the caller's update (sequential)."""
     gathers: list = field(default_factory=list)
     """``(lo, hi, work)``: all-gathers of d into ``flat[lo:hi]`` still in flight, in launch order
     (source-parallel with S > 1 and ``finish_normalized(..., defer_gather=True)``): wait for each before
@@ -193,10 +196,12 @@ class SourceLayout:
         raise NotImplementedError
 
     def finish_normalized(self, red: "Reduction", source: int, *, min_grad_norm: float, segments=None,
-                          defer_gather: bool = False) -> Reduced:
+                          defer_gather: bool = False, defer_scale: bool = False) -> Reduced:
         """Phase 2 of ``reduce_normalized`` after ``red`` (started with ``mean=False``) has run.
         ``defer_gather``: return with the source-parallel per-bucket all-gathers of d still in flight
-        (``Reduced.gathers``), so that the caller can update bucket b while the later ones arrive."""
+        (``Reduced.gathers``), so that the caller can update bucket b while the later ones arrive.
+        ``defer_scale``: where the layout allows it (sequential), leave the buffer unscaled and return the
+        scale in ``Reduced.scale`` (the caller folds it into its update: one pass less)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -205,12 +210,14 @@ class SourceLayout:
 
     # -- collectives -----------------------------------------------------------------------------
     def reduce_normalized(self, flat: torch.Tensor, source: int, *, min_grad_norm: float,
-                          segments=None) -> Reduced:
+                          segments=None, defer_scale: bool = False) -> Reduced:
         """In place: turn this rank's local gradient ``flat`` (of source ``source``) into
-        d = sum_i w_i g_i / n_i over the active sources (weights renormalized over them)."""
+        d = sum_i w_i g_i / n_i over the active sources (weights renormalized over them); with
+        ``defer_scale``, possibly into d / ``Reduced.scale`` (see :meth:`finish_normalized`)."""
         red = self.reduction(flat)
         red.launch_all()
-        return self.finish_normalized(red, source, min_grad_norm=min_grad_norm, segments=segments)
+        return self.finish_normalized(red, source, min_grad_norm=min_grad_norm, segments=segments,
+                                      defer_scale=defer_scale)
 
     def reduce_mean(self, flat: torch.Tensor, source: Optional[int] = None) -> None:
         """In place: the plain (unnormalized) gradient of the weighted mixture, as a data-parallel
@@ -278,13 +285,17 @@ class SequentialLayout(SourceLayout):
             return dist.all_reduce(red.flat[lo:hi], op=dist.ReduceOp.AVG, group=self.dp_group, async_op=True)
         return None
 
-    def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False) -> Reduced:
+    def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False,
+                          defer_scale=False) -> Reduced:
         red.wait()
         flat = red.flat
         # flat is replicated over dp: sum over the model-parallel shards only
         out, coef = self.exchange_norms(segments_sq(flat, segments), source, groups=(self.norm_group,),
                                         min_grad_norm=min_grad_norm, device=flat.device)
-        flat.mul_(float(coef[source]))
+        if defer_scale:   # d = coef * flat: the caller folds the scale into its update
+            out.scale = float(coef[source])
+        else:
+            flat.mul_(float(coef[source]))
         return out
 
 
@@ -349,7 +360,9 @@ class SourceParallelLayout(SourceLayout):
                                               group=self.source_group, async_op=True)
         return None
 
-    def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False) -> Reduced:
+    def finish_normalized(self, red, source, *, min_grad_norm, segments=None, defer_gather=False,
+                          defer_scale=False) -> Reduced:
+        # (defer_scale: the shard is scaled before the cross-group sum, so d comes back scaled: scale 1)
         assert source == self.my_source, "source-parallel: a rank only computes its own source"
         red.wait()
         S, K = self.group_size, self.num_sources
@@ -437,19 +450,26 @@ class GradBuckets:
     ``arm()`` before each backward; ``finish()`` after it: parameters whose hook did not fire (unused in
     the forward, or no backward at all) take ``p.grad`` or, when copying, zero; every bucket not started
     yet starts, and the :class:`Reduction` is returned. Hooks are inert while not armed (and
-    ``torch.autograd.grad`` never fires them), so other backward passes leave ``p.grad`` alone."""
+    ``torch.autograd.grad`` never fires them), so other backward passes leave ``p.grad`` alone.
+
+    ``grads_are_views`` (copy mode only: Nexus, whose ``p.grad`` are views into ``flat``): backward has
+    accumulated the gradient into the buffer already, so a hook only marks its parameter ready; a ``.grad``
+    that is not the view (replaced by someone) is copied in and the view re-attached, a None one is zero.
+    ``views``: the owner's view objects (parameter order, into ``flat``), so that ``p.grad`` stays the same
+    tensor object the owner attached."""
 
     def __init__(self, params, flat: torch.Tensor, layout: SourceLayout, *, bucket_numel: int,
-                 accumulate: Optional[float] = None):
+                 accumulate: Optional[float] = None, grads_are_views: bool = False, views: Optional[list] = None):
         self.params = list(params)
         self.flat, self.layout, self.accumulate = flat, layout, accumulate
+        self.grads_are_views = bool(grads_are_views) and accumulate is None
         self.mean = accumulate is not None
         self.ranges = layout.bucket_ranges(flat.numel(), bucket_numel, mean=self.mean)
         self.views, self.param_buckets, off = [], [], 0
         self.bucket_params = [0] * len(self.ranges)
-        for p in self.params:
+        for i, p in enumerate(self.params):
             n = p.numel()
-            self.views.append(flat[off:off + n].view_as(p))
+            self.views.append(views[i] if views is not None else flat[off:off + n].view_as(p))
             bs = [b for b, (lo, hi) in enumerate(self.ranges) if n and lo < off + n and off < hi]
             self.param_buckets.append(bs)
             for b in bs:
@@ -495,6 +515,23 @@ class GradBuckets:
         else:
             self.views[i].add_(g, alpha=self.accumulate)
 
+    def _take(self, i: int, p) -> None:
+        """Parameter i's gradient into the buffer; ``p.grad`` freed (or, with views, the view kept)."""
+        g, v = p.grad, self.views[i]
+        if self.grads_are_views:
+            if g is not v:
+                if g is None:
+                    v.zero_()
+                elif g.data_ptr() != v.data_ptr() or g.stride() != v.stride():
+                    v.copy_(g)
+                p.grad = v
+            return
+        if g is not None:
+            self._move(i, g)
+            p.grad = None
+        elif self.accumulate is None:
+            v.zero_()
+
     @torch.no_grad()
     def _hook(self, p) -> None:
         if not self.armed:
@@ -503,8 +540,7 @@ class GradBuckets:
         if self.ready[i]:
             raise RuntimeError("a parameter's gradient was produced twice in one backward; with "
                                "nexus.overlap_grad_reduce run one backward per micro-step (or turn the overlap off)")
-        self._move(i, p.grad)
-        p.grad = None
+        self._take(i, p)
         self.ready[i] = True
         for b in self.param_buckets[i]:
             self.missing[b] -= 1
@@ -517,11 +553,7 @@ class GradBuckets:
         for i, p in enumerate(self.params):
             if self.armed and self.ready[i]:
                 continue
-            if p.grad is not None:
-                self._move(i, p.grad)
-                p.grad = None
-            elif self.accumulate is None:
-                self.views[i].zero_()
+            self._take(i, p)
         red = None
         if launch:
             red = self.red if self.red is not None else self._new_reduction()

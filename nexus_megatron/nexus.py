@@ -73,6 +73,16 @@ class Nexus(BookViews):
     Parameters must be fp32 (use ``torch.autocast`` for bf16 compute). Extra memory: an fp32 anchor,
     the fp32 sum of the normalized directions ``d_sum`` (the exact displacement, functional.py) and an fp32
     gradient buffer (12 bytes per parameter).
+
+    Gradients accumulate straight into the gradient buffer (as DDP's ``gradient_as_bucket_view``): each
+    parameter's ``.grad`` is a view into ``flat_grad``, zero before every backward, so backward's own
+    accumulation writes the micro-step's gradient where the collectives and the norm read it, and no
+    per-parameter gradient tensor outlives its backward. The views stay attached between micro-steps and
+    outer steps (``p.grad`` holds zeros there, the pseudo-gradient during the outer step). Anything that
+    replaces them (``model.zero_grad()``, the outer optimizer's ``zero_grad()``, an assignment to ``p.grad``)
+    is detected at the next :meth:`inner_step`: such a gradient is copied into the buffer and the view put
+    back (``grad_copies`` counts those tensors); a parameter whose ``.grad`` was set to None counts as a zero
+    gradient. :meth:`zero_grad` re-zeroes the buffer and keeps the views, whatever ``set_to_none`` says.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], outer: torch.optim.Optimizer,
@@ -94,6 +104,9 @@ class Nexus(BookViews):
                 raise NexusConfigError(
                     f"Nexus (plain PyTorch) needs fp32 parameters, got {p.dtype}: keep the model in fp32 and "
                     "use torch.autocast(dtype=torch.bfloat16) for bf16 compute, or use the DeepSpeed/Megatron adapters")
+        if len({p.device for p in ps}) > 1:
+            raise NexusConfigError("Nexus (plain PyTorch) needs every parameter on one device (one flat gradient "
+                                   "buffer): move the model with model.to(device) before building the optimizer")
         outer_ids = {id(p) for g in outer.param_groups for p in g["params"]}
         if outer_ids != seen:
             raise NexusConfigError(
@@ -120,6 +133,9 @@ class Nexus(BookViews):
         self._anchor_views = self._views(self.anchor)
         self._grad_views = self._views(self.flat_grad)
         self._dsum_views = self._views(self.d_sum)
+        self.grad_copies = 0
+        """Gradient tensors of the last micro-step that were not the buffer's views (copied in, views re-attached)."""
+        self._attach_grads()
         self._load_anchor_from_params()
         self.random_delta = None
         if config.control == "random_direction":
@@ -162,21 +178,37 @@ class Nexus(BookViews):
         for p, a, s in zip(self.params, self._anchor_views, self._dsum_views):
             moved_point(a, s, self.book.gamma_t, out=p.data)
 
-    @torch.no_grad()
-    def _gather_grads(self):
+    def _attach_grads(self) -> None:
+        """p.grad <- its view into ``flat_grad`` (backward accumulates there)."""
         for p, v in zip(self.params, self._grad_views):
-            if p.grad is None:
+            p.grad = v
+
+    @torch.no_grad()
+    def _collect_grads(self) -> None:
+        """Make ``flat_grad`` hold this micro-step's gradient. With the views attached (the usual case)
+        backward has put it there already: nothing moves. A ``.grad`` that is not its view (replaced by
+        a ``zero_grad(set_to_none=True)`` or an assignment) is copied in and the view re-attached; a None
+        ``.grad`` is a zero gradient."""
+        copies = 0
+        for p, v in zip(self.params, self._grad_views):
+            g = p.grad
+            if g is v:
+                continue
+            if g is None:
                 v.zero_()
-            else:
-                v.copy_(p.grad)
-                p.grad = None
+            elif g.data_ptr() != v.data_ptr() or g.stride() != v.stride():
+                v.copy_(g)
+                copies += 1
+            p.grad = v
+        self.grad_copies = copies
 
     def _reduce(self, source: int) -> Reduced:
-        """This rank's gradient -> d in ``flat_grad`` (the layout's collectives). A seam: the plain engine's
-        overlapped variant (engines/plain.py) has reduced the buckets during backward already."""
-        self._gather_grads()
+        """This rank's gradient -> d in ``flat_grad`` (the layout's collectives), or d / ``scale`` where the
+        layout leaves the scale to the update (``Reduced.scale``). A seam: the plain engine's overlapped
+        variant (engines/plain.py) has reduced the buckets during backward already."""
+        self._collect_grads()
         return self.layout.reduce_normalized(self.flat_grad, source, min_grad_norm=self.config.min_grad_norm,
-                                             segments=self.segments)
+                                             segments=self.segments, defer_scale=self.random_delta is None)
 
     def current_lr(self) -> float:
         return float(self.outer.param_groups[0]["lr"])
@@ -185,7 +217,13 @@ class Nexus(BookViews):
     @torch.no_grad()
     def inner_step(self, source: int) -> Reduced:
         """One micro-step: reduce this rank's gradient (in ``p.grad``, of source ``source``) with the
-        layout, normalize, move the parameters to theta + delta. Clears ``p.grad``."""
+        layout, normalize, move the parameters to theta + delta. Leaves ``p.grad`` zero (the views).
+
+        The passes over the flat vector (modelled in :func:`nexus_megatron.tools.plan.inner_step_passes`): the norm
+        (one read); ``d_sum += scale * g`` with the source's scale w_i / n_i folded in (sequential layout;
+        the source-parallel layout scales its shard before the cross-group sum); the parameters written as
+        ``anchor - gamma_t * d_sum``, except after the k-th micro-step, where :meth:`step` writes the anchor
+        over them anyway; the buffer re-zeroed for the next backward."""
         book = self.book
         gamma = book.begin_micro(self.current_lr(), self.num_norm_params, who="Nexus.inner_step")
         red = self._reduce(source)
@@ -193,21 +231,25 @@ class Nexus(BookViews):
         moves = book.record(red.norms, red.present, red.active, red.nonfinite)
         if not moves or self.random_delta is not None:   # nothing updates d bucket by bucket
             red.wait_gathers()
-        if not moves:
-            return red
+        if moves:
+            self._update(red, gamma)
+        self.flat_grad.zero_()   # the views hold zeros again: the next backward accumulates its gradient there
+        return red
+
+    def _update(self, red: Reduced, gamma: float) -> None:
+        book = self.book
         # each bucket as soon as its all-gather of d is in, the later ones still in flight (elementwise:
         # the same numbers as one update of the whole vector, which is what a layout without gathers gives)
         self.update_pieces = 0
         for lo, hi in red.arrived(self.d_sum.numel()):
-            accumulate_direction(self.d_sum[lo:hi], self.flat_grad[lo:hi])
+            accumulate_direction(self.d_sum[lo:hi], self.flat_grad[lo:hi], red.scale)
             self.update_pieces += 1
         if self.random_delta is not None:   # the control: same step length, random direction
             seed = hash_control_seed(self.config.control_seed, self.stats.outer_steps + self.stats.skipped_steps,
                                      book.inner_steps)
             inner_update(self.random_delta, random_direction(self.flat_grad, self.numel, seed, self.segments), gamma)
-        if gamma:
-            self._write_moved()   # params = theta + delta
-        return red
+        if gamma and book.inner_steps < self.micro_steps:
+            self._write_moved()   # params = theta + delta (after the k-th micro-step step() writes theta_t)
 
     @torch.no_grad()
     def step(self, closure=None) -> dict:
@@ -224,19 +266,17 @@ class Nexus(BookViews):
             return info
         G = pseudo_gradient_from_sum(self.d_sum, book.inner_steps, out=self.flat_grad)
         info["pseudo_grad_norm"] = float(torch.linalg.vector_norm(G[: self.numel]))
-        for p, g in zip(self.params, self._grad_views):
-            p.grad = g
+        self._attach_grads()                  # p.grad = G (the views; put back if something replaced them)
         if self.pre_outer_step is not None:   # e.g. the critical-sharpness probe: sees theta_t and G, changes nothing
             self.pre_outer_step(self)
         self.outer.step()
-        for p in self.params:
-            p.grad = None
         self._load_anchor_from_params()
         self._end_step(skipped=False)
         return info
 
     def _end_step(self, skipped: bool):
         self.d_sum.zero_()
+        self.flat_grad.zero_()   # (G, or zeros already): the views stay attached, zero for the next backward
         if self.random_delta is not None:
             self.random_delta.zero_()
         self.book.end_outer(skipped)
@@ -246,8 +286,10 @@ class Nexus(BookViews):
         return self.book.pop_step(self.layout.sources)
 
     def zero_grad(self, set_to_none: bool = True):
-        for p in self.params:
-            p.grad = None
+        """Zero the gradient buffer and keep ``p.grad`` its views (``set_to_none`` is accepted for torch's
+        signature; a None ``.grad`` and a zero one mean the same to :meth:`inner_step`)."""
+        self.flat_grad.zero_()
+        self._attach_grads()
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

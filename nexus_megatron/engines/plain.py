@@ -46,7 +46,8 @@ class OverlappedNexus(Nexus):
 
     def __init__(self, *args, bucket_size: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.buckets = GradBuckets(self.params, self.flat_grad, self.layout, bucket_numel=bucket_size)
+        self.buckets = GradBuckets(self.params, self.flat_grad, self.layout, bucket_numel=bucket_size,
+                                   grads_are_views=True, views=self._grad_views)
 
     def before_backward(self) -> None:
         self.buckets.arm()
@@ -56,7 +57,8 @@ class OverlappedNexus(Nexus):
         # source-parallel with S > 1: the all-gathers of d come back in flight; inner_step updates bucket b
         # while the later buckets are still being gathered
         return self.layout.finish_normalized(red, source, min_grad_norm=self.config.min_grad_norm,
-                                             segments=self.segments, defer_gather=True)
+                                             segments=self.segments, defer_gather=True,
+                                             defer_scale=self.random_delta is None)
 
 
 class _StartedMean:

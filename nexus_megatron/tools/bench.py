@@ -111,6 +111,11 @@ def add_bench_arguments(a) -> None:
     a.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole set of runs this many times, interleaved (the median is over every "
                         "timed step of every round: on a shared machine, load drifts hit all runs alike)")
+    a.add_argument("--pairs", type=int, default=None,
+                   help="interleaved timing: for each layout and overlap, an AdamW and a Nexus engine side by side, "
+                        "this many pairs of timed steps alternating between them; reports the median per-pair "
+                        "ratio with 95%% intervals next to the modelled bytes per parameter per micro-step "
+                        "(default 6 on --engine plain; 0 = off; plain engine only)")
     a.add_argument("--bucket-size", type=int, default=1_000_000, help="elements per gradient bucket")
     a.add_argument("--ds-zero-set", action="append", default=[], metavar="KEY=VALUE",
                    help="DeepSpeed: set zero_optimization.KEY (JSON value), e.g. use_multi_rank_bucket_allreduce=false")
@@ -129,7 +134,7 @@ def bench_argv(args) -> list:
         argv += ["--set", s]
     argv += ["--engine", args.engine, "--zero", str(args.zero), "--layouts", args.layouts, "--overlap", args.overlap,
              "--sources", str(args.sources), "--steps", str(args.steps), "--warmup", str(args.warmup),
-             "--rounds", str(args.rounds),
+             "--rounds", str(args.rounds), *(["--pairs", str(args.pairs)] if args.pairs is not None else []),
              "--bucket-size", str(args.bucket_size), "--threads", str(args.threads),
              "--sharpness" if args.sharpness else "--no-sharpness"]
     if args.bf16:
@@ -164,6 +169,13 @@ def check_bench_args(args) -> dict:
             raise NexusConfigError(f"bench --{name.replace('_', '-')}={v!r}: must be an integer >= 1")
     if not (isinstance(args.warmup, int) and args.warmup >= 0):
         raise NexusConfigError(f"bench --warmup={args.warmup!r}: must be an integer >= 0")
+    if args.pairs is None:
+        args.pairs = 6 if args.engine == "plain" else 0
+    if not (isinstance(args.pairs, int) and args.pairs >= 0):
+        raise NexusConfigError(f"bench --pairs={args.pairs!r}: must be an integer >= 0")
+    if args.pairs and args.engine != "plain":
+        raise NexusConfigError(f"bench --pairs={args.pairs}: the interleaved pairs are implemented for --engine "
+                               "plain only; pass --pairs 0 (or use --rounds to interleave whole runs)")
     args.layout_list = _split(args.layouts, LAYOUTS, "layouts")
     args.overlap_list = [v == "on" for v in _split(args.overlap, ("off", "on"), "overlap")]
     if args.ds_zero_set and args.engine != "deepspeed":
@@ -282,97 +294,208 @@ def _run_config(raw: dict, spec: Spec, args):
 # one run
 # ---------------------------------------------------------------------------------------------------
 
-def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, device,
-            steps: Optional[int] = None, warmup: Optional[int] = None) -> dict:
-    from ..layout import LayoutConfig, build_layout
-    from ..models import build_model, count_params, lm_loss
-    from ..sharpness import build_sharpness_hook
-    from ..train import build_engine
+class BenchRun:
+    """One engine of the bench on its own model and data stream, stepped one outer step at a time (so that
+    :func:`run_one` can time it alone and :func:`run_pairs` can interleave two of them)."""
 
-    cfg = _run_config(raw, spec, args)
-    names = list(cfg.data.sources)
-    layout = build_layout(LayoutConfig(mode=spec.layout, sources=tuple(names), seed=cfg.nexus.seed))
-    mem = PeakMemory(device)
-    model = build_model(cfg.model, cfg.model.vocab_size, cfg.data.seq_len, seed=0)
-    if cfg.train.engine == "plain":
-        model.to(device)
-    model.train()
-    engine = build_engine(cfg, model, layout)
-    hook = None
-    if spec.sharpness:
-        hook = build_sharpness_hook(cfg.sharpness, engine, sources, names, [], layout.weights.tolist(),
-                                    micro_batch_size=cfg.data.micro_batch_size, rank=rank, world=world)
-    B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
-    module = engine.module
-    consumed = [0] * len(names)
-    times, cpu_times, hook_s, hook_passes, hook_gathers, hook_tokens = [], [], [], [], [], []
-    steps = args.steps if steps is None else steps
-    warmup = args.warmup if warmup is None else warmup
-    COUNTER.take()
-    for step in range(warmup + steps):
-        timed = step >= warmup
-        if step == warmup:
-            mem.reset_peak()   # the peak of the timed steps (over the memory before the model was built)
+    def __init__(self, raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, device):
+        from ..layout import LayoutConfig, build_layout
+        from ..models import build_model
+        from ..sharpness import build_sharpness_hook
+        from ..train import build_engine
+
+        self.spec, self.world, self.device = spec, world, device
+        self.cfg = cfg = _run_config(raw, spec, args)
+        self.names = names = list(cfg.data.sources)
+        self.layout = layout = build_layout(LayoutConfig(mode=spec.layout, sources=tuple(names), seed=cfg.nexus.seed))
+        self.mem = PeakMemory(device)
+        self.model = model = build_model(cfg.model, cfg.model.vocab_size, cfg.data.seq_len, seed=0)
+        if cfg.train.engine == "plain":
+            model.to(device)
+        model.train()
+        self.engine = engine = build_engine(cfg, model, layout)
+        self.hook = None
+        if spec.sharpness:
+            self.hook = build_sharpness_hook(cfg.sharpness, engine, sources, names, [], layout.weights.tolist(),
+                                             micro_batch_size=cfg.data.micro_batch_size, rank=rank, world=world)
+        self.sources = sources
+        self.consumed = [0] * len(names)
+        self.times, self.cpu_times = [], []
+        self.hook_s, self.hook_passes, self.hook_gathers, self.hook_tokens = [], [], [], []
+
+    def step(self, step: int, timed: bool) -> None:
+        """One outer step (k micro-steps); its wall and CPU time are kept when ``timed``."""
+        from ..models import lm_loss
+
+        cfg, layout, engine, hook = self.cfg, self.layout, self.engine, self.hook
+        B, k = cfg.data.micro_batch_size, cfg.train.micro_steps
         micro = []
         for m in range(k):
             src = layout.source_for(step, m)
             reader, _ = layout.readers(src, step, m)
-            micro.append((src, sources[names[src]].train.batch(consumed[src] + reader * B, B)))
+            micro.append((src, self.sources[self.names[src]].train.batch(self.consumed[src] + reader * B, B)))
             for s, r in layout.present(step, m):
-                consumed[s] += r * B
-        sync_device(device)
+                self.consumed[s] += r * B
+        sync_device(self.device)
         quiet_barrier()
         COUNTER.active = timed
         t0, c0 = time.perf_counter(), time.process_time()
         for m, (src, batch) in enumerate(micro):
             if hook is not None and m == k - 1:   # before the last micro-step: DeepSpeed's hook runs inside it
                 hook.begin_step(step + 1, [b for _, b in micro])
-            loss = lm_loss(module, batch)
+            loss = lm_loss(engine.module, batch)
             engine.backward(loss)
             engine.micro_step(src)
         engine.outer_step()
-        sync_device(device)
+        sync_device(self.device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         COUNTER.active = False
         if timed:
-            times.append(dt)
-            cpu_times.append(dc)
+            self.times.append(dt)
+            self.cpu_times.append(dc)
             if hook is not None:
                 mm = hook.pop_metrics()
-                hook_s.append(mm.get("sharpness/time_s", math.nan))
-                hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
-                hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
-                hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
-    comm = summarize_comm(COUNTER.take(), steps, k)
-    state = account_engine(engine)
-    peak = mem.peak()
-    times = max_over_ranks(times, device)
-    cpu_times = max_over_ranks(cpu_times, device)
-    P = count_params(model) if cfg.train.engine == "plain" else _ds_num_params(engine)
-    row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
-           "engine": cfg.train.engine, "step_s": statistics.median(times), "step_times": times,
-           "cpu_times": cpu_times, "cpu_s": statistics.median(cpu_times),
-           "tokens_per_s": world * k * B * L / statistics.median(times), "state": state, "peak_bytes": peak,
-           "peak_what": mem.what, "comm": comm, "params": P, "flat_numel": _flat_numel(engine)}
-    if hook is not None:
-        h = max_over_ranks(hook_s, device)
-        row["sharpness_s"] = statistics.median(h)
-        row["sharpness_passes"] = statistics.median(hook_passes)
-        row["sharpness_gathers"] = statistics.median(hook_gathers)
-        row["sharpness_probe_tokens"] = statistics.median(hook_tokens)
-        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
-    nx = getattr(engine, "nexus", None)
-    pg = getattr(getattr(nx, "_core", None), "param_gather", None)
-    if pg is not None:      # DeepSpeed ZeRO-1/2 with nexus.overlap_param_gather
-        row["param_gather_buckets"] = pg.num_buckets
-        row["param_gather_waited_in_forward"] = pg.stats["waited_in_forward"]
-    buckets = getattr(getattr(engine, "opt", None), "buckets", None)
-    if buckets is not None:
-        row["buckets"] = len(buckets.ranges)
-        buckets.remove()
-    del engine, model, module, hook
+                self.hook_s.append(mm.get("sharpness/time_s", math.nan))
+                self.hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
+                self.hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
+                self.hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
+
+    def close(self) -> None:
+        buckets = getattr(getattr(self.engine, "opt", None), "buckets", None)
+        if buckets is not None:
+            buckets.remove()
+        self.engine = self.model = self.hook = None
+
+    def row(self, steps: int) -> dict:
+        """Every figure of the run (collectives counted since the last ``COUNTER.take()``)."""
+        from ..models import count_params
+
+        cfg, spec, engine, device, world = self.cfg, self.spec, self.engine, self.device, self.world
+        B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
+        comm = summarize_comm(COUNTER.take(), steps, k)
+        state = account_engine(engine)
+        peak = self.mem.peak()
+        times = max_over_ranks(self.times, device)
+        cpu_times = max_over_ranks(self.cpu_times, device)
+        P = count_params(self.model) if cfg.train.engine == "plain" else _ds_num_params(engine)
+        row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
+               "engine": cfg.train.engine, "step_s": statistics.median(times), "step_times": times,
+               "cpu_times": cpu_times, "cpu_s": statistics.median(cpu_times),
+               "tokens_per_s": world * k * B * L / statistics.median(times), "state": state, "peak_bytes": peak,
+               "peak_what": self.mem.what, "comm": comm, "params": P, "flat_numel": _flat_numel(engine)}
+        if self.hook is not None:
+            h = max_over_ranks(self.hook_s, device)
+            row["sharpness_s"] = statistics.median(h)
+            row["sharpness_passes"] = statistics.median(self.hook_passes)
+            row["sharpness_gathers"] = statistics.median(self.hook_gathers)
+            row["sharpness_probe_tokens"] = statistics.median(self.hook_tokens)
+            row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+        nx = getattr(engine, "nexus", None)
+        pg = getattr(getattr(nx, "_core", None), "param_gather", None)
+        if pg is not None:      # DeepSpeed ZeRO-1/2 with nexus.overlap_param_gather
+            row["param_gather_buckets"] = pg.num_buckets
+            row["param_gather_waited_in_forward"] = pg.stats["waited_in_forward"]
+        buckets = getattr(getattr(engine, "opt", None), "buckets", None)
+        if buckets is not None:
+            row["buckets"] = len(buckets.ranges)
+        return row
+
+
+def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, device,
+            steps: Optional[int] = None, warmup: Optional[int] = None) -> dict:
+    steps = args.steps if steps is None else steps
+    warmup = args.warmup if warmup is None else warmup
+    run = BenchRun(raw, spec, args, sources, rank, world, device)
+    COUNTER.take()
+    for step in range(warmup + steps):
+        if step == warmup:
+            run.mem.reset_peak()   # the peak of the timed steps (over the memory before the model was built)
+        run.step(step, timed=step >= warmup)
+    row = run.row(steps)
+    run.close()
+    del run
     gc.collect()
     return row
+
+
+def run_pairs(raw: dict, layout: str, overlap: bool, args, sources: dict, rank: int, world: int, device) -> dict:
+    """The interleaved step-time ratio: an AdamW and a Nexus engine built side by side (same model init,
+    same data), ``max(1, --warmup)`` untimed steps each, then ``--pairs`` pairs of timed outer steps,
+    AdamW then Nexus, the order swapped every other pair (so a load drift or a cache left warm by the
+    previous step favours neither). Each pair gives one ratio; see :func:`ratio_summary`."""
+    runs = {o: BenchRun(raw, Spec(o, layout, overlap), args, sources, rank, world, device) for o in ("adamw", "nexus")}
+    warm = max(1, args.warmup)
+    for step in range(warm):
+        for o in ("adamw", "nexus"):
+            runs[o].step(step, timed=False)
+    for i in range(args.pairs):
+        order = ("adamw", "nexus") if i % 2 == 0 else ("nexus", "adamw")
+        for o in order:
+            runs[o].step(warm + i, timed=True)
+    COUNTER.take()   # (the pairs' collectives are not reported: the single runs count them)
+    t = {o: max_over_ranks(r.times, device) for o, r in runs.items()}
+    for r in runs.values():
+        r.close()
+    del runs
+    gc.collect()
+    ratios = [n / a for n, a in zip(t["nexus"], t["adamw"])]
+    return {"layout": layout, "overlap": overlap, "pairs": args.pairs, "adamw_times": t["adamw"],
+            "nexus_times": t["nexus"], "ratios": ratios, **ratio_summary(ratios)}
+
+
+def ratio_summary(ratios: list, resamples: int = 2000, seed: int = 0) -> dict:
+    """Median of the per-pair ratios with a 95% percentile-bootstrap interval of the median (seeded: the same
+    interval for the same ratios), and the geometric mean with a t 95% interval (on the log ratios)."""
+    import random
+
+    n = len(ratios)
+    out = {"median": statistics.median(ratios) if n else math.nan}
+    if n < 2:
+        return {**out, "median_lo": math.nan, "median_hi": math.nan, "geomean": out["median"],
+                "geomean_lo": math.nan, "geomean_hi": math.nan}
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(resamples))
+    out["median_lo"], out["median_hi"] = meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+    logs = [math.log(r) for r in ratios]
+    m, sd = statistics.mean(logs), statistics.stdev(logs)
+    half = T975[min(n - 1, len(T975)) - 1] * sd / math.sqrt(n)
+    out.update(geomean=math.exp(m), geomean_lo=math.exp(m - half), geomean_hi=math.exp(m + half))
+    return out
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+"""Student t 0.975 quantiles for 1..30 degrees of freedom (beyond 30: the 30 value, within 3% of 1.96)."""
+
+
+def modelled_bytes(optim: str, layout: str, k: int) -> dict:
+    """The plain engine's modelled elementwise bytes per parameter per micro-step (tools/plan.py)."""
+    from .plan import bytes_per_micro_step, inner_step_passes
+    return bytes_per_micro_step(inner_step_passes(optim, layout, k), k)
+
+
+def pairs_table(pairs: list, k: int, load: tuple) -> list:
+    """The interleaved ratio next to the modelled bytes per parameter per micro-step."""
+    if not pairs:
+        return []
+    lines = ["", f"interleaved step-time ratio Nexus / AdamW ({pairs[0]['pairs']} pairs per row, AdamW and Nexus "
+                 "alternating, order swapped every pair; load average "
+                 f"{load[0]:.2f} at the start, {load[1]:.2f} at the end), next to the modelled elementwise bytes per "
+                 "parameter per micro-step (reads + writes, fp32; the outer step's passes spread over the k "
+                 "micro-steps; tools/plan.py inner_step_passes):",
+             "| layout | overlap | AdamW step s | Nexus step s | ratio (median of pairs) | 95% CI (bootstrap) "
+             "| geo. mean | 95% CI (t) | Nexus B/param/micro-step | AdamW B/param/micro-step | extra |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        bn, ba = modelled_bytes("nexus", p["layout"], k), modelled_bytes("adamw", p["layout"], k)
+        lines.append(f"| {p['layout']} | {'on' if p['overlap'] else 'off'} | {statistics.median(p['adamw_times']):.3f} "
+                     f"| {statistics.median(p['nexus_times']):.3f} | **{p['median']:.3f}** | "
+                     f"{p['median_lo']:.3f}-{p['median_hi']:.3f} | {p['geomean']:.3f} | "
+                     f"{p['geomean_lo']:.3f}-{p['geomean_hi']:.3f} | {bn['total']:.0f} ({bn['inner']:.0f} + "
+                     f"{bn['step']:.0f}) | {ba['total']:.0f} ({ba['inner']:.0f} + {ba['step']:.0f}) | "
+                     f"{bn['total'] - ba['total']:.0f} |")
+    lines.append("(bytes: micro-step passes + the outer step's / k)")
+    return lines
 
 
 def time_allreduce(numel: int, device, repeats: int = 5) -> Optional[float]:
@@ -588,9 +711,20 @@ def run_bench(args) -> int:
                 row["plan"] = {"bus_per_step": pred["bus_per_step"], "payload_per_step": pred["payload_per_step"],
                                "state": pred["state"]}
             rows.append(row)
+    pairs = []
+    load = [os.getloadavg()[0]]
+    for lay in args.layout_list:
+        for ov in args.overlap_list:
+            if not args.pairs:
+                continue
+            if rank == 0:
+                print(f"bench: interleaved pairs, {lay} overlap={'on' if ov else 'off'}", flush=True)
+            pairs.append(run_pairs(raw, lay, ov, args, sources, rank, world, device))
+    load.append(os.getloadavg()[0])
     ar = time_allreduce(rows[0]["params"], device)
     if rank == 0:
         print(format_table(rows, raw, args, world, device), flush=True)
+        print("\n".join(pairs_table(pairs, raw["train"]["micro_steps"], tuple(load))), flush=True)
         if ar is not None:
             k = raw["train"]["micro_steps"]
             for r in rows:
@@ -605,7 +739,7 @@ def run_bench(args) -> int:
             with open(args.out, "w") as f:
                 json.dump({"world": world, "device": device.type, "engine": args.engine, "zero": args.zero,
                            "tp": args.tp, "dist_opt": args.dist_opt,
-                           "allreduce_s": ar,
+                           "allreduce_s": ar, "pairs": pairs, "loadavg": load,
                            "bf16": args.bf16, "config": raw, "rows": rows}, f, indent=1, default=str)
     if dist.is_initialized():
         dist.barrier()

@@ -411,17 +411,74 @@ def compute_time(p: PlanInput) -> float:
     return 6.0 * p.params * p.micro_batch * p.seq_len * p.accum / (p.tp * p.pp) / (p.gpu_tflops * 1e12 * p.mfu)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One elementwise pass of an optimizer over the flat fp32 vector: bytes read and written per parameter,
+    ``per`` = ``micro`` (every micro-step) or ``step`` (once per outer step), ``times`` the fraction of
+    those it runs in."""
+
+    name: str
+    read: int
+    write: int
+    per: str = "micro"
+    times: float = 1.0
+
+
+ADAMW_STEP = Pass("AdamW step (foreach: read param, grad, m, v; write param, m, v)", 16, 12, "step")
+"""The outer optimizer's own pass: the same for both (Nexus's outer optimizer is AdamW)."""
+
+
+def inner_step_passes(optim: str, layout: str, k: int) -> List[Pass]:
+    """The plain engine's elementwise passes (fp32), as the code makes them (``Nexus.inner_step`` /
+    ``Nexus.step``; ``MixtureAdamW``), each counted as DRAM traffic (no cache reuse between passes).
+
+    Nexus: backward accumulates into ``p.grad``, a view of the zeroed flat buffer (``+=``: read the buffer
+    and the fresh gradient, write the buffer); after the collective, one read for the norm; the source's
+    scale w_i / n_i folded into ``d_sum += scale * g`` (source-parallel: the shard is scaled in place
+    before the cross-group sum, one more pass); the parameters written as ``anchor - gamma_t d_sum``
+    after every micro-step but the k-th; the buffer re-zeroed. AdamW (the baseline): ``acc += grad / k``
+    per micro-step; one norm (clipping) per step. Both: the AdamW step."""
+    k = int(k)
+    if optim == "adamw":
+        return [Pass("accumulate (acc += grad / k)", 8, 4),
+                Pass("norm of the reduced gradient", 4, 0, "step"),
+                ADAMW_STEP,
+                Pass("zero acc", 0, 4, "step")]
+    out = [Pass("backward accumulates into the view (buffer += grad)", 8, 4),
+           Pass("norm (sum of squares)", 4, 0)]
+    if layout == "source-parallel":
+        out.append(Pass("scale the shard by w_i / n_i (before the cross-group sum)", 4, 4))
+    out += [Pass("d_sum += scale * g", 8, 4),
+            Pass("params = anchor - gamma_t * d_sum (not after the k-th micro-step)", 8, 4, "micro", (k - 1) / k),
+            Pass("zero the buffer (for the next backward)", 0, 4),
+            Pass("params = anchor", 4, 4, "step"),
+            Pass("G = d_sum / k (into the buffer)", 4, 4, "step"),
+            Pass("norm of G (logged)", 4, 0, "step"),
+            ADAMW_STEP,
+            Pass("anchor = params", 4, 4, "step"),
+            Pass("zero d_sum", 0, 4, "step"),
+            Pass("zero the buffer", 0, 4, "step")]
+    return out
+
+
+def bytes_per_micro_step(passes: List[Pass], k: int) -> dict:
+    """Bytes per parameter per micro-step of a pass list: ``inner`` (the micro-step passes), ``step`` (the
+    outer step's passes / k), ``total``."""
+    inner = sum((q.read + q.write) * q.times for q in passes if q.per == "micro")
+    step = sum((q.read + q.write) * q.times for q in passes if q.per == "step") / int(k)
+    return {"inner": inner, "step": step, "total": inner + step}
+
+
 def optimizer_bytes(p: PlanInput, optim: str, layout: str) -> float:
     """Memory traffic of the optimizer's elementwise passes in one outer step on one GPU (bytes), counted
-    from the tensor passes in the code, fp32. Plain engine, per parameter: Nexus 52 per micro-step (copy
-    the gradient into the flat buffer, norm, scale, delta update, anchor + delta, write the parameters)
-    + 60 per step (pseudo-gradient, AdamW, anchor); AdamW 12 per micro-step (accumulate) + 40 per step.
+    from the tensor passes in the code, fp32. Plain engine: :func:`inner_step_passes` (per parameter,
+    k = 4, sequential: Nexus 41 per micro-step + 64 per step; AdamW 12 per micro-step + 36 per step).
     Sharded engines: Nexus 44 per micro-step and element of this GPU's master shard + 60 per step;
     AdamW 40 per step (gradient accumulation happens in backward for both)."""
     P_l = p.params / (p.tp * p.pp)
     nexus = optim == "nexus"
     if p.engine == "plain":
-        return (52 * p.k + 60) * p.params if nexus else (12 * p.k + 40) * p.params
+        return bytes_per_micro_step(inner_step_passes(optim, layout, p.k), p.k)["total"] * p.k * p.params
     S = (p.dp // p.sources) if (nexus and layout == "source-parallel") else p.dp
     sharded = (p.engine == "deepspeed" and p.zero >= 1) or (p.engine == "megatron" and p.dist_opt)
     shard = P_l / S if sharded else P_l
