@@ -477,6 +477,9 @@ class GradBuckets:
             off += n
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._shard = None
+        self.copies = 0
+        self.last_copies = 0
+        """Gradients copied into the buffer in the last micro-step (``grads_are_views``: ``.grad`` replaced)."""
         self.armed = False
         self.ready = [False] * len(self.params)
         self.missing = list(self.bucket_params)
@@ -524,6 +527,7 @@ class GradBuckets:
                     v.zero_()
                 elif g.data_ptr() != v.data_ptr() or g.stride() != v.stride():
                     v.copy_(g)
+                    self.copies += 1
                 p.grad = v
             return
         if g is not None:
@@ -554,6 +558,7 @@ class GradBuckets:
             if self.armed and self.ready[i]:
                 continue
             self._take(i, p)
+        self.last_copies, self.copies = self.copies, 0
         red = None
         if launch:
             red = self.red if self.red is not None else self._new_reduction()

@@ -80,6 +80,46 @@ def test_plain_bench_counts_equal_the_plan(tmp_path):
     # one shared search: passes, no gathers (replicated parameters), probe tokens in the table
     assert "param gathers" in stdout and "probe tokens" in stdout
     assert all(r["sharpness_gathers"] == 0 and r["sharpness_probe_tokens"] > 0 for r in sh)
+    # the interleaved pairs (default 6 on the plain engine): one row per layout and overlap, one ratio per pair,
+    # printed next to the modelled bytes per parameter per micro-step
+    assert "interleaved step-time ratio Nexus / AdamW" in stdout and "B/param/micro-step" in stdout
+    assert {(p["layout"], p["overlap"]) for p in data["pairs"]} == {
+        (lay, ov) for lay in ("sequential", "source-parallel") for ov in (False, True)}
+    for p in data["pairs"]:
+        assert len(p["ratios"]) == len(p["adamw_times"]) == len(p["nexus_times"]) == 6
+        assert p["median_lo"] <= p["median"] <= p["median_hi"] and p["geomean_lo"] <= p["geomean"] <= p["geomean_hi"]
+    assert len(data["loadavg"]) == 2
+
+
+def test_ratio_summary_and_modelled_bytes():
+    from nexus_megatron.tools.bench import check_bench_args, ratio_summary
+    from nexus_megatron.tools.plan import bytes_per_micro_step, inner_step_passes, optimizer_bytes
+    import argparse
+    from nexus_megatron.errors import NexusConfigError
+    from nexus_megatron.tools.bench import add_bench_arguments
+
+    s = ratio_summary([1.1, 1.0, 1.2, 1.05, 0.95])
+    assert s["median"] == 1.05 and 0.95 <= s["median_lo"] <= 1.05 <= s["median_hi"] <= 1.2
+    assert s == ratio_summary([1.1, 1.0, 1.2, 1.05, 0.95])                 # seeded: the same interval
+    const = ratio_summary([1.02] * 8)
+    assert const["median_lo"] == const["median_hi"] == const["median"] == 1.02
+    assert abs(const["geomean_lo"] - 1.02) < 1e-12 and abs(const["geomean_hi"] - 1.02) < 1e-12
+    # the plain engine's passes, k = 4: Nexus reads+writes 41 bytes per parameter in each micro-step (backward's
+    # accumulation into the view 12, norm 4, d_sum += scale g 12, parameter write 12 on 3 of 4, re-zero 4) and
+    # 64 in the outer step (AdamW's own 28 included); AdamW 12 per micro-step + 36 per step
+    n = bytes_per_micro_step(inner_step_passes("nexus", "sequential", 4), 4)
+    a = bytes_per_micro_step(inner_step_passes("adamw", "sequential", 4), 4)
+    sp = bytes_per_micro_step(inner_step_passes("nexus", "source-parallel", 4), 4)
+    assert (n["inner"], n["step"] * 4, a["inner"], a["step"] * 4) == (41, 64, 12, 36)
+    assert sp["inner"] == n["inner"] + 8                                   # the shard scaled before the cross sum
+    p = argparse.Namespace(engine="plain", k=4, params=1000, tp=1, pp=1)
+    assert optimizer_bytes(p, "nexus", "sequential") == (41 * 4 + 64) * 1000
+    ap = argparse.ArgumentParser()
+    add_bench_arguments(ap)
+    with pytest.raises(NexusConfigError, match="--pairs"):
+        check_bench_args(ap.parse_args(["--engine", "deepspeed", "--pairs", "3"]))
+    with pytest.raises(NexusConfigError, match="--pairs"):
+        check_bench_args(ap.parse_args(["--pairs", "-1"]))
 
 
 def test_deepspeed_bench_counts_match_the_plan(tmp_path):

@@ -54,6 +54,7 @@ class OverlappedNexus(Nexus):
 
     def _reduce(self, source: int) -> Reduced:
         red = self.buckets.finish()          # gradients complete, every bucket started (most during backward)
+        self.grad_copies = self.buckets.last_copies
         # source-parallel with S > 1: the all-gathers of d come back in flight; inner_step updates bucket b
         # while the later buckets are still being gathered
         return self.layout.finish_normalized(red, source, min_grad_norm=self.config.min_grad_norm,
