@@ -434,13 +434,17 @@ def run_pairs(raw: dict, layout: str, overlap: bool, args, sources: dict, rank: 
             runs[o].step(warm + i, timed=True)
     COUNTER.take()   # (the pairs' collectives are not reported: the single runs count them)
     t = {o: max_over_ranks(r.times, device) for o, r in runs.items()}
+    c = {o: max_over_ranks(r.cpu_times, device) for o, r in runs.items()}
     for r in runs.values():
         r.close()
     del runs
     gc.collect()
     ratios = [n / a for n, a in zip(t["nexus"], t["adamw"])]
+    cpu_ratios = [n / a for n, a in zip(c["nexus"], c["adamw"])]
     return {"layout": layout, "overlap": overlap, "pairs": args.pairs, "adamw_times": t["adamw"],
-            "nexus_times": t["nexus"], "ratios": ratios, **ratio_summary(ratios)}
+            "nexus_times": t["nexus"], "ratios": ratios, **ratio_summary(ratios),
+            "adamw_cpu_times": c["adamw"], "nexus_cpu_times": c["nexus"], "cpu_ratios": cpu_ratios,
+            "cpu": ratio_summary(cpu_ratios)}
 
 
 def ratio_summary(ratios: list, resamples: int = 2000, seed: int = 0) -> dict:
@@ -484,17 +488,20 @@ def pairs_table(pairs: list, k: int, load: tuple) -> list:
                  "parameter per micro-step (reads + writes, fp32; the outer step's passes spread over the k "
                  "micro-steps; tools/plan.py inner_step_passes):",
              "| layout | overlap | AdamW step s | Nexus step s | ratio (median of pairs) | 95% CI (bootstrap) "
-             "| geo. mean | 95% CI (t) | Nexus B/param/micro-step | AdamW B/param/micro-step | extra |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| geo. mean | 95% CI (t) | CPU-time ratio (median) | 95% CI (bootstrap) "
+             "| Nexus B/param/micro-step | AdamW B/param/micro-step | extra |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         bn, ba = modelled_bytes("nexus", p["layout"], k), modelled_bytes("adamw", p["layout"], k)
         lines.append(f"| {p['layout']} | {'on' if p['overlap'] else 'off'} | {statistics.median(p['adamw_times']):.3f} "
                      f"| {statistics.median(p['nexus_times']):.3f} | **{p['median']:.3f}** | "
                      f"{p['median_lo']:.3f}-{p['median_hi']:.3f} | {p['geomean']:.3f} | "
-                     f"{p['geomean_lo']:.3f}-{p['geomean_hi']:.3f} | {bn['total']:.0f} ({bn['inner']:.0f} + "
+                     f"{p['geomean_lo']:.3f}-{p['geomean_hi']:.3f} | {p['cpu']['median']:.3f} | "
+                     f"{p['cpu']['median_lo']:.3f}-{p['cpu']['median_hi']:.3f} | {bn['total']:.0f} ({bn['inner']:.0f} + "
                      f"{bn['step']:.0f}) | {ba['total']:.0f} ({ba['inner']:.0f} + {ba['step']:.0f}) | "
                      f"{bn['total'] - ba['total']:.0f} |")
-    lines.append("(bytes: micro-step passes + the outer step's / k)")
+    lines.append("(ratio: wall time of the slowest rank; CPU-time ratio: CPU time of the busiest rank, all threads, "
+                 "less sensitive to other jobs on a shared CPU; bytes: micro-step passes + the outer step's / k)")
     return lines
 
 
