@@ -19,6 +19,9 @@ gradient reduction (plain engine: ``nexus.overlap_grad_reduce``; DeepSpeed: ``ov
   process before any engine is built (DeepSpeed binds its all-gather / reduce-scatter functions when
   it initialises, so it binds the counting ones);
 * ratios Nexus / AdamW, and the plan model's prediction of the bytes (:mod:`nexus_megatron.tools.plan`);
+* the interleaved ratio (``--pairs``, plain engine): AdamW and Nexus engines side by side, stepped
+  alternately, one ratio per pair, the median with a bootstrap 95% interval (and the CPU-time ratio), next
+  to the modelled elementwise bytes per parameter per micro-step of both (``plan.inner_step_passes``);
 * the critical-sharpness hook (``sharpness.every=1``; plain engine, DeepSpeed through its seam, Megatron
   through ``pre_outer_step`` / ``step_with_pre_update``): forward passes and seconds per measurement,
   relative to the training step.
