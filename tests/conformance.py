@@ -39,8 +39,7 @@ SCENARIOS = (
 
 NOT_SUPPORTED = {
     # engine: {scenario: reason}
-    "deepspeed": {"random-direction-control": "the random-direction control is implemented on the plain engine "
-                                              "only (NexusConfig.control; the study runs it there)"},
+    "deepspeed": {},
 }
 
 
@@ -239,7 +238,10 @@ def deepspeed_worker(rank, world, stages, specs):
                                                                     "warmup_num_steps": WARMUP_STEPS,
                                                                     "warmup_type": "linear"}}
             model = make_model()
-            eng = initialize(model, cfg, optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
+            # the control is not a ds_config key (NexusConfig.control: the API's nexus_config)
+            nexus = _nexus_config(spec) if spec["control"] != "none" else None
+            eng = initialize(model, cfg, nexus_config=nexus,
+                             optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
             hist, lrs, skipped = [], [], []
             while eng.outer_steps < STEPS:
                 t, m = eng.outer_steps, eng.micro_step
@@ -277,8 +279,9 @@ differently), 7e-5 relative at gamma_t = 1; with 1e-6 it is below 1e-6. Every ot
 MEGATRON_VARIANTS = {   # name: (tp, pp, distributed optimizer)
     "ddp": (1, 1, False), "distopt": (1, 1, True), "tp2": (2, 1, True), "pp2": (1, 2, True)}
 NOT_SUPPORTED["megatron"] = {
-    "random-direction-control": "the random-direction control is implemented on the plain engine only",
-}
+    f"{v}/random-direction-control": "the control is defined for data parallelism only (NexusConfigError on TP/PP, "
+                                     "tests/test_conformance.py::test_control_refused_under_model_parallelism)"
+    for v in ("tp2", "pp2")}
 for _v in ("tp2", "pp2"):
     for _s in SCENARIOS:
         if _s["mode"] == "source-parallel":   # TP=2 or PP=2 on 2 ranks leaves one data-parallel rank

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from ..errors import NexusConfigError
 from .launch import under_launcher
-from .measure import (COUNTER, CommCounter, PeakMemory, StateAccount, account_engine,  # noqa: F401 (bench's API)
+from .measure import (COUNTER, CommCounter, PeakMemory, StateAccount, account_engine, HookFigures,  # noqa: F401 (bench's API)
                       max_over_ranks, payload_bytes, quiet_barrier, summarize_comm, sync_device)
 
 BENCH_MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4}
@@ -305,7 +305,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
     B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
     module = engine.module
     consumed = [0] * len(names)
-    times, cpu_times, hook_s, hook_passes, hook_gathers, hook_tokens = [], [], [], [], [], []
+    times, cpu_times, figures = [], [], HookFigures()
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
     COUNTER.take()
@@ -338,11 +338,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
             times.append(dt)
             cpu_times.append(dc)
             if hook is not None:
-                mm = hook.pop_metrics()
-                hook_s.append(mm.get("sharpness/time_s", math.nan))
-                hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
-                hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
-                hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
+                figures.record(hook)
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_engine(engine)
     peak = mem.peak()
@@ -355,12 +351,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
            "tokens_per_s": world * k * B * L / statistics.median(times), "state": state, "peak_bytes": peak,
            "peak_what": mem.what, "comm": comm, "params": P, "flat_numel": _flat_numel(engine)}
     if hook is not None:
-        h = max_over_ranks(hook_s, device)
-        row["sharpness_s"] = statistics.median(h)
-        row["sharpness_passes"] = statistics.median(hook_passes)
-        row["sharpness_gathers"] = statistics.median(hook_gathers)
-        row["sharpness_probe_tokens"] = statistics.median(hook_tokens)
-        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+        figures.summarize(row, times, device)
     nx = getattr(engine, "nexus", None)
     pg = getattr(getattr(nx, "_core", None), "param_gather", None)
     if pg is not None:      # DeepSpeed ZeRO-1/2 with nexus.overlap_param_gather

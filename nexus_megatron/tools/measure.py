@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
+import statistics
 import threading
 import types
 from typing import Optional
@@ -327,3 +329,28 @@ def max_over_ranks(values: list, device) -> list:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
+
+
+class HookFigures:
+    """The critical-sharpness hook's figures over a bench loop's timed steps (bench.py, bench_megatron.py):
+    :meth:`record` after each timed step, :meth:`summarize` into the result row."""
+
+    METRICS = {"s": "sharpness/time_s", "passes": "sharpness/forward_passes", "gathers": "sharpness/param_gathers",
+               "probe_tokens": "sharpness/probe_tokens"}
+
+    def __init__(self):
+        self.values = {k: [] for k in self.METRICS}
+
+    def record(self, hook) -> None:
+        mm = hook.pop_metrics()
+        for k, name in self.METRICS.items():
+            self.values[k].append(mm.get(name, math.nan))
+
+    def summarize(self, row: dict, times: list, device) -> None:
+        """``sharpness_s`` (slowest rank), ``sharpness_passes`` / ``_gathers`` / ``_probe_tokens`` and the step time
+        without the hook (``train_step_s``), medians over the timed steps."""
+        h = max_over_ranks(self.values["s"], device)
+        row["sharpness_s"] = statistics.median(h)
+        for k in ("passes", "gathers", "probe_tokens"):
+            row[f"sharpness_{k}"] = statistics.median(self.values[k])
+        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
