@@ -315,7 +315,19 @@ def deepspeed_worker(rank, world, stages, specs, bf16_stages=()):
                 skipped.append(info["skipped"])
                 hist.append(_ds_master_params(eng) if bf16 else _ds_full_params(eng))
         out[f"{'bf16-' if bf16 else ''}z{stage}/{spec['name']}"] = {"hist": hist, "lrs": lrs, "skipped": skipped,
-                                          "seconds": time.time() - t0}
+                                                                   "seconds": time.time() - t0}
+    if bf16_stages:   # the control where it is refused: bf16 at stage 0 (DeepSpeed's FP16_UnfusedOptimizer)
+        from nexus_megatron.errors import NexusConfigError
+        spec = next(s for s in SCENARIOS if s["control"] != "none")
+        cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": K, "bf16": {"enabled": True},
+               "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9,
+               "nexus": {"layout": spec["mode"], "sources": list(sources(spec))}}
+        model = make_model()
+        try:
+            initialize(model, cfg, nexus_config=_nexus_config(spec), optimizer={"lr": LR})
+            out["refused/bf16-z0/" + spec["name"]] = None
+        except NexusConfigError as e:
+            out["refused/bf16-z0/" + spec["name"]] = str(e)
     return out
 
 

@@ -379,8 +379,9 @@ class _NexusCore(BookViews):
                         out.append((j, pos, offsets[id(p)] + r * ps, offsets[id(p)] + r * ps + n))
                     pos += ps
             return out
-        raise NexusConfigError(f"nexus.control={self.cfg.control} on DeepSpeed needs fp32 master partitions of ZeRO "
-                               f"0-3 ({self.kind}: turn bf16 off or use ZeRO-2/3), or set nexus.control=none")
+        raise NexusConfigError(f"nexus.control={self.cfg.control} is not implemented on DeepSpeed's {self.kind} "
+                               "optimizer (bf16 at stage 0, or ZeRO-1's BF16_Optimizer): use fp32, or bf16 with ZeRO "
+                               "stage 1-3 and bf16 gradient accumulation, or set nexus.control=none")
 
     def _control_move(self, current: set):
         """The control's inner step, once every partition of the micro-step has its direction: R <- R - gamma r
