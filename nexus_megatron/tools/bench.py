@@ -305,7 +305,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
     B, L, k = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.train.micro_steps
     module = engine.module
     consumed = [0] * len(names)
-    times, cpu_times, figures = [], [], HookFigures()
+    figures = HookFigures()
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
     COUNTER.take()
@@ -322,8 +322,7 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
                 consumed[s] += r * B
         sync_device(device)
         quiet_barrier()
-        COUNTER.active = timed
-        t0, c0 = time.perf_counter(), time.process_time()
+        figures.start(timed)
         for m, (src, batch) in enumerate(micro):
             if hook is not None and m == k - 1:   # before the last micro-step: DeepSpeed's hook runs inside it
                 hook.begin_step(step + 1, [b for _, b in micro])
@@ -331,19 +330,12 @@ def run_one(raw: dict, spec: Spec, args, sources: dict, rank: int, world: int, d
             engine.backward(loss)
             engine.micro_step(src)
         engine.outer_step()
-        sync_device(device)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        COUNTER.active = False
-        if timed:
-            times.append(dt)
-            cpu_times.append(dc)
-            if hook is not None:
-                figures.record(hook)
+        figures.stop(timed, hook, device)
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_engine(engine)
     peak = mem.peak()
-    times = max_over_ranks(times, device)
-    cpu_times = max_over_ranks(cpu_times, device)
+    times = max_over_ranks(figures.times, device)
+    cpu_times = max_over_ranks(figures.cpu_times, device)
     P = count_params(model) if cfg.train.engine == "plain" else _ds_num_params(engine)
     row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
            "engine": cfg.train.engine, "step_s": statistics.median(times), "step_times": times,

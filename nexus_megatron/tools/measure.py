@@ -8,6 +8,7 @@ import ctypes
 import gc
 import math
 import statistics
+import time
 import threading
 import types
 from typing import Optional
@@ -332,14 +333,33 @@ def max_over_ranks(values: list, device) -> list:
 
 
 class HookFigures:
-    """The critical-sharpness hook's figures over a bench loop's timed steps (bench.py, bench_megatron.py):
-    :meth:`record` after each timed step, :meth:`summarize` into the result row."""
+    """A bench loop's per-step figures (bench.py, bench_megatron.py): wall and CPU time of each timed step
+    (:attr:`times`, :attr:`cpu_times`) and the critical-sharpness hook's figures. :meth:`start` before a step,
+    :meth:`stop` after it, :meth:`summarize` the hook's figures into the result row."""
 
     METRICS = {"s": "sharpness/time_s", "passes": "sharpness/forward_passes", "gathers": "sharpness/param_gathers",
                "probe_tokens": "sharpness/probe_tokens"}
 
     def __init__(self):
         self.values = {k: [] for k in self.METRICS}
+        self.times, self.cpu_times = [], []
+        self._t0 = self._c0 = 0.0
+
+    def start(self, timed: bool) -> None:
+        """Start a step (``timed``: counted, communication included)."""
+        COUNTER.active = timed
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def stop(self, timed: bool, hook, device) -> None:
+        """End the step: wait for the device, keep its times (and the hook's figures) if it is ``timed``."""
+        sync_device(device)
+        dt, dc = time.perf_counter() - self._t0, time.process_time() - self._c0
+        COUNTER.active = False
+        if timed:
+            self.times.append(dt)
+            self.cpu_times.append(dc)
+            if hook is not None:
+                self.record(hook)
 
     def record(self, hook) -> None:
         mm = hook.pop_metrics()
