@@ -20,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import NexusConfigError
+from .faults import read_file_bytes
 from .layout import LAYOUTS
 from .engines import ENGINES
 from .settings import FIELDS, NexusConfig, names_on, nexus_config_of_section
@@ -343,13 +344,8 @@ def read_config_file(path: str) -> dict:
     where = f"--config {path}"
     if os.path.isdir(path):
         raise NexusConfigError(f"{where}: is a directory; give the path of a YAML file (the configs/ folder has examples)")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise NexusConfigError(f"{where}: no such file (the configs/ folder has examples)") from None
-    except OSError as e:
-        raise NexusConfigError(f"{where}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    data = read_file_bytes(path, NexusConfigError, f"{where}: no such file (the configs/ folder has examples)",
+                           f"{where}: cannot be read ({{reason}}); check the path and its permissions")
     try:
         text = data.decode("utf-8")
         if "\x00" in text:

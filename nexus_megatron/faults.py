@@ -102,15 +102,21 @@ def check_token_range(path: str, tokens: np.ndarray, vocab_size: int, name: str,
 # ---------------------------------------------------------------------------------------------------
 # files written by this package, read back with one-line errors (a file-system fault names the path and the fix)
 
-def read_json_file(path: str, fix: str, error=DataError):
-    """The JSON object in ``path``; an unreadable or malformed file is ``error`` naming the path and ``fix``."""
+def read_file_bytes(path: str, error, missing: str, unreadable: str) -> bytes:
+    """The bytes of file ``path``. A missing file raises ``error(missing)``, one that cannot be read
+    ``error(unreadable)`` with ``{reason}`` in it replaced by the OS's reason: one-line errors naming the file."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except FileNotFoundError:
-        raise error(f"{path} does not exist: {fix}") from None
+        raise error(missing) from None
     except OSError as e:
-        raise error(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
+        raise error(unreadable.replace("{reason}", str(e.strerror or e))) from None
+
+
+def read_json_file(path: str, fix: str, error=DataError):
+    """The JSON object in ``path``; an unreadable or malformed file is ``error`` naming the path and ``fix``."""
+    raw = read_file_bytes(path, error, f"{path} does not exist: {fix}", f"{path} cannot be read ({{reason}}): {fix}")
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:

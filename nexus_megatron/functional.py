@@ -212,14 +212,26 @@ def hash_control_seed(seed: int, outer_step: int, micro_step: int) -> int:
     return hash_seed(seed, 0x52414E44, outer_step, micro_step)
 
 
-def random_direction(d: torch.Tensor, numel: int, seed: int, segments=None) -> torch.Tensor:
-    """The random-direction control (docs/nexus.md#controls): a standard normal vector, drawn on the
-    CPU from a generator seeded by ``seed`` (so identical on every rank), zero past ``numel`` (padding),
-    scaled to the norm of ``d`` (both norms over ``segments``, like the source norms)."""
+def random_direction_pieces(pieces, numel: int, seed: int, d_norm: float, segments=None, device=None) -> list:
+    """The random-direction control (docs/nexus.md#controls) on a rank that holds only ``pieces`` (list of
+    ``[lo, hi)`` ranges) of the logical flat vector of ``numel`` elements (a ZeRO partition, a distributed
+    optimizer's shard): the pieces ``r[lo:hi]`` of the one random vector every rank agrees on. ``r`` is a
+    standard normal vector of ``numel`` elements drawn on the CPU from a generator seeded by ``seed``, scaled to
+    the norm ``d_norm`` of the micro-step's full direction d (its norm over ``segments``, like the source norms).
+    Every rank draws the whole vector (a transient fp32 vector of ``numel`` elements on the CPU per micro-step)
+    and keeps its pieces, so the pieces are bitwise those of :func:`random_direction` on one process."""
     g = torch.Generator().manual_seed(int(seed))
-    r = torch.zeros(d.numel(), dtype=torch.float32)
-    r[:numel] = torch.randn(numel, generator=g, dtype=torch.float32)
-    r = r.to(d.device)
-    target = float(segments_sq(d, segments).sqrt())
+    r = torch.randn(numel, generator=g, dtype=torch.float32)
     have = float(segments_sq(r, segments).sqrt())
-    return r.mul_(target / have if have > 0 else 0.0)
+    scale = float(d_norm) / have if have > 0 else 0.0
+    return [r[lo:hi].mul(scale).to(device) for lo, hi in pieces]
+
+
+def random_direction(d: torch.Tensor, numel: int, seed: int, segments=None) -> torch.Tensor:
+    """The random-direction control on a rank that holds the whole direction ``d`` (the plain engine): the
+    random vector of :func:`random_direction_pieces`, zero past ``numel`` (padding), scaled to the norm of
+    ``d`` (both norms over ``segments``, like the source norms)."""
+    r = torch.zeros(d.numel(), dtype=torch.float32, device=d.device)
+    target = float(segments_sq(d, segments).sqrt())
+    r[:numel] = random_direction_pieces([(0, numel)], numel, seed, target, segments, device=d.device)[0]
+    return r

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 # The pure functions live in functional.py, the bookkeeping in outer.py; their names stay importable from here.
 from .functional import (SQ_CHUNK, accumulate_direction, combine_normalized, hash_control_seed,  # noqa: E402,F401
                          inner_gamma, inner_update, moved_point, norm_segments, pseudo_gradient,
-                         pseudo_gradient_from_sum, random_direction, source_coefficients, sum_sq)
-from .outer import BookViews, NexusStats, OuterBook, check_resume  # noqa: E402,F401
+                         pseudo_gradient_from_sum, random_direction, segments_sq, source_coefficients, sum_sq)
+from .outer import BookViews, NexusStats, OuterBook, RandomDirectionControl, check_resume  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,12 +138,15 @@ class Nexus(BookViews):
         self._attach_grads()
         self._load_anchor_from_params()
         self.random_delta = None
+        self.control: Optional[RandomDirectionControl] = None
         if config.control == "random_direction":
             if layout.norm_size > 1:
                 raise NexusConfigError("nexus.control=random_direction is implemented for data parallelism only "
                                        "(no tensor/pipeline model parallelism): set nexus.control=none")
-            # where the forward passes go under the control: the sum of the random steps
-            self.random_delta = torch.zeros(padded, dtype=torch.float32, device=dev)
+            # where the forward passes go under the control: the sum of the random steps (outer.py)
+            self.control = RandomDirectionControl(config.control_seed, self.numel, [self.anchor],
+                                                  [(0, 0, 0, self.numel)], self.segments)
+            self.random_delta = self.control.deltas[0]
         self.update_pieces = 0
         """Pieces the last inner update was applied in (> 1: overlapped with the all-gathers of d)."""
         self.book = OuterBook(layout.num_sources, micro_steps=micro_steps,
@@ -245,9 +248,8 @@ class Nexus(BookViews):
             accumulate_direction(self.d_sum[lo:hi], self.flat_grad[lo:hi], red.scale)
             self.update_pieces += 1
         if self.random_delta is not None:   # the control: same step length, random direction
-            seed = hash_control_seed(self.config.control_seed, self.stats.outer_steps + self.stats.skipped_steps,
-                                     book.inner_steps)
-            inner_update(self.random_delta, random_direction(self.flat_grad, self.numel, seed, self.segments), gamma)
+            d_norm = float(segments_sq(self.flat_grad, self.segments).sqrt())
+            self.control.inner_step(self.stats.outer_steps + self.stats.skipped_steps, book.inner_steps, d_norm, gamma)
         if gamma and book.inner_steps < self.micro_steps:
             self._write_moved()   # params = theta + delta (after the k-th micro-step step() writes theta_t)
 

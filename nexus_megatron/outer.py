@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .errors import NexusConfigError, NexusNonFiniteError
-from .functional import inner_gamma
+from .functional import hash_control_seed, inner_gamma, inner_update, random_direction_pieces
 
 
 @dataclass
@@ -199,3 +199,45 @@ def check_resume(saved_layout: Optional[dict], layout_now: dict, *, what: str = 
         if saved != now:
             raise NexusConfigError(f"checkpoint was written with {name}={saved} but this run has {now}: resume "
                                    f"with the same {name}")
+
+
+class RandomDirectionControl:
+    """The random-direction control (docs/nexus.md#controls, ``nexus.control=random_direction``) for any engine:
+    the forward passes of an outer step are taken at ``theta_t + R`` with ``R = -gamma_t sum_m r_m``, where
+    ``r_m`` is a seeded random vector of the norm of the micro-step's direction ``d_m``, while the pseudo-gradient
+    still sums the ``d_m`` (the engine's ``d_sum`` is unchanged). One instance per rank.
+
+    ``buffers``: the rank's fp32 tensors that hold parameters (the plain engine's flat vector, DeepSpeed's master
+    partitions, Megatron's main params / shards); ``R`` (:attr:`deltas`) is shaped like each.
+    ``fragments``: ``(buffer index, offset in the flattened buffer, lo, hi)``: the buffer's elements
+    ``[offset, offset + hi - lo)`` are elements ``[lo, hi)`` of the logical flat vector of ``numel`` parameters
+    (the model's parameters in order), the one every rank draws ``r_m`` over. The engine supplies the full
+    norm of ``d_m`` (:meth:`inner_step`), so the random vectors are the same on every engine and layout.
+    Memory: 4 bytes per element of the buffers for ``R``, plus a transient fp32 vector of ``numel`` elements on
+    the CPU while a direction is drawn."""
+
+    def __init__(self, seed: int, numel: int, buffers, fragments, segments=None):
+        self.seed, self.numel, self.segments = int(seed), int(numel), segments
+        self.deltas = [torch.zeros_like(b, dtype=torch.float32) for b in buffers]
+        self.fragments = [tuple(int(x) for x in f) for f in fragments]
+        for b, off, lo, hi in self.fragments:
+            if not (0 <= lo <= hi <= self.numel and off + hi - lo <= self.deltas[b].numel()):
+                raise ValueError(f"random-direction control: fragment {(b, off, lo, hi)} outside the vector")
+
+    def inner_step(self, outer_step: int, micro_step: int, d_norm: float, gamma: float) -> None:
+        """R <- R - gamma * r for micro-step ``micro_step`` (1-based) of outer step ``outer_step`` (0-based, applied
+        and skipped steps counted), ``r`` scaled to ``d_norm`` = ||d_m|| over the whole logical vector."""
+        seed = hash_control_seed(self.seed, outer_step, micro_step)
+        dev = self.deltas[0].device if self.deltas else None
+        pieces = random_direction_pieces([(lo, hi) for _, _, lo, hi in self.fragments], self.numel, seed, d_norm,
+                                         self.segments, device=dev)
+        for (b, off, lo, hi), r in zip(self.fragments, pieces):
+            inner_update(self.deltas[b].view(-1)[off:off + hi - lo], r, gamma)
+
+    def moved_point(self, b: int, anchor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out <- anchor + R of buffer ``b``: where the next forward pass is taken."""
+        return torch.add(anchor, self.deltas[b].view_as(anchor), out=out)
+
+    def reset(self) -> None:
+        for d in self.deltas:
+            d.zero_()

@@ -39,9 +39,25 @@ SCENARIOS = (
 
 NOT_SUPPORTED = {
     # engine: {scenario: reason}
-    "deepspeed": {"random-direction-control": "the random-direction control is implemented on the plain engine "
-                                              "only (NexusConfig.control; the study runs it there)"},
+    "deepspeed": {},
 }
+
+
+BF16_SCENARIOS = ("gamma-0.01", "sp-weighted", "warmup-from-lr0", "random-direction-control")
+"""The scenarios of the DeepSpeed bf16 rows (ZeRO 1-3 with ``bf16.enabled``, fp32 master weights).
+
+What "conforms" means in bf16: the engine's fp32 master trajectory equals the reference's to 1e-5 relative when
+the reference applies the same bf16 roundings as the engine (:class:`BF16ToyProblem`): the initial weights are
+rounded to bf16 (DeepSpeed casts the model and builds the fp32 master from it), every forward/backward runs on a
+bf16 copy of the fp32 point (round to nearest, as DeepSpeed copies master -> model), and the readers' bf16
+gradients are averaged in bf16 (DeepSpeed's data-parallel reduction of bf16 gradients: with two ranks
+``bf16(a + b) / 2``, one correctly rounded result however it is ordered; measured: without this rounding the
+sequential rows differ by ~1e-4, with it by ~1e-8). Everything Nexus does (norms, d_sum, G, the anchor, AdamW)
+is fp32 on both sides. So the tolerance stays 1e-5: the bf16 rounding is part of the computation being compared,
+not an error allowed for. Against the *fp32* reference the same runs differ by ~1e-3 (bf16's 2^-9 relative
+rounding of the weights moves every gradient): a 1e-5 check cannot hold there, and a looser one would hide real
+bugs. The test keeps that gap as a sanity check (a bf16 row must differ from the fp32 reference by more than
+1e-4, else it did not run in bf16)."""
 
 
 def sources(spec):
@@ -85,6 +101,40 @@ class ToyProblem:
         return flat_params(self.model)
 
 
+def bf16_loss(model, x, y):
+    """The toy loss on a bf16 model: bf16 inputs, the bf16 output widened to fp32 by the subtraction."""
+    return ((model(x.bfloat16()) - y) ** 2).mean()
+
+
+class BF16ToyProblem(ToyProblem):
+    """The toy problem computed as DeepSpeed's bf16 engine computes it: forward/backward on a bf16 copy of the
+    fp32 parameters, the readers' bf16 gradients averaged in bf16, then widened (see BF16_SCENARIOS). The forward
+    point is the engines' fp32 ``anchor - gamma_t * S`` (a 1-ulp fp32 difference in it can flip a bf16 rounding)."""
+
+    fp32_point = True
+
+    def __init__(self):
+        super().__init__()
+        import copy
+        with torch.no_grad():   # DeepSpeed's bf16 engine casts the model to bf16 and builds the fp32 master from it
+            for p in self.params:
+                p.copy_(p.bfloat16().float())
+        self.bf = copy.deepcopy(self.model).bfloat16()
+        self.bf_params = list(self.bf.parameters())
+
+    def grad(self, spec, i, t, m, readers):
+        with torch.no_grad():
+            for b, p in zip(self.bf_params, self.params):
+                b.copy_(p)                       # fp32 -> bf16, round to nearest even
+        total = None
+        for r in range(readers):
+            x, y = batch(i, t, m, r)
+            gs = torch.autograd.grad(bf16_loss(self.bf, x, y) * loss_scale(spec, i), self.bf_params)
+            g = torch.cat([q.reshape(-1) for q in gs])
+            total = g if total is None else total + g
+        return (total / readers).float()
+
+
 def _set(params, flat):
     off = 0
     with torch.no_grad():
@@ -118,7 +168,13 @@ def reference(spec, world, lrs, problem=None):
         dsum = torch.zeros_like(theta, dtype=torch.float64)
         bad = False
         for m in range(K):
-            _set(params, (theta + rdelta) if spec["control"] != "none" else (theta.double() + delta).float())
+            if spec["control"] != "none":
+                point = theta + rdelta
+            elif getattr(pb, "fp32_point", False):   # the engines' fp32 moved point, anchor - gamma * S (§1.5)
+                point = torch.add(theta, dsum.float(), alpha=-gamma)
+            else:
+                point = (theta.double() + delta).float()
+            _set(params, point)
             present = [seq.source_for(t, m)] if spec["mode"] == "sequential" else list(range(K_))
             readers = world if spec["mode"] == "sequential" else world // K_
             d = torch.zeros_like(theta)
@@ -179,9 +235,9 @@ def _layout_config(spec):
     return LayoutConfig(mode=spec["mode"], sources=sources(spec), weights=spec["weights"])
 
 
-def _loss(model_or_engine, spec, src, t, m, reader, rank):
+def _loss(model_or_engine, spec, src, t, m, reader, rank, bf16=False):
     x, y = batch(src, t, m, reader)
-    loss = loss_fn(model_or_engine, x, y) * loss_scale(spec, src)
+    loss = (bf16_loss if bf16 else loss_fn)(model_or_engine, x, y) * loss_scale(spec, src)
     if poisoned(spec, t, m, rank):
         loss = loss * float("nan")
     return loss
@@ -217,43 +273,68 @@ def plain_worker(rank, world, specs):
     return out
 
 
-def deepspeed_worker(rank, world, stages, specs):
-    """Nexus on DeepSpeed (fp32), every ZeRO stage x scenario; the warmup scenarios use DeepSpeed's WarmupLR
-    with warmup_min_lr 0 from the ds_config."""
+def deepspeed_worker(rank, world, stages, specs, bf16_stages=()):
+    """Nexus on DeepSpeed, every ZeRO stage x scenario in fp32, and ``bf16_stages`` x :data:`BF16_SCENARIOS` with
+    bf16 (keys ``bf16-z<stage>/<scenario>``); the warmup scenarios use DeepSpeed's WarmupLR with warmup_min_lr 0
+    from the ds_config."""
     from nexus_megatron.engines.deepspeed import initialize
 
     out = {}
-    for stage in stages:
-        for spec in specs:
-            if spec["name"] in NOT_SUPPORTED["deepspeed"]:
-                continue
-            t0 = time.time()
-            cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": K,
-                   "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
-                   "nexus": {"layout": spec["mode"], "sources": list(sources(spec)), "gamma": spec["gamma"],
-                             "gamma_mode": spec["gamma_mode"], "min_grad_norm": MIN_NORM}}
-            if spec["weights"]:
-                cfg["nexus"]["weights"] = list(spec["weights"])
-            if spec["warmup"]:
-                cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
-                                                                    "warmup_num_steps": WARMUP_STEPS,
-                                                                    "warmup_type": "linear"}}
-            model = make_model()
-            eng = initialize(model, cfg, optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
-            hist, lrs, skipped = [], [], []
-            while eng.outer_steps < STEPS:
-                t, m = eng.outer_steps, eng.micro_step
-                if m == 0:
-                    lrs.append(eng.get_nexus_lr())
-                src = eng.source_for_micro_step()
-                eng.backward(_loss(eng, spec, src, t, m, eng.readers()[0], rank))
-                info = eng.step()
-                if info is not None:
-                    skipped.append(info["skipped"])
-                    hist.append(_ds_full_params(eng))
-            out[f"z{stage}/{spec['name']}"] = {"hist": hist, "lrs": lrs, "skipped": skipped,
-                                              "seconds": time.time() - t0}
+    runs = [(st, spec, False) for st in stages for spec in specs]
+    runs += [(st, spec, True) for st in bf16_stages for spec in specs if spec["name"] in BF16_SCENARIOS]
+    for stage, spec, bf16 in runs:
+        if spec["name"] in NOT_SUPPORTED["deepspeed"]:
+            continue
+        t0 = time.time()
+        cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": K,
+               "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
+               "nexus": {"layout": spec["mode"], "sources": list(sources(spec)), "gamma": spec["gamma"],
+                         "gamma_mode": spec["gamma_mode"], "min_grad_norm": MIN_NORM}}
+        if spec["weights"]:
+            cfg["nexus"]["weights"] = list(spec["weights"])
+        if bf16:   # bf16 model and gradients, fp32 master weights
+            cfg["bf16"] = {"enabled": True}
+        if spec["warmup"]:
+            cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
+                                                                "warmup_num_steps": WARMUP_STEPS,
+                                                                "warmup_type": "linear"}}
+        model = make_model()
+        # the control is not a ds_config key (NexusConfig.control: the API's nexus_config)
+        nexus = _nexus_config(spec) if spec["control"] != "none" else None
+        eng = initialize(model, cfg, nexus_config=nexus,
+                         optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
+        hist, lrs, skipped = [], [], []
+        while eng.outer_steps < STEPS:
+            t, m = eng.outer_steps, eng.micro_step
+            if m == 0:
+                lrs.append(eng.get_nexus_lr())
+            src = eng.source_for_micro_step()
+            eng.backward(_loss(eng, spec, src, t, m, eng.readers()[0], rank, bf16))
+            info = eng.step()
+            if info is not None:
+                skipped.append(info["skipped"])
+                hist.append(_ds_master_params(eng) if bf16 else _ds_full_params(eng))
+        out[f"{'bf16-' if bf16 else ''}z{stage}/{spec['name']}"] = {"hist": hist, "lrs": lrs, "skipped": skipped,
+                                                                   "seconds": time.time() - t0}
+    if bf16_stages:   # the control where it is refused: bf16 at stage 0 (DeepSpeed's FP16_UnfusedOptimizer)
+        from nexus_megatron.errors import NexusConfigError
+        spec = next(s for s in SCENARIOS if s["control"] != "none")
+        cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": K, "bf16": {"enabled": True},
+               "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9,
+               "nexus": {"layout": spec["mode"], "sources": list(sources(spec))}}
+        model = make_model()
+        try:
+            initialize(model, cfg, nexus_config=_nexus_config(spec), optimizer={"lr": LR})
+            out["refused/bf16-z0/" + spec["name"]] = None
+        except NexusConfigError as e:
+            out["refused/bf16-z0/" + spec["name"]] = str(e)
     return out
+
+
+def _ds_master_params(engine):
+    """The fp32 master weights of every parameter, in the module's order (collective under ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    return torch.cat([safe_get_full_fp32_param(p).detach().float().reshape(-1) for p in engine.module.parameters()])
 
 
 def _ds_full_params(engine):
@@ -277,8 +358,9 @@ differently), 7e-5 relative at gamma_t = 1; with 1e-6 it is below 1e-6. Every ot
 MEGATRON_VARIANTS = {   # name: (tp, pp, distributed optimizer)
     "ddp": (1, 1, False), "distopt": (1, 1, True), "tp2": (2, 1, True), "pp2": (1, 2, True)}
 NOT_SUPPORTED["megatron"] = {
-    "random-direction-control": "the random-direction control is implemented on the plain engine only",
-}
+    f"{v}/random-direction-control": "the control is defined for data parallelism only (NexusConfigError on TP/PP, "
+                                     "tests/test_conformance.py::test_control_refused_under_model_parallelism)"
+    for v in ("tp2", "pp2")}
 for _v in ("tp2", "pp2"):
     for _s in SCENARIOS:
         if _s["mode"] == "source-parallel":   # TP=2 or PP=2 on 2 ranks leaves one data-parallel rank
@@ -332,6 +414,26 @@ def megatron_reference_worker(rank, world, jobs):
     return {key: reference(spec, dp, lrs, GPTProblem()) for key, spec, dp, lrs in jobs}
 
 
+def _megatron_refusal(spec, tp, pp, distopt):
+    """The NexusConfigError of building the Nexus optimizer for ``spec`` (the control under TP/PP), or None."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from nexus_megatron.engines.megatron import build_nexus_groups, get_nexus_megatron_optimizer
+    from nexus_megatron.errors import NexusConfigError
+    from tests import mcore_helpers as H
+
+    model, cfg = H.build_model(tp=tp, pp=pp)
+    groups = build_nexus_groups(_layout_config(spec))
+    ddp = DistributedDataParallel(config=cfg, module=model, pg_collection=groups.pg_collection,
+                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distopt))
+    ocfg = OptimizerConfig(optimizer="adam", lr=LR, weight_decay=WD, clip_grad=0.0, use_distributed_optimizer=distopt)
+    try:
+        get_nexus_megatron_optimizer(ocfg, [ddp], groups, _nexus_config(spec), micro_steps=K)
+    except NexusConfigError as e:
+        return str(e)
+    return None
+
+
 def megatron_worker(rank, world, variants, specs):
     """Nexus on Megatron (NexusMegatronOptimizer around get_megatron_optimizer's Adam, fp32), every variant x
     scenario; the warmup scenarios use Megatron's OptimizerParamScheduler from init_lr 0."""
@@ -349,6 +451,8 @@ def megatron_worker(rank, world, variants, specs):
         H.init_megatron(tp=tp, pp=pp)
         for spec in specs:
             if megatron_skip(variant, spec):
+                if spec["control"] != "none":   # refused before any compute, with the setting named
+                    out[f"refused/{variant}/{spec['name']}"] = _megatron_refusal(spec, tp, pp, distopt)
                 continue
             t0 = time.time()
             model, cfg = H.build_model(tp=tp, pp=pp)

@@ -3,8 +3,9 @@ reference written from the spec, to 1e-5 relative in fp32: gamma_t from 1e-8 to 
 lr = 0 through the engine's own scheduler), weighted sources, both layouts, a vanishing source, NaN in one
 micro-step on one rank, the random-direction control. One real 2-rank job per engine runs every scenario.
 Scenarios an engine cannot run are listed in conformance.NOT_SUPPORTED with the reason (and checked to be
-the only ones left out). Engines: plain; DeepSpeed ZeRO 0/1/2/3 (fp32); Megatron DDP, distributed optimizer,
-TP=2, PP=2 (fp32)."""
+the only ones left out; the control under TP/PP is checked to be refused with a NexusConfigError naming it).
+Engines: plain; DeepSpeed ZeRO 0/1/2/3 (fp32) and ZeRO 1/2/3 with bf16 (conformance.BF16_SCENARIOS, against a
+reference with the same bf16 roundings); Megatron DDP, distributed optimizer, TP=2, PP=2 (fp32)."""
 import pytest
 
 from tests import conformance as C
@@ -45,6 +46,15 @@ def _check(res, spec, ref, label, start="toy"):
     assert moved > 1e-5, f"{label}: the parameters barely moved ({moved:.1e}); the check would be vacuous"
 
 
+def test_control_scenario_is_not_nexus():
+    """The control's reference differs from Nexus's on the same data by far more than the tolerance, so an
+    engine that ignored nexus.control would fail the control rows."""
+    spec = next(s for s in C.SCENARIOS if s["control"] != "none")
+    ctl = C.reference(spec, WORLD, [C.LR] * C.STEPS)
+    nexus = C.reference(dict(spec, control="none"), WORLD, [C.LR] * C.STEPS)
+    assert C.rel_err(ctl[-1], nexus[-1]) > 100 * TOL
+
+
 def test_plain_engine_conforms(references):
     res = run_distributed(C.plain_worker, WORLD, C.SCENARIOS, timeout=600)
     for spec in C.SCENARIOS:
@@ -53,10 +63,28 @@ def test_plain_engine_conforms(references):
 
 
 def test_deepspeed_conforms(references):
-    """ZeRO 0, 1, 2 and 3 (fp32) in one 2-rank job."""
+    """ZeRO 0, 1, 2 and 3 (fp32), and ZeRO 1, 2, 3 with bf16 (BF16_SCENARIOS), in one 2-rank job."""
     pytest.importorskip("deepspeed")
-    stages = (0, 1, 2, 3)
-    res = run_distributed(C.deepspeed_worker, WORLD, stages, C.SCENARIOS, timeout=1500)
+    stages, bf16_stages = (0, 1, 2, 3), (1, 2, 3)
+    res = run_distributed(C.deepspeed_worker, WORLD, stages, C.SCENARIOS, bf16_stages, timeout=1500)
+    bf16_refs = {}
+    for stage in bf16_stages:
+        for spec in C.SCENARIOS:
+            if spec["name"] not in C.BF16_SCENARIOS:
+                continue
+            for rank in range(WORLD):
+                got = res[rank][f"bf16-z{stage}/{spec['name']}"]
+                key = (spec["name"], tuple(got["lrs"]))
+                if key not in bf16_refs:
+                    bf16_refs[key] = C.reference(spec, WORLD, got["lrs"], C.BF16ToyProblem())
+                label = f"deepspeed bf16 zero-{stage} {spec['name']} rank {rank}"
+                _check(got, spec, lambda s, lrs, k=key: bf16_refs[k], label)
+                gap = C.rel_err(got["hist"][-1], references(spec, got["lrs"])[-1])
+                assert gap > 1e-4, f"{label}: {gap:.1e} from the fp32 reference: did it run in bf16?"
+    assert set(C.BF16_SCENARIOS) <= {s["name"] for s in C.SCENARIOS}
+    for r in res:   # where the control is not implemented (bf16 at stage 0) it is refused, naming the setting
+        msg = r["refused/bf16-z0/random-direction-control"]
+        assert msg and msg.startswith("nexus.control=random_direction") and "\n" not in msg, msg
     ran = set()
     for stage in stages:
         for spec in C.SCENARIOS:
@@ -82,6 +110,10 @@ def test_megatron_conforms():
             key = f"{v}/{spec['name']}"
             if C.megatron_skip(v, spec):
                 assert all(key not in r for r in res), key
+                if spec["control"] != "none":   # refused on every rank, naming the setting
+                    for r in res:
+                        msg = r[f"refused/{key}"]
+                        assert msg and "nexus.control=random_direction" in msg and "\n" not in msg, (key, msg)
                 continue
             runs = [r[key] for r in res]
             if pp > 1:   # each stage holds its own parameters: merge them
@@ -100,5 +132,5 @@ def test_megatron_conforms():
         except AssertionError as e:
             failures.append(str(e).splitlines()[0])
     assert not failures, "\n".join(failures)
-    names = {k.split("/", 1)[1] for r in res for k in r}
+    names = {k.split("/", 1)[1] for r in res for k in r if not k.startswith("refused/")}
     assert names | set(C.NOT_SUPPORTED["megatron"]) >= {s["name"] for s in C.SCENARIOS}

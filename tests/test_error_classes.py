@@ -157,9 +157,9 @@ def test_config_file_unusable(tmp_path, capsys, monkeypatch, kind):
     elif kind == "list":
         p.write_text("- model\n- data\n")
     elif kind == "unreadable":
-        import nexus_megatron.config as C
+        import nexus_megatron.faults as F   # config.read_config_file reads through faults.read_file_bytes
         p.write_text("model: {}\n")
-        deny(monkeypatch, C, opens=str(p))
+        deny(monkeypatch, F, opens=str(p))
     elif kind == "bad-yaml":
         p.write_text("optim: {lr: [1,\n")
     line = one_line(main(["train", "--config", str(p)]), capsys, f"--config {p}: ")

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from ..errors import NexusConfigError
 from .launch import under_launcher
-from .measure import (COUNTER, CommCounter, PeakMemory, StateAccount, account_engine,  # noqa: F401 (bench's API)
+from .measure import (COUNTER, CommCounter, PeakMemory, StateAccount, account_engine, HookFigures,  # noqa: F401 (bench's API)
                       max_over_ranks, payload_bytes, quiet_barrier, summarize_comm, sync_device)
 
 BENCH_MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4}
@@ -323,8 +323,7 @@ class BenchRun:
                                              micro_batch_size=cfg.data.micro_batch_size, rank=rank, world=world)
         self.sources = sources
         self.consumed = [0] * len(names)
-        self.times, self.cpu_times = [], []
-        self.hook_s, self.hook_passes, self.hook_gathers, self.hook_tokens = [], [], [], []
+        self.figures = HookFigures()
 
     def step(self, step: int, timed: bool) -> None:
         """One outer step (k micro-steps); its wall and CPU time are kept when ``timed``."""
@@ -341,8 +340,7 @@ class BenchRun:
                 self.consumed[s] += r * B
         sync_device(self.device)
         quiet_barrier()
-        COUNTER.active = timed
-        t0, c0 = time.perf_counter(), time.process_time()
+        self.figures.start(timed)
         for m, (src, batch) in enumerate(micro):
             if hook is not None and m == k - 1:   # before the last micro-step: DeepSpeed's hook runs inside it
                 hook.begin_step(step + 1, [b for _, b in micro])
@@ -350,18 +348,7 @@ class BenchRun:
             engine.backward(loss)
             engine.micro_step(src)
         engine.outer_step()
-        sync_device(self.device)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        COUNTER.active = False
-        if timed:
-            self.times.append(dt)
-            self.cpu_times.append(dc)
-            if hook is not None:
-                mm = hook.pop_metrics()
-                self.hook_s.append(mm.get("sharpness/time_s", math.nan))
-                self.hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
-                self.hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
-                self.hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
+        self.figures.stop(timed, hook, self.device)
 
     def close(self) -> None:
         buckets = getattr(getattr(self.engine, "opt", None), "buckets", None)
@@ -378,8 +365,8 @@ class BenchRun:
         comm = summarize_comm(COUNTER.take(), steps, k)
         state = account_engine(engine)
         peak = self.mem.peak()
-        times = max_over_ranks(self.times, device)
-        cpu_times = max_over_ranks(self.cpu_times, device)
+        times = max_over_ranks(self.figures.times, device)
+        cpu_times = max_over_ranks(self.figures.cpu_times, device)
         P = count_params(self.model) if cfg.train.engine == "plain" else _ds_num_params(engine)
         row = {"optim": spec.optim, "layout": spec.layout, "overlap": spec.overlap, "sharpness": spec.sharpness,
                "engine": cfg.train.engine, "step_s": statistics.median(times), "step_times": times,
@@ -387,12 +374,7 @@ class BenchRun:
                "tokens_per_s": world * k * B * L / statistics.median(times), "state": state, "peak_bytes": peak,
                "peak_what": self.mem.what, "comm": comm, "params": P, "flat_numel": _flat_numel(engine)}
         if self.hook is not None:
-            h = max_over_ranks(self.hook_s, device)
-            row["sharpness_s"] = statistics.median(h)
-            row["sharpness_passes"] = statistics.median(self.hook_passes)
-            row["sharpness_gathers"] = statistics.median(self.hook_gathers)
-            row["sharpness_probe_tokens"] = statistics.median(self.hook_tokens)
-            row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+            self.figures.summarize(row, times, device)
         nx = getattr(engine, "nexus", None)
         pg = getattr(getattr(nx, "_core", None), "param_gather", None)
         if pg is not None:      # DeepSpeed ZeRO-1/2 with nexus.overlap_param_gather
@@ -436,8 +418,8 @@ def run_pairs(raw: dict, layout: str, overlap: bool, args, sources: dict, rank: 
         for o in order:
             runs[o].step(warm + i, timed=True)
     COUNTER.take()   # (the pairs' collectives are not reported: the single runs count them)
-    t = {o: max_over_ranks(r.times, device) for o, r in runs.items()}
-    c = {o: max_over_ranks(r.cpu_times, device) for o, r in runs.items()}
+    t = {o: max_over_ranks(r.figures.times, device) for o, r in runs.items()}
+    c = {o: max_over_ranks(r.figures.cpu_times, device) for o, r in runs.items()}
     for r in runs.values():
         r.close()
     del runs

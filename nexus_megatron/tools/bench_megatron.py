@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import math
 import statistics
-import time
 from typing import Optional
 
 import torch
@@ -144,7 +143,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .measure import COUNTER, PeakMemory, max_over_ranks, quiet_barrier, summarize_comm, sync_device
+    from .measure import COUNTER, HookFigures, PeakMemory, max_over_ranks, quiet_barrier, summarize_comm, sync_device
     from ..layout import LayoutConfig, build_layout
     from ..nexus import NexusConfig
     from ..engines.megatron.groups import build_nexus_groups, nexus_finalize_model_grads
@@ -201,7 +200,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         it = RecordingIterator(it)
     steps = args.steps if steps is None else steps
     warmup = args.warmup if warmup is None else warmup
-    times, cpu_times, hook_s, hook_passes, hook_gathers, hook_tokens = [], [], [], [], [], []
+    figures = HookFigures()
     COUNTER.take()
     for step in range(warmup + steps):
         timed = step >= warmup
@@ -210,8 +209,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
         it.begin(step)
         sync_device(device)
         quiet_barrier()
-        COUNTER.active = timed
-        t0, c0 = time.perf_counter(), time.process_time()
+        figures.start(timed)
         ddp.zero_grad_buffer()
         opt.zero_grad()
         fb(forward_step_func=_forward_step, data_iterator=it, model=[ddp], num_microbatches=k, seq_length=L,
@@ -225,25 +223,14 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
             else:                         # Megatron's own optimizer: the hook right before its update
                 from ..engines.megatron.optimizer import step_with_pre_update
                 ok, _, _ = step_with_pre_update(opt, hook)
-        sync_device(device)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        COUNTER.active = False
         if not ok:
             raise RuntimeError(f"bench: {spec.label} step {step} was skipped (non-finite gradient)")
-        if timed:
-            times.append(dt)
-            cpu_times.append(dc)
-            if hook is not None:
-                mm = hook.pop_metrics()
-                hook_s.append(mm.get("sharpness/time_s", math.nan))
-                hook_passes.append(mm.get("sharpness/forward_passes", math.nan))
-                hook_gathers.append(mm.get("sharpness/param_gathers", math.nan))
-                hook_tokens.append(mm.get("sharpness/probe_tokens", math.nan))
+        figures.stop(timed, hook, device)
     comm = summarize_comm(COUNTER.take(), steps, k)
     state = account_megatron(ddp, opt)
     peak = mem.peak()
-    times = max_over_ranks(times, device)
-    cpu_times = max_over_ranks(cpu_times, device)
+    times = max_over_ranks(figures.times, device)
+    cpu_times = max_over_ranks(figures.cpu_times, device)
     local = sum(p.numel() for p in model.parameters())
     t = torch.tensor([float(local)], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     if tp > 1:
@@ -261,12 +248,7 @@ def run_one_megatron(raw: dict, spec, args, sources: dict, rank: int, world: int
            "buckets": len(ddp.bucket_groups), "overlap_grad_reduce": ov_grad, "overlap_param_gather": ov_param,
            "dist_opt": args.dist_opt, "tp": tp}
     if hook is not None:
-        h = max_over_ranks(hook_s, device)
-        row["sharpness_s"] = statistics.median(h)
-        row["sharpness_passes"] = statistics.median(hook_passes)
-        row["sharpness_gathers"] = statistics.median(hook_gathers)
-        row["sharpness_probe_tokens"] = statistics.median(hook_tokens)
-        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])
+        figures.summarize(row, times, device)
     del opt, ddp, model, fb, it, hook
     gc.collect()
     return row

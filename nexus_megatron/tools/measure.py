@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
+import statistics
+import time
 import threading
 import types
 from typing import Optional
@@ -327,3 +330,47 @@ def max_over_ranks(values: list, device) -> list:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
+
+
+class HookFigures:
+    """A bench loop's per-step figures (bench.py, bench_megatron.py): wall and CPU time of each timed step
+    (:attr:`times`, :attr:`cpu_times`) and the critical-sharpness hook's figures. :meth:`start` before a step,
+    :meth:`stop` after it, :meth:`summarize` the hook's figures into the result row."""
+
+    METRICS = {"s": "sharpness/time_s", "passes": "sharpness/forward_passes", "gathers": "sharpness/param_gathers",
+               "probe_tokens": "sharpness/probe_tokens"}
+
+    def __init__(self):
+        self.values = {k: [] for k in self.METRICS}
+        self.times, self.cpu_times = [], []
+        self._t0 = self._c0 = 0.0
+
+    def start(self, timed: bool) -> None:
+        """Start a step (``timed``: counted, communication included)."""
+        COUNTER.active = timed
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def stop(self, timed: bool, hook, device) -> None:
+        """End the step: wait for the device, keep its times (and the hook's figures) if it is ``timed``."""
+        sync_device(device)
+        dt, dc = time.perf_counter() - self._t0, time.process_time() - self._c0
+        COUNTER.active = False
+        if timed:
+            self.times.append(dt)
+            self.cpu_times.append(dc)
+            if hook is not None:
+                self.record(hook)
+
+    def record(self, hook) -> None:
+        mm = hook.pop_metrics()
+        for k, name in self.METRICS.items():
+            self.values[k].append(mm.get(name, math.nan))
+
+    def summarize(self, row: dict, times: list, device) -> None:
+        """``sharpness_s`` (slowest rank), ``sharpness_passes`` / ``_gathers`` / ``_probe_tokens`` and the step time
+        without the hook (``train_step_s``), medians over the timed steps."""
+        h = max_over_ranks(self.values["s"], device)
+        row["sharpness_s"] = statistics.median(h)
+        for k in ("passes", "gathers", "probe_tokens"):
+            row[f"sharpness_{k}"] = statistics.median(self.values[k])
+        row["train_step_s"] = statistics.median([t - x for t, x in zip(times, h)])

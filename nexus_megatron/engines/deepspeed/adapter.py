@@ -64,7 +64,7 @@ from ...faults import fault_point
 from ...functional import accumulate_direction, clip_factor, moved_point, pseudo_gradient_from_sum, sum_sq
 from ...layout import LayoutConfig, SourceLayout, build_layout, new_groups
 from ...nexus import NexusConfig
-from ...outer import BookViews, OuterBook, check_resume
+from ...outer import BookViews, OuterBook, RandomDirectionControl, check_resume
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 from .runtime import init_adamw_state, prepare_deepspeed_runtime
@@ -278,6 +278,9 @@ class _NexusCore(BookViews):
         self.scale_before = 1.0
         self.param_gather = None
         """:class:`~.param_gather.DeferredParamGather` with ``nexus.overlap_param_gather`` (ZeRO-1/2), else None."""
+        self.control: Optional[RandomDirectionControl] = None
+        """``nexus.control=random_direction``: the random forward points (:meth:`_control_move`)."""
+        self._d_sq = 0.0
         self.pre_outer_step = None
         """Called as ``fn(self)`` in the outer step, right before the AdamW update: ``d_sums`` hold the final sums
         (G = clip_scale * d_sum / k, :meth:`pseudo_grad`), the anchors theta_t, ``clip_scale`` the pseudo-gradient's
@@ -340,9 +343,58 @@ class _NexusCore(BookViews):
         self.client = client
         self.device = parts[0][0].device
         client._nexus_core = self
+        if self.cfg.control != "none":
+            self.control = RandomDirectionControl(self.cfg.control_seed, self.num_params, [p for p, _ in parts],
+                                                  self._fragments(ds_engine.module))
         if client._pending_nexus_state is not None:
             self.load_state_dict(client._pending_nexus_state)
             client._pending_nexus_state = None
+
+    def _fragments(self, module) -> list:
+        """Where the master partitions sit in the model's flat parameter vector (``module.parameters()`` in
+        order): ``(partition, offset in it, lo, hi)`` for :class:`~nexus_megatron.outer.RandomDirectionControl`."""
+        offsets, off = {}, 0
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in offsets:
+                offsets[id(p)] = off
+                off += int(getattr(p, "ds_numel", p.numel()))
+        opt, out = self.ds_opt, []
+        if self.kind == "stage0":
+            return [(i, 0, offsets[id(p)], offsets[id(p)] + p.numel()) for i, (p, _) in enumerate(self.parts)]
+        if self.kind == "zero12":        # DeepSpeed's lp -> hp fragment map of each partition
+            for i, group in enumerate(opt.bit16_groups):
+                for lp in group:
+                    m = getattr(lp, "_hp_mapping", None)
+                    if m is not None and m.lp_fragment_address.numel:
+                        lo = offsets[id(lp)] + m.lp_fragment_address.start
+                        out.append((i, m.hp_fragment_address.start, lo, lo + m.lp_fragment_address.numel))
+            return out
+        if self.kind == "zero3":         # each parameter partitioned on its own: ds_tensor = [r*ps, (r+1)*ps)
+            for j, sub in enumerate(opt.fp16_groups):
+                r, pos = dist.get_rank(group=opt.sub_group_process_groups[j]), 0
+                for p in sub:
+                    ps = int(p.partition_numel())
+                    n = max(0, min(ps, int(p.ds_numel) - r * ps))
+                    if n:
+                        out.append((j, pos, offsets[id(p)] + r * ps, offsets[id(p)] + r * ps + n))
+                    pos += ps
+            return out
+        raise NexusConfigError(f"nexus.control={self.cfg.control} is not implemented on DeepSpeed's {self.kind} "
+                               "optimizer (bf16 at stage 0, or ZeRO-1's BF16_Optimizer): use fp32, or bf16 with ZeRO "
+                               "stage 1-3 and bf16 gradient accumulation, or set nexus.control=none")
+
+    def _control_move(self, current: set):
+        """The control's inner step, once every partition of the micro-step has its direction: R <- R - gamma r
+        (r of the norm of the full d), M = A + R for every partition."""
+        sq = torch.tensor(self._d_sq, dtype=torch.float64, device=self.device)
+        self._d_sq = 0.0
+        if self.partitioned and self.groups.dp_size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.dp_group)
+        self.control.inner_step(self.step_index, self.micro + 1, math.sqrt(float(sq)), self.gamma)
+        for i, ((p, _), a) in enumerate(zip(self.parts, self.anchors)):
+            self.control.moved_point(i, a, out=p.data)
+            if i not in current:
+                self._lp_sync(i)               # DeepSpeed copied this partition earlier in this step()
 
     # -- low-precision copies of the master partitions --------------------------------------------
     def _lp_sync(self, i: int):
@@ -384,6 +436,7 @@ class _NexusCore(BookViews):
         self.book.begin_micro(self.current_lr(), self.num_params, who="NexusDeepSpeedEngine.step")
         self.last = self.book.last_micro
         self.in_step, self.exchanged, self.seen = True, False, set()
+        self._d_sq = 0.0
         self.group_list = list(self.client.param_groups)   # before DeepSpeed narrows it to one group per call
         if self.kind == "zero12":   # fp16: the loss scale of this micro-step's backward (see _local_sq)
             self.scale_before = float(self.ds_opt.loss_scale)
@@ -400,6 +453,8 @@ class _NexusCore(BookViews):
         book.end_micro()
         if not self.last:
             return None
+        if self.control is not None:
+            self.control.reset()
         if self.poisoned:
             if skipped_by_ds:    # the client restored nothing: put the anchor back here
                 for (p, _), a in zip(self.parts, self.anchors):
@@ -456,6 +511,8 @@ class _NexusCore(BookViews):
         for i in idx:
             self._inner(i)
         self.seen.update(idx)
+        if self.control is not None and not (self.last or self.poisoned) and len(self.seen) == len(self.parts):
+            self._control_move(set(idx))
         if self.last and not self.poisoned and len(self.seen) == len(self.parts):
             self._outer(set(idx))
         if self.param_gather is not None and len(self.seen) == len(self.parts):
@@ -475,7 +532,9 @@ class _NexusCore(BookViews):
         if self.sp and self.K > 1:
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.cross_group)  # d = sum over the sources
         accumulate_direction(self.d_sums[i], g)                         # S = S + d
-        if not self.last:
+        if self.control is not None:                                    # M = A + R once d is complete
+            self._d_sq += float(sum_sq(g))
+        elif not self.last:
             moved_point(a, self.d_sums[i], self.gamma, out=p.data)      # M = A - gamma S
         # at the k-th micro-step the outer step follows (_outer) once every partition has its final S
 

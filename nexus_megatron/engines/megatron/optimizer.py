@@ -76,9 +76,9 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ...errors import NexusConfigError
-from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum
+from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum, sum_sq
 from ...nexus import NexusConfig
-from ...outer import BookViews, OuterBook, check_resume
+from ...outer import BookViews, OuterBook, RandomDirectionControl, check_resume
 from .compat import full_grad_norm, prepare_model_params_for_param_sync as compat_prepare_param_sync
 from .groups import NexusGroups
 from .version import check_megatron_core_version
@@ -284,6 +284,10 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
                               max_consecutive_skips=nexus_config.max_consecutive_skips, config=nexus_config)
         self._build_buffers()
         self.num_norm_params = self._count_norm_params()
+        self.control: Optional[RandomDirectionControl] = None
+        """``nexus.control=random_direction``: the random forward points (outer.py)."""
+        if nexus_config.control != "none":
+            self.control = RandomDirectionControl(nexus_config.control_seed, *self._fragments())
         self.iteration = 0
         self.last_norms: Optional[torch.Tensor] = None
         self.pre_outer_step = None
@@ -361,6 +365,46 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
             off += n
         return out
 
+    def _fragments(self) -> list:
+        """Where this rank's main params sit in the model's flat parameter vector (the model chunks' parameters in
+        order): ``(numel of that vector, buffers, [(main index, offset, lo, hi)])``, the arguments of
+        :class:`~nexus_megatron.outer.RandomDirectionControl`. Data parallelism only (the full logical vector is one
+        rank's model)."""
+        from megatron.core import parallel_state as ps
+        if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1:
+            raise NexusConfigError(f"nexus.control={self.nexus_config.control} on Megatron is implemented for data "
+                                   "parallelism only (no tensor/pipeline model parallelism): set nexus.control=none")
+        offsets, off = {}, 0
+        for mc in self.model_chunks:
+            for p in getattr(mc, "module", mc).parameters():
+                if p.requires_grad and id(p) not in offsets:
+                    offsets[id(p)] = off
+                    off += p.numel()
+        where = {}   # id(main param) -> (model param, start, end within it)
+        for child in self.children:
+            if isinstance(child, DistributedOptimizer):
+                for models, shards in ((child.model_fp32_groups, child.shard_fp32_groups),
+                                       (child.model_float16_groups, child.shard_fp32_from_float16_groups)):
+                    for mg, sg in zip(models, shards):
+                        for mp, sp in zip(mg, sg):
+                            r = child._get_model_param_range_map(mp)["param"]
+                            where[id(sp)] = (mp, r.start, r.end)
+            elif isinstance(child, FP32Optimizer):
+                for p in _main_params(child):
+                    where[id(p)] = (p, 0, p.numel())
+            else:    # Float16OptimizerWithFloat16Params: fp32 copies of the model params
+                for mg, fg in zip(child.float16_groups, child.fp32_from_float16_groups):
+                    for mp, fp in zip(mg, fg):
+                        where[id(fp)] = (mp, 0, mp.numel())
+                for fg in child.fp32_from_fp32_groups:
+                    for p in fg:
+                        where[id(p)] = (p, 0, p.numel())
+        out = []
+        for b, p in enumerate(self._mains):
+            mp, start, end = where[id(p)]
+            out.append((b, 0, offsets[id(mp)] + start, offsets[id(mp)] + end))
+        return off, self._mains, out
+
     def _count_norm_params(self) -> int:
         """Number of logical parameters in the norm (TP duplicates and shared params once): the P of
         gamma_mode='update'."""
@@ -392,6 +436,8 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         if self._mains:
             torch._foreach_copy_([p.data for p in self._mains], self._anchor_views)
         self.d_sum.zero_()
+        if getattr(self, "control", None) is not None:
+            self.control.reset()
 
     def _publish(self, defer_gather: bool = True):
         """Main params -> model params, and the param all-gather of the distributed optimizer (what
@@ -472,6 +518,9 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         if not mains:
             if sp and self.groups.cross_group is not None:   # still take part in the collective
                 dist.all_reduce(torch.zeros(0, device=self._device), group=self.groups.cross_group)
+            if self.control is not None and dist.is_initialized():
+                dist.all_reduce(torch.zeros((), dtype=torch.float64, device=self._device),
+                                group=self.children[0].get_grad_stats_parallel_group())
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mains]
         if sp and self.groups.cross_group is not None:
@@ -484,7 +533,14 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         gamma = self.gamma_t
         for s, g in zip(self._dsum_views, d):
             accumulate_direction(s, g, c)                       # S <- S + d
-        if gamma:   # gamma_t = 0 (lr 0): the inner steps do not move; G = S / k is the limit
+        if self.control is not None:   # the control: main <- anchor + R, r_m of the norm of the full d
+            sq = (sum_sq(d) * (c * c)).to(self._device)
+            if dist.is_initialized():
+                dist.all_reduce(sq, group=self.children[0].get_grad_stats_parallel_group())
+            self.control.inner_step(self.iteration, self.book.inner_steps, math.sqrt(float(sq)), gamma)
+            for i, (p, a) in enumerate(zip(mains, self._anchor_views)):
+                self.control.moved_point(i, a, out=p.data)
+        elif gamma:   # gamma_t = 0 (lr 0): the inner steps do not move; G = S / k is the limit
             for p, a, s in zip(mains, self._anchor_views, self._dsum_views):
                 moved_point(a, s, gamma, out=p.data)           # main <- anchor - gamma S
 
