@@ -4,7 +4,7 @@ Real jobs through the CLI (``nexus-megatron train``; ``--nproc N`` re-runs itsel
 fp32): a run saved on d ranks resumes on d' ranks with the same global batch (ranks reading a source x
 data.micro_batch_size) and ends where an uninterrupted run ends, to 1e-5 relative on every parameter:
 
-* the plain engine and DeepSpeed ZeRO-2 (the trainer's default ds_config) and ZeRO-3: 2 -> 1 and 1 -> 2 ranks
+* the plain engine, DeepSpeed ZeRO-2 (the trainer's default ds_config) and ZeRO-3: 2 -> 1 and 1 -> 2 ranks
   (sequential layout), against one uninterrupted single process;
 * source-parallel with 2 sources: 4 ranks (2 per source) -> 2 ranks (1 per source), against an uninterrupted
   2-rank run (one process cannot hold two source groups; tests/test_nexus_distributed.py and
@@ -111,7 +111,7 @@ def _kw(tmp, engine):
 
 
 @pytest.mark.parametrize("engine,before,after", [("plain", 2, 1), ("plain", 1, 2), ("zero2", 2, 1),
-                                                 ("zero2", 1, 2), ("zero3", 2, 1)])
+                                                 ("zero2", 1, 2), ("zero3", 2, 1), ("zero3", 1, 2)])
 def test_sequential_resume_on_another_number_of_ranks(data, reference, engine, before, after):
     """d -> d' ranks, data.micro_batch_size = 4 / ranks: the run ends where the uninterrupted one does."""
     if engine != "plain":
@@ -154,3 +154,20 @@ def test_resume_that_changes_the_global_batch_is_refused(data, engine):
     assert "world.size 2 -> 1" in errors[0] and "data.micro_batch_size=4 keeps it" in errors[0], errors[0]
     with open(tmp / name / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def test_deepspeed_checkpoint_without_full_state_on_other_ranks_is_an_error(tmp_path, monkeypatch):
+    """A checkpoint only DeepSpeed's per-rank files can restore (the AdamW baseline's, or one written before the
+    full state existed) on another number of ranks: one line naming both numbers, before DeepSpeed reads it."""
+    from nexus_megatron.checkpoint import write_meta
+    from nexus_megatron.engines.deepspeed.adapter import _check_same_world
+    from nexus_megatron.errors import CheckpointError
+    d = tmp_path / "step_00000002"
+    d.mkdir()
+    write_meta(str(d), 2, {"world": {"size": 2, "layout": "sequential", "source_groups": None}})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*step_00000002 was written on 2 ranks and cannot be "
+                                              r"loaded on 1: why; resume it on 2 ranks, or start a new train.run_dir$"):
+        _check_same_world(str(tmp_path), "step_00000002", "why")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _check_same_world(str(tmp_path), "step_00000002", "why")   # the same ranks: DeepSpeed's own load

@@ -987,6 +987,18 @@ def _check_rank_files(ckpt_root, tag, dp_world: int) -> None:
                 "start a new run_dir")
 
 
+def _check_same_world(ckpt_root, tag, why: str) -> None:
+    """A checkpoint that only DeepSpeed's per-rank files can restore must be resumed on the number of ranks that
+    wrote it (the run's record in meta.json says how many): otherwise a one-line CheckpointError saying ``why``."""
+    d = os.path.join(ckpt_root, tag)
+    meta = _ckpt.read_meta(d) or {}
+    saved = ((meta.get("run") or {}).get("world") or {}).get("size")
+    now = _world_size()
+    if saved is not None and int(saved) != now:
+        raise CheckpointError(f"checkpoint {d} was written on {saved} ranks and cannot be loaded on {now}: {why}; "
+                              f"resume it on {saved} ranks, or start a new train.run_dir")
+
+
 def _outer_param_groups(cfg, model):
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     o = cfg.optim
@@ -1055,6 +1067,8 @@ class DeepSpeedNexusEngine(Engine):
         if tag is None:
             return None
         if not self.nexus.resharded(ckpt_root, tag):   # the same ranks: DeepSpeed's per-rank files
+            _check_same_world(ckpt_root, tag, "it was written before checkpoints carried the full state "
+                              "(nexus_full_state.pt)")
             _check_rank_files(ckpt_root, tag, self.nexus.ds_engine.dp_world_size)
         _, client_state = self.nexus.load_checkpoint(ckpt_root, tag=tag)
         return client_state[_TRAINER_KEY]
@@ -1158,6 +1172,8 @@ class DeepSpeedAdamWEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
+        _check_same_world(ckpt_root, tag, "the AdamW baseline on DeepSpeed resumes only from DeepSpeed's per-rank "
+                          "files (the Nexus engine's checkpoints also carry the full state)")
         _check_rank_files(ckpt_root, tag, self.ds.dp_world_size)
         _, client_state = safe_ds_load(self.ds, ckpt_root, tag=tag)   # runs no pickled code
         return client_state[_TRAINER_KEY]

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ...checkpoint import fsync_path
 from ...errors import CheckpointError, NexusConfigError
 from ...outer import without_world
-from ...safe_load import safe_torch_load
+from ...safe_load import read_marker, require_format, safe_torch_load
 
 FULL_STATE_FILE = "nexus_full_state.pt"
 FULL_STATE_INFO = "nexus_full_state.json"
@@ -179,6 +179,7 @@ def needs_reshard(core, ds_engine, ckpt_dir: str) -> bool:
 def load_full_state(core, ds_engine, ckpt_dir: str) -> dict:
     """Collective: load checkpoint ``ckpt_dir``'s full state into this run's partitions (the ranks may differ
     from the writer's: the same algorithm state, cut for this run). Returns the saved client state."""
+    require_format(ckpt_dir, read_marker(ckpt_dir), ckpt_dir)   # an old-format checkpoint: the convert command
     path = os.path.join(ckpt_dir, FULL_STATE_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} has no {FULL_STATE_FILE}, so it cannot be loaded on another number of ranks: "
