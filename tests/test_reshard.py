@@ -126,7 +126,7 @@ def test_sequential_resume_on_another_number_of_ranks(data, reference, engine, b
     assert_close(final_params(tmp / name), reference["sequential"], name)
 
 
-@pytest.mark.parametrize("engine", ["plain", "zero2"])
+@pytest.mark.parametrize("engine", ["plain", "zero2", "zero3"])
 def test_source_parallel_four_ranks_to_two(data, reference, engine):
     """4 ranks = 2 sources x 2 ranks (1 sequence each) -> 2 ranks = 2 sources x 1 rank (2 sequences)."""
     if engine != "plain":
@@ -171,3 +171,21 @@ def test_deepspeed_checkpoint_without_full_state_on_other_ranks_is_an_error(tmp_
         _check_same_world(str(tmp_path), "step_00000002", "why")
     monkeypatch.setenv("WORLD_SIZE", "2")
     _check_same_world(str(tmp_path), "step_00000002", "why")   # the same ranks: DeepSpeed's own load
+
+
+def test_full_state_is_loaded_without_running_code(tmp_path):
+    """The reshard load reads nexus_full_state.pt with weights_only=True: a payload is refused (one line, the
+    convert command), nothing in it runs; a checkpoint without the format marker is refused first."""
+    from nexus_megatron.engines.deepspeed.reshard import FULL_STATE_FILE, load_full_state
+    from nexus_megatron.safe_load import MARKER_FILE, UnsafeCheckpointError, marker_text
+    from tests.test_checkpoint_security import Payload
+    d = tmp_path / "step_00000002"
+    d.mkdir()
+    torch.save({"params": {}, "note": Payload(tmp_path / "pwned")}, d / FULL_STATE_FILE)
+    with pytest.raises(UnsafeCheckpointError, match="written before checkpoint format 2"):
+        load_full_state(None, None, str(d))
+    (d / MARKER_FILE).write_text(marker_text())
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_full_state(None, None, str(d))
+    assert "\n" not in str(e.value) and f"{FULL_STATE_FILE} holds Python objects that a safe load refuses" in str(e.value)
+    assert not (tmp_path / "pwned").exists()
