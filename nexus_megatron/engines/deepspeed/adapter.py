@@ -831,10 +831,10 @@ class NexusDeepSpeedEngine:
             tag = f"global_step{self._core.step_index}"
         self.sync_model_params()
         client_state = dict(client_state or {})
-        full = gather_full_state(self._core, self._ds, client_state) if portable else None
         publisher = (self._ds.local_rank if self._ds.use_node_local_storage() else dist.get_rank()) == 0
+        full = gather_full_state(self._core, self._ds, client_state, keep=publisher) if portable else None
         return _atomic_save(self._ds, save_dir, tag, client_state, save_latest, step=self._core.step_index, run=run,
-                            full_state=full if publisher else None, **kwargs)
+                            full_state=full, **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed. Every file

@@ -63,22 +63,27 @@ def _unpartitioned_map(core) -> Optional[dict]:
     return None
 
 
-def _full_of(core, params, per_part: Optional[list]) -> list:
+def _full_of(core, params, per_part: Optional[list], keep: bool = True) -> list:
     """Full tensors (one per param of ``params``) of a per-partition list (None: the master partitions).
-    Collective over DeepSpeed's data-parallel group for the partitioned kinds."""
+    Collective over DeepSpeed's data-parallel group for the partitioned kinds; ``keep=False`` takes part in the
+    collectives and keeps nothing (a rank that does not write the file)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     direct = _unpartitioned_map(core)
     if direct is not None:
         src = per_part if per_part is not None else [p for p, _ in core.parts]
-        return [src[direct[id(p)]].detach().reshape(p.shape).float().cpu().clone() for p in params]
+        return [src[direct[id(p)]].detach().reshape(p.shape).float().cpu().clone() if keep else None for p in params]
     masters = None
     if per_part is not None:
         masters = [p.data.clone() for p, _ in core.parts]
         for (p, _), t in zip(core.parts, per_part):
             p.data.copy_(t)
     try:
-        return [safe_get_full_fp32_param(p).detach().float().cpu().clone() for p in params]
+        out = []
+        for p in params:
+            full = safe_get_full_fp32_param(p)
+            out.append(full.detach().float().cpu().clone() if keep else None)
+        return out
     finally:
         if masters is not None:
             for (p, _), m in zip(core.parts, masters):
@@ -114,16 +119,19 @@ def world_info(core, ds_engine) -> dict:
             "layout": core.layout.describe(), "kind": core.kind}
 
 
-def gather_full_state(core, ds_engine, client_state: dict) -> dict:
-    """Collective: the run's whole state as full tensors (every rank computes it; the publisher writes it)."""
+def gather_full_state(core, ds_engine, client_state: dict, keep: bool = True) -> Optional[dict]:
+    """Collective: the run's whole state as full tensors. ``keep``: this rank writes the file (it alone holds the
+    tensors; the others take part in the collectives and return None)."""
     named = named_params(ds_engine)
     names, params = [n for n, _ in named], [p for _, p in named]
     client = core.client
-    per_field = {"fp32": _full_of(core, params, None)}
-    per_field["anchor"] = _full_of(core, params, core.anchors)
-    per_field["d_sum"] = _full_of(core, params, core.d_sums)
+    per_field = {"fp32": _full_of(core, params, None, keep)}
+    per_field["anchor"] = _full_of(core, params, core.anchors, keep)
+    per_field["d_sum"] = _full_of(core, params, core.d_sums, keep)
     for key in ("exp_avg", "exp_avg_sq"):
-        per_field[key] = _full_of(core, params, [client.state[p][key] for p, _ in core.parts])
+        per_field[key] = _full_of(core, params, [client.state[p][key] for p, _ in core.parts], keep)
+    if not keep:
+        return None
     steps = {float(client.state[p]["step"]) for p, _ in core.parts}
     if len(steps) != 1:
         raise RuntimeError(f"AdamW step counts differ between master partitions: {sorted(steps)}")
