@@ -71,8 +71,8 @@ class MixtureAdamW(BookViews):
     def state_dict(self) -> dict:
         return {"outer": self.outer.state_dict(), "stats": self.stats.counters(), "layout": self.layout.describe()}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, *, reshard: bool = False) -> None:
         if "layout" in sd:
-            check_resume(sd["layout"], self.layout.describe())
+            check_resume(sd["layout"], self.layout.describe(), reshard=reshard)
         self.outer.load_state_dict(sd["outer"])
         self.stats.load_counters(sd["stats"])

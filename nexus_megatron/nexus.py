@@ -306,21 +306,31 @@ class Nexus(BookViews):
             "config": asdict(self.config),
         }
 
-    def load_state_dict(self, sd: dict) -> None:
-        check_resume(sd["layout"], self.layout.describe())
-        if sd["anchor"].numel() != self.anchor.numel():
+    def load_state_dict(self, sd: dict, *, reshard: bool = False) -> None:
+        """``reshard``: the checkpoint may come from another number of ranks (the source-parallel layout pads
+        the flat buffers to a multiple of the source group's size; only the first ``numel`` elements are state).
+        The caller has checked that the global batch and the data order are the same (nexus_megatron/resume.py)."""
+        check_resume(sd["layout"], self.layout.describe(), reshard=reshard)
+        n = self.numel
+        if sd["anchor"].numel() < n or (not reshard and sd["anchor"].numel() != self.anchor.numel()):
             raise NexusConfigError("checkpoint's Nexus state does not match this model's size")
+
+        def put(dst, src):   # the state, then zeros in this layout's padding
+            dst.zero_()
+            dst[:n].copy_(src.reshape(-1)[:n])
+
         self.outer.load_state_dict(sd["outer"])
-        self.anchor.copy_(sd["anchor"])
+        put(self.anchor, sd["anchor"])
         self.book.load_state(sd)
         if "d_sum" in sd:
-            self.d_sum.copy_(sd["d_sum"])
+            put(self.d_sum, sd["d_sum"])
         elif sd.get("gamma_t"):          # a checkpoint written before d_sum: the displacement
-            self.d_sum.copy_(sd["delta"]).div_(-float(sd["gamma_t"]))
+            put(self.d_sum, sd["delta"])
+            self.d_sum.div_(-float(sd["gamma_t"]))
         else:
             self.d_sum.zero_()
         if self.random_delta is not None:
-            self.random_delta.copy_(sd.get("random_delta", torch.zeros_like(self.random_delta)))
+            put(self.random_delta, sd.get("random_delta", torch.zeros_like(self.random_delta)))
         if self.book.gamma_t or self.random_delta is not None:
             self._write_moved()
         else:

@@ -188,10 +188,23 @@ class BookViews:
         return self.book.gamma_t
 
 
+WORLD_KEYS = ("dp_size", "group_size")
+"""The entries of a layout's description that only say how many ranks share the work. The optimizer state
+itself does not depend on them: a resume on another number of ranks (``reshard=True``) ignores them once
+the run-level check (nexus_megatron/resume.py) has found that the global batch and the data order stay the same."""
+
+
+def without_world(layout: Optional[dict]) -> Optional[dict]:
+    return None if layout is None else {k: v for k, v in layout.items() if k not in WORLD_KEYS}
+
+
 def check_resume(saved_layout: Optional[dict], layout_now: dict, *, what: str = "nexus.layout, data.sources, "
-                 "data.weights and number of ranks", **pairs) -> None:
+                 "data.weights and number of ranks", reshard: bool = False, **pairs) -> None:
     """The one resume-compatibility check: the checkpoint's layout description must equal this run's, and
-    every ``name=(saved, now)`` pair must agree; otherwise a :class:`NexusConfigError` naming the setting."""
+    every ``name=(saved, now)`` pair must agree; otherwise a :class:`NexusConfigError` naming the setting.
+    ``reshard``: the number of ranks may differ (:data:`WORLD_KEYS` are not compared)."""
+    if reshard:
+        saved_layout, layout_now = without_world(saved_layout), without_world(layout_now)
     if saved_layout != layout_now:
         raise NexusConfigError(f"checkpoint was written with layout {saved_layout} but this run has {layout_now}: "
                                f"resume with the same {what}")

@@ -140,18 +140,73 @@ def _describe(key: str, a, b) -> str:
     return f"{key} {_show(a)} -> {_show(b)}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# resuming on another number of ranks
+
+#: What a resume on another number of ranks changes together: the ranks (and the source groups they form) and
+#: the micro-batch each rank reads. Accepted when the global batch (:func:`global_batch`) stays the same.
+WORLD_CHANGE = ("world.size", "world.source_groups", "data.micro_batch_size")
+
+
+def readers_per_source(world_size: int, layout: str, num_sources: int) -> Optional[int]:
+    """Ranks that read one source's micro-batch in a micro-step: every rank (sequential), or one source group
+    (source-parallel; None when the ranks cannot be split)."""
+    if layout == "source-parallel":
+        return world_size // num_sources if num_sources and world_size % num_sources == 0 else None
+    return world_size
+
+
+def global_batch(record: dict, defaults: Optional[dict] = None) -> Optional[int]:
+    """Sequences of one source in one micro-step over all its readers (ranks x data.micro_batch_size): with the
+    same sources, weights, seed and k, the same global batch means the same micro-batches in the same order (each
+    rank reads its share of the same window ``consumed[s] .. consumed[s] + readers x B``), so the same run."""
+    cfg = flatten(record.get("config", {}))
+    d = defaults or {}
+    B = cfg.get("data.micro_batch_size", d.get("data.micro_batch_size"))
+    layout = cfg.get("nexus.layout", d.get("nexus.layout", "sequential"))
+    K = len(cfg.get("data.sources") or ())
+    size = record.get("world", {}).get("size")
+    if B is None or size is None:
+        return None
+    r = readers_per_source(int(size), layout, K)
+    return None if r is None else r * int(B)
+
+
+def world_change_hint(old: dict, new: dict, defaults: Optional[dict] = None) -> str:
+    """Why a change of the number of ranks changes the run, and the data.micro_batch_size that would keep it."""
+    gb_old, gb_new = global_batch(old, defaults), global_batch(new, defaults)
+    cfg = flatten(new.get("config", {}))
+    r = readers_per_source(int(new["world"]["size"]), cfg.get("nexus.layout", "sequential"),
+                           len(cfg.get("data.sources") or ()))
+    keep = (f"data.micro_batch_size={gb_old // r} keeps it" if gb_old and r and gb_old % r == 0 else
+            f"no data.micro_batch_size keeps it on {new['world']['size']} ranks")
+    return (f"the global batch (ranks reading a source x data.micro_batch_size) would change from {gb_old} to {gb_new} "
+            f"sequences per source and micro-step ({keep})")
+
+
 def check_compatible(old: dict, new: dict, allowed=(), defaults: Optional[dict] = None, where: str = "") -> list:
     """Raise NexusConfigError listing every difference that is neither in :data:`CHANGEABLE` nor allowed;
-    return the accepted differences (for the log)."""
+    return the accepted differences (for the log). The number of ranks (with data.micro_batch_size, see
+    :data:`WORLD_CHANGE`) may change when the global batch stays the same (docs/training.md#resume)."""
     diffs = differences(old, new, defaults)
-    refused = [d for d in diffs if not _covered(d[0], CHANGEABLE) and not _covered(d[0], allowed)]
+    keys = {d[0] for d in diffs}
+    resharded = bool(keys & {"world.size", "world.source_groups"})
+    same_batch = resharded and global_batch(old, defaults) is not None and \
+        global_batch(old, defaults) == global_batch(new, defaults)
+
+    def accepted(key):
+        return (_covered(key, CHANGEABLE) or _covered(key, allowed)
+                or (same_batch and key in WORLD_CHANGE))
+    refused = [d for d in diffs if not accepted(d[0])]
     if refused:
         listing = ", ".join(_describe(*d) for d in refused)
-        keys = ",".join(d[0] for d in refused)
+        refused_keys = {d[0] for d in refused}
+        hint = (f"; {world_change_hint(old, new, defaults)}"
+                if resharded and not same_batch and refused_keys & set(WORLD_CHANGE) else "")
         raise NexusConfigError(
-            f"resume would change the run{' of ' + where if where else ''}: {listing}; use the same settings, a new "
-            f"train.run_dir, train.resume=false to start over, or --allow-changed {keys} (train.allow_changed) to "
-            "resume anyway")
+            f"resume would change the run{' of ' + where if where else ''}: {listing}{hint}; use the same settings, a "
+            f"new train.run_dir, train.resume=false to start over, or --allow-changed {','.join(d[0] for d in refused)} "
+            "(train.allow_changed) to resume anyway")
     return [d for d in diffs if not _covered(d[0], CHANGEABLE)]
 
 

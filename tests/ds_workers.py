@@ -159,6 +159,43 @@ def resume_worker(rank, world, specs, ckpt_root):
     return out
 
 
+def reshard_worker(rank, world, specs, ckpt_root):
+    """One process resumes checkpoints that 2 ranks wrote (tag ``a``, between outer steps, and the mid-step tag
+    ``m``): the full state is cut for 1 rank (engines/deepspeed/reshard.py). The global batch stays the same: each
+    micro-batch is the 2 readers' batches together (loss_fn is a mean over equal halves)."""
+    import copy
+
+    from nexus_megatron.engines.deepspeed import initialize
+
+    out = {}
+    for spec in specs:
+        d = os.path.join(ckpt_root, spec["name"])
+        res = {}
+        for tag in ("a", "m"):
+            cfg = copy.deepcopy(ds_config(spec["mode"], spec["stage"], spec.get("bf16", False), spec.get("extra"),
+                                          spec.get("nexus_extra")))
+            cfg["train_micro_batch_size_per_gpu"] = 8
+            model = make_model()
+            eng = initialize(model, cfg, optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
+            resharded = eng.resharded(d, tag=tag)
+            path, client_state = eng.load_checkpoint(d, tag=tag)
+            hist = []
+            while eng.outer_steps < 4:
+                t, m = eng.outer_steps, eng.micro_step
+                src = eng.source_for_micro_step()
+                parts = [batch(src, t, m, r) for r in range(2)]
+                x, y = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+                if spec.get("bf16", False):
+                    x, y = x.bfloat16(), y.bfloat16()
+                eng.backward(loss_fn(eng, x, y).float())
+                if eng.step() is not None:
+                    hist.append(full_params(eng))
+            res[tag] = {"hist": hist, "path": path, "client_state": client_state, "counters": eng.counters(),
+                        "resharded": resharded}
+        out[spec["name"]] = res
+    return out
+
+
 def trainer_worker(rank, world, runs):
     """nexus_megatron.train.train for each (name, RunConfig)."""
     from nexus_megatron.train import train

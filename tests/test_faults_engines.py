@@ -24,8 +24,11 @@ from tests.test_faults import CONFIG
 # ZeRO-2, fp32), Nexus; 6 outer steps, k=2, a checkpoint every 2 steps.
 
 DS_FILES = ["mp_rank_00_model_states.pt", "nexus_checkpoint.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-DS_PT = [f for f in DS_FILES if f.endswith(".pt")]   # (nexus_checkpoint.json: the format marker)
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "nexus_full_state.json", "nexus_full_state.pt"]
+# DeepSpeed's own files (nexus_checkpoint.json: the format marker; nexus_full_state.*: the whole state as full
+# tensors, for a resume on another number of ranks, engines/deepspeed/reshard.py)
+DS_PT = [f for f in DS_FILES if f.endswith(".pt") and not f.startswith("nexus_")]
+FULL = "nexus_full_state.pt"
 DS_SET = "train.engine=deepspeed"
 
 
@@ -97,7 +100,7 @@ def test_deepspeed_kill9_mid_step_then_mid_checkpoint_then_resume(ds_reference):
     assert ds_latest(run) == "step_00000006"
     assert not [d for d in os.listdir(ckpts) if d.startswith(".tmp-")]
     got, ref_files = ds_files(run, 6), ds_files(ref, 6)
-    assert sorted(got) == DS_FILES
+    assert sorted(got) == sorted(DS_FILES)
     # numpy/python RNG states became tensors with checkpoint format 2; like before (ndarrays/tuples), not compared
     plain_rng = lambda x: {k: v for k, v in tensors(x) if "/rng/numpy/" not in k and "/rng/python/" not in k}
     for name in DS_PT:   # model, fp32 master partitions, AdamW moments, Nexus anchors, torch RNG state
@@ -110,6 +113,8 @@ def test_deepspeed_kill9_mid_step_then_mid_checkpoint_then_resume(ds_reference):
         nb = ref_files[name]["optimizer_state_dict"]["base_optimizer_state"]["nexus"]
         bitwise = ("anchors", "d_sums")   # compared bitwise above (assert_tensors_equal over the whole file)
         assert {k: v for k, v in na.items() if k not in bitwise} == {k: v for k, v in nb.items() if k not in bitwise}
+    # the full state: every parameter's master weights, anchor, displacement and AdamW moments, bitwise
+    assert assert_tensors_equal(plain_rng(got[FULL]["params"]), plain_rng(ref_files[FULL]["params"]), FULL) >= 10
 
 
 def test_latest_naming_a_missing_or_partial_checkpoint_is_an_error(tmp_path):

@@ -169,6 +169,8 @@ class PlainEngine(Engine):
             return None
         state = load_checkpoint(path)
         self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        # every rank holds the same full state, so a checkpoint of another number of ranks loads as it is
+        # (the trainer's resume check has found that the global batch and the data order stay the same)
+        self.opt.load_state_dict(state["optimizer"], reshard=True)
         self.sched.load_state_dict(state["scheduler"])
         return state["client_state"]

@@ -68,6 +68,7 @@ from ...outer import BookViews, OuterBook, RandomDirectionControl, check_resume
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 from .runtime import init_adamw_state, prepare_deepspeed_runtime
+from .reshard import gather_full_state, load_full_state, needs_reshard, write_full_state
 from .safe_load import safe_ds_load
 
 log = logging.getLogger("nexus_megatron.deepspeed")
@@ -662,7 +663,7 @@ class _OuterStepScheduler:
         return getattr(self.__dict__["real"], name)
 
 
-def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None, run=None, **kw):
+def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None, run=None, full_state=None, **kw):
     """DeepSpeed's save_checkpoint, published atomically and durably. Every rank writes its files into
     ``save_dir/.tmp-<tag>/`` and fsyncs each one as soon as it is written; after a barrier (every rank's
     files exist) the publishing rank fsyncs the directory, renames it to ``save_dir/<tag>/`` and then
@@ -670,7 +671,8 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None,
     from rank 0 before the other ranks' optimizer files are known to be complete, so a job killed in between
     would leave a partial checkpoint under a loadable name.) ``step``: the outer step, for the fault hook;
     ``run``: the run's record, written to ``meta.json`` in the checkpoint (nexus_megatron/resume.py). A full disk
-    is a one-line CheckpointError (checkpoint.disk_full_guard)."""
+    is a one-line CheckpointError (checkpoint.disk_full_guard). ``full_state``: the run's state as full tensors
+    (reshard.py), written by the publisher next to DeepSpeed's files so the checkpoint loads on other ranks."""
     ce = ds_engine.checkpoint_engine
     if ce.is_decoupled():
         raise NexusConfigError("the ds_config's checkpoint writer (checkpoint.writer.decoupled=true, or datastates) "
@@ -706,6 +708,8 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None,
     if publisher:   # the format marker: every file in it loads with weights_only=True (safe_load.py)
         with _ckpt.disk_full_guard(save_dir, final, need):
             _ckpt.atomic_write_text(os.path.join(tmp, MARKER_FILE), marker_text())
+            if full_state is not None:
+                write_full_state(tmp, full_state)
             _ckpt.write_meta(tmp, step if step is not None else -1, run)
             _ckpt.publish_dir(tmp, final)
             if save_latest:
@@ -875,16 +879,21 @@ class NexusDeepSpeedEngine:
         return self._core.shard_report()
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, run=None, **kwargs):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, run=None, portable=True,
+                        **kwargs):
         """DeepSpeed's save_checkpoint (collective). The Nexus state (anchor shards, counters, layout) is in
         the client optimizer's state, which DeepSpeed writes per rank; ``latest`` is written atomically after
         every rank finished, so a job killed during the save leaves the previous checkpoint loadable.
-        Default tag: ``global_step<outer steps>``."""
+        ``portable``: also write the whole state as full tensors (reshard.py; 20 bytes per parameter), so the
+        checkpoint loads on another number of ranks. Default tag: ``global_step<outer steps>``."""
         if tag is None:
             tag = f"global_step{self._core.step_index}"
         self.sync_model_params()
-        return _atomic_save(self._ds, save_dir, tag, dict(client_state or {}), save_latest,
-                            step=self._core.step_index, run=run, **kwargs)
+        client_state = dict(client_state or {})
+        publisher = (self._ds.local_rank if self._ds.use_node_local_storage() else dist.get_rank()) == 0
+        full = gather_full_state(self._core, self._ds, client_state, keep=publisher) if portable else None
+        return _atomic_save(self._ds, save_dir, tag, client_state, save_latest, step=self._core.step_index, run=run,
+                            full_state=full, **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """DeepSpeed's load_checkpoint (collective); returns (path, client_state) like DeepSpeed. Every file
@@ -892,11 +901,33 @@ class NexusDeepSpeedEngine:
         core = self._core
         core.loaded = False
         self.sync_model_params()
+        ckpt_dir = self.checkpoint_dir(load_dir, tag)
+        if ckpt_dir is not None and needs_reshard(core, self._ds, ckpt_dir):
+            # written on another number of ranks: its full state, cut for this run's partitions (reshard.py)
+            client_state = load_full_state(core, self._ds, ckpt_dir)
+            core.after_load(restored=True)
+            return ckpt_dir, client_state
         path, client_state = safe_ds_load(self._ds, load_dir, tag=tag, **kwargs)   # runs no pickled code
         if path is None:
             return None, None
         core.after_load(restored=getattr(core, "loaded", False))
         return path, client_state
+
+    @staticmethod
+    def checkpoint_dir(load_dir, tag=None) -> Optional[str]:
+        """The directory of checkpoint ``tag`` (default: the one ``latest`` names), None when there is none."""
+        if tag is None:
+            found = _ckpt.read_latest(load_dir)
+            if found is None:
+                return None
+            tag = found[1]
+        d = os.path.join(load_dir, str(tag))
+        return d if os.path.isdir(d) else None
+
+    def resharded(self, load_dir, tag=None) -> bool:
+        """True when checkpoint ``tag`` was written on other ranks than this run's (a resume reshards it)."""
+        d = self.checkpoint_dir(load_dir, tag)
+        return d is not None and needs_reshard(self._core, self._ds, d)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1015,6 +1046,18 @@ def _check_rank_files(ckpt_root, tag, dp_world: int) -> None:
                 "start a new run_dir")
 
 
+def _check_same_world(ckpt_root, tag, why: str) -> None:
+    """A checkpoint that only DeepSpeed's per-rank files can restore must be resumed on the number of ranks that
+    wrote it (the run's record in meta.json says how many): otherwise a one-line CheckpointError saying ``why``."""
+    d = os.path.join(ckpt_root, tag)
+    meta = _ckpt.read_meta(d) or {}
+    saved = ((meta.get("run") or {}).get("world") or {}).get("size")
+    now = _world_size()
+    if saved is not None and int(saved) != now:
+        raise CheckpointError(f"checkpoint {d} was written on {saved} ranks and cannot be loaded on {now}: {why}; "
+                              f"resume it on {saved} ranks, or start a new train.run_dir")
+
+
 def _outer_param_groups(cfg, model):
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     o = cfg.optim
@@ -1082,7 +1125,10 @@ class DeepSpeedNexusEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
-        _check_rank_files(ckpt_root, tag, self.nexus.ds_engine.dp_world_size)
+        if not self.nexus.resharded(ckpt_root, tag):   # the same ranks: DeepSpeed's per-rank files
+            _check_same_world(ckpt_root, tag, "it was written before checkpoints carried the full state "
+                              "(nexus_full_state.pt)")
+            _check_rank_files(ckpt_root, tag, self.nexus.ds_engine.dp_world_size)
         _, client_state = self.nexus.load_checkpoint(ckpt_root, tag=tag)
         return client_state[_TRAINER_KEY]
 
@@ -1185,6 +1231,8 @@ class DeepSpeedAdamWEngine(Engine):
         tag = _latest_tag(ckpt_root)
         if tag is None:
             return None
+        _check_same_world(ckpt_root, tag, "the AdamW baseline on DeepSpeed resumes only from DeepSpeed's per-rank "
+                          "files (the Nexus engine's checkpoints also carry the full state)")
         _check_rank_files(ckpt_root, tag, self.ds.dp_world_size)
         _, client_state = safe_ds_load(self.ds, ckpt_root, tag=tag)   # runs no pickled code
         return client_state[_TRAINER_KEY]
