@@ -123,3 +123,14 @@ def test_barrier_is_signed_on_a_1d_loss():
     assert excess_over_chord(alphas, [2 - a for a in alphas])["barrier"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         excess_over_chord([0.0, 1.0], [1.0, 2.0])
+
+
+def test_pre_registered_reading_of_the_primary_endpoint():
+    from nexus_megatron.study.report import read_endpoint
+    base = {"n": 10, "mde": 0.0119}
+    assert read_endpoint({**base, "lo": -0.03, "hi": -0.001}).startswith("lower OOD loss")
+    assert read_endpoint({**base, "lo": 0.002, "hi": 0.02}).startswith("higher OOD loss")
+    assert read_endpoint({**base, "lo": -0.008, "hi": 0.006}).startswith("no difference, and the interval excludes")
+    r = read_endpoint({**base, "lo": -0.042, "hi": 0.016})       # the previous study's -0.013 ± 0.029
+    assert r.startswith("inconclusive at this power") and "0.0119" in r
+    assert read_endpoint({"n": 1, "lo": float("nan"), "hi": float("nan")}).startswith("not enough")
