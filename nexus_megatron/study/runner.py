@@ -429,6 +429,19 @@ def load_final_model(rd: str):
     return cfg, model, state["client_state"], manifest
 
 
+def finetune_batches(tr, name: str, consumed: int, steps: int, B: int, rd: str, what: str, knobs: str) -> list:
+    """``steps`` batches of ``B`` sequences from the end of a source's first epoch, which the run in ``rd``
+    (``consumed`` sequences) never read; an error naming ``knobs`` when they would overlap."""
+    n = steps * B
+    start = tr.windows - n
+    if start < consumed:
+        raise NexusConfigError(
+            f"{what}: the fine-tuning data of source {name!r} (the last {n} sequences of its first epoch) overlaps "
+            f"what {rd} trained on ({consumed} of {tr.windows}): prepare more data (study.prepare.train_tokens) or "
+            f"lower {knobs}")
+    return [tr.batch(start + t * B, B) for t in range(steps)]
+
+
 def run_analyze(st: Study, arm: str, seed: int) -> dict:
     import torch
 
@@ -462,17 +475,11 @@ def run_analyze(st: Study, arm: str, seed: int) -> dict:
         t1 = time.time()
         names = list(cfg.data.sources)
         _, sources = open_sources(cfg.data.path, names, [], cfg.data.seq_len, cfg.train.seed)
-        B, n = mi.batch_size, mi.steps * mi.batch_size
+        B = mi.batch_size
         train_batches, val_batches = {}, {}
         for i, name in enumerate(names):
-            tr = sources[name].train
-            start = tr.windows - n
-            if start < int(client["consumed"][i]):
-                raise NexusConfigError(
-                    f"minima: the fine-tuning data of source {name!r} (the last {n} sequences of its first epoch) "
-                    f"overlaps what {rd} trained on ({client['consumed'][i]} of {tr.windows}): prepare more data "
-                    "(study.prepare.train_tokens) or lower minima.steps / minima.batch_size")
-            train_batches[name] = [tr.batch(start + t * B, B) for t in range(mi.steps)]
+            train_batches[name] = finetune_batches(sources[name].train, name, int(client["consumed"][i]), mi.steps, B,
+                                                   rd, "minima", "minima.steps / minima.batch_size")
             val = sources[name].val
             val_batches[name] = [val.batch(b * B, B) for b in range(min(mi.eval_batches, val.windows // B or 1))]
         out["minima"] = closeness_of_minima(model, train_batches, val_batches, lambda m, b: lm_loss(m, b),
@@ -510,15 +517,9 @@ def run_mechanisms(st: Study, arm: str, seed: int) -> dict:
         evalb[n] = val.batch(0, mc.eval_sequences)
         if n in names:      # the halves: validation sequences after the evaluation ones (disjoint from them)
             half[n] = val.batch(mc.eval_sequences, 2 * mc.half_sequences)
-            tr = sources[n].train
-            want = mc.finetune_steps * mc.finetune_batch
-            start = tr.windows - want
-            if start < int(client["consumed"][i]):
-                raise NexusConfigError(
-                    f"mechanisms: the fine-tuning data of source {n!r} (the last {want} sequences of its first epoch) "
-                    f"overlaps what {rd} trained on: prepare more data (study.prepare.train_tokens) or lower "
-                    "mechanisms.finetune_steps / finetune_batch")
-            ft[n] = [tr.batch(start + t * mc.finetune_batch, mc.finetune_batch) for t in range(mc.finetune_steps)]
+            ft[n] = finetune_batches(sources[n].train, n, int(client["consumed"][i]), mc.finetune_steps,
+                                     mc.finetune_batch, rd, "mechanisms",
+                                     "mechanisms.finetune_steps / mechanisms.finetune_batch")
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")   # GPU studies: on the GPU
     model.to(dev)
     half = {n: b.to(dev) for n, b in half.items()}
