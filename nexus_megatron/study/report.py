@@ -199,8 +199,10 @@ def build_tables(st, data) -> Dict[str, str]:
                                                          for n in names + ood])
     pairs = [k for k in next(iter(next(iter(data.values())).values()))["summary"].get("final", {})
              if k.startswith("cos/") and k != "cos/mean"] if data else []
-    t["cosines"] = metric_table(st, data, arms, [(k[4:], (lambda d, k=k: _final(d, k))) for k in pairs])
-    t["sharpness"] = sharpness_table(st, data, arms, ["mixture"] + names + (["ood"] if ood else []))
+    if pairs:          # the trainer's gradient probe (off in the pre-registered study: see the mechanisms)
+        t["cosines"] = metric_table(st, data, arms, [(k[4:], (lambda d, k=k: _final(d, k))) for k in pairs])
+    if any(d.get("sharpness_all") for a in arms for d in data[a].values()):
+        t["sharpness"] = sharpness_table(st, data, arms, ["mixture"] + names + (["ood"] if ood else []))
     if st.downstream.enabled:
         cols, dcols = [], []
         for task in st.downstream.tasks:
@@ -511,7 +513,12 @@ def _plt():
     return plt
 
 
-def plot_curves(st, data, arms, panels, path, ncols=3):
+def plot_curves(st, data, arms, panels, path, ncols=3) -> bool:
+    """One panel per (metric, title); returns False (and writes nothing) when no arm logged any of them
+    (e.g. the sharpness panels of a study with sharpness off)."""
+    panels = [(k, t) for k, t in panels if any(_curve(data, a, k)[0] for a in arms)]
+    if not panels:
+        return False
     plt = _plt()
     rows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(rows, ncols, figsize=(5 * ncols, 3.6 * rows), squeeze=False)
@@ -531,6 +538,7 @@ def plot_curves(st, data, arms, panels, path, ncols=3):
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def plot_bars(st, data, arms, groups, path, title, chance=None):
@@ -590,26 +598,26 @@ def write_plots(st, data, out_dir) -> List[str]:
     base = [a for a in arms if not a.endswith(MATCHED_SUFFIX)]
     files = []
     p = os.path.join(out_dir, "curves.png")
-    plot_curves(st, data, base, [("eval/loss", "in-distribution val loss (mean of sources)"),
-                                 ("eval/ood_loss", "OOD val loss"), ("cos/mean", "mean pairwise gradient cosine"),
-                                 ("sharpness/lambda_c", "log10 critical sharpness λ_c (mixture)"),
-                                 ("loss", "training loss")], p)
-    files.append(p)
+    if plot_curves(st, data, base, [("eval/loss", "in-distribution val loss (mean of sources)"),
+                                    ("eval/ood_loss", "OOD val loss"), ("cos/mean", "mean pairwise gradient cosine"),
+                                    ("sharpness/lambda_c", "log10 critical sharpness λ_c (mixture)"),
+                                    ("loss", "training loss")], p):
+        files.append(p)
     p = os.path.join(out_dir, "per_source.png")
-    plot_curves(st, data, base, [(f"eval/loss/{n}", f"val loss: {n}") for n in names + ood], p)
-    files.append(p)
+    if plot_curves(st, data, base, [(f"eval/loss/{n}", f"val loss: {n}") for n in names + ood], p):
+        files.append(p)
     p = os.path.join(out_dir, "sharpness_per_source.png")
-    plot_curves(st, data, base, [(f"sharpness/lambda_c/{n}", f"log10 λ_c(mixture → {n})")
-                                 for n in names + (["ood"] if ood else [])], p)
-    files.append(p)
+    if plot_curves(st, data, base, [(f"sharpness/lambda_c/{n}", f"log10 λ_c(mixture → {n})")
+                                    for n in names + (["ood"] if ood else [])], p):
+        files.append(p)
     if st.matched.enabled:
         m = st.matched
         marm = m.arm + MATCHED_SUFFIX
         p = os.path.join(out_dir, "matched.png")
-        plot_curves(st, data, [a for a in (marm, m.target) if a in data],
-                    [("eval/loss", "in-distribution val loss"), ("eval/ood_loss", "OOD val loss"),
-                     ("cos/mean", "mean pairwise gradient cosine")], p)
-        files.append(p)
+        if plot_curves(st, data, [a for a in (marm, m.target) if a in data],
+                       [("eval/loss", "in-distribution val loss"), ("eval/ood_loss", "OOD val loss"),
+                        ("cos/mean", "mean pairwise gradient cosine")], p):
+            files.append(p)
     if st.downstream.enabled:
         groups, chance = [], []
         for task in st.downstream.tasks:
