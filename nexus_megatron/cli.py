@@ -1,5 +1,5 @@
-"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan, experiment,
-convert-checkpoint."""
+"""``nexus-megatron``: prepare-data, train, compare, quickstart, sharpness, bench, plan, experiment (alias
+study), convert-checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .study.runner import add_experiment_arguments
     add_experiment_arguments(e)
     e.set_defaults(fn=cmd_experiment)
+    e2 = sub.add_parser("study", help="the same command as `experiment` (docs/results.md: the pre-registered study, "
+                                      "its arms, the matched-loss endpoint and the mechanism measures)")
+    add_experiment_arguments(e2)
+    e2.set_defaults(fn=cmd_experiment)
 
     cc = sub.add_parser("convert-checkpoint", help="one-time: rewrite checkpoints written before checkpoint format 2 "
                                                    "(pickled objects) as tensors and plain data, so that they "

@@ -191,6 +191,10 @@ class DataConfig:
     """Sequences per rank per micro-step."""
     max_epochs: float = field(default=1.0, metadata=rule("float", lo=0, lo_open=True))
     """How many passes over a source's training tokens the run may make before it is an error."""
+    mixed_micro_batches: bool = field(default=False, metadata=rule("bool"))
+    """Every micro-batch holds every source (``micro_batch_size / K`` sequences of each, K = number of
+    sources) instead of one source per micro-step: Nexus's inner path with one normalized MIXTURE gradient per
+    inner step and no cross-source term (the study's control, docs/results.md). Sequential layout only."""
 
 
 @dataclass
@@ -412,6 +416,16 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise NexusConfigError(f"data.ood {sorted(overlap)} also in data.sources: a held-out source must not be trained on")
     if o.min_lr > o.lr:
         raise NexusConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+    if d.mixed_micro_batches:
+        if n.layout != "sequential":
+            raise NexusConfigError(f"data.mixed_micro_batches=true needs nexus.layout=sequential (got {n.layout!r}): "
+                                   "the source-parallel layout already has every source in every micro-step")
+        if d.micro_batch_size % len(d.sources):
+            raise NexusConfigError(f"data.mixed_micro_batches=true: data.micro_batch_size={d.micro_batch_size} must be "
+                                   f"a multiple of the number of sources ({len(d.sources)}), the same share of each")
+        if t.engine == "megatron":
+            raise NexusConfigError("data.mixed_micro_batches=true runs on train.engine=plain or deepspeed (the "
+                                   "Megatron engine reads its own data); set data.mixed_micro_batches=false")
     if n.layout not in LAYOUTS:
         raise NexusConfigError(f"nexus.layout={n.layout!r}: use one of {', '.join(LAYOUTS)}")
     nexus_config_of(cfg)   # gamma, gamma_mode, min_grad_norm, max_consecutive_skips, control, seed

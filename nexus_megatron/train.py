@@ -89,14 +89,25 @@ def lr_lambda(cfg: RunConfig):
 # ---------------------------------------------------------------------------------------------------
 # data budget (checked before any compute)
 
-def sample_counts(layout, steps: int, k: int, B: int) -> list:
-    """Sequences each source will have consumed after ``steps`` outer steps."""
-    counts = [0] * layout.num_sources
+def sample_counts(layout, steps: int, k: int, B: int, mixed: bool = False) -> list:
+    """Sequences each source will have consumed after ``steps`` outer steps (``mixed``: every micro-batch holds
+    ``B / K`` sequences of every source, data.mixed_micro_batches)."""
+    K = layout.num_sources
+    if mixed:
+        return [steps * k * sum(r for _, r in layout.present(0, 0)) * (B // K)] * K
+    counts = [0] * K
     for t in range(steps):
         for m in range(k):
             for src, readers in layout.present(t, m):
                 counts[src] += readers * B
     return counts
+
+
+def mixed_micro_batch(samplers, consumed: list, reader: int, B: int):
+    """One micro-batch of ``B / K`` sequences from each of the K sources' training samplers (in source order),
+    this rank's share at position ``reader`` among the readers (data.mixed_micro_batches)."""
+    b = B // len(samplers)
+    return torch.cat([s.batch(consumed[j] + reader * b, b) for j, s in enumerate(samplers)])
 
 
 def planned_sample_counts(cfg: RunConfig, world: int) -> list:
@@ -107,12 +118,14 @@ def planned_sample_counts(cfg: RunConfig, world: int) -> list:
         group = source_parallel_group_size(len(names), world, names)
         return [t.steps * t.micro_steps * group * cfg.data.micro_batch_size] * len(names)
     one = build_layout(_layout_config(cfg))   # sequential: every rank reads the same source in a micro-step
-    return [world * c for c in sample_counts(one, t.steps, t.micro_steps, cfg.data.micro_batch_size)]
+    return [world * c for c in sample_counts(one, t.steps, t.micro_steps, cfg.data.micro_batch_size,
+                                             cfg.data.mixed_micro_batches)]
 
 
 def check_data_budget(cfg: RunConfig, layout, sources, need=None) -> None:
     if need is None:
-        need = sample_counts(layout, cfg.train.steps, cfg.train.micro_steps, cfg.data.micro_batch_size)
+        need = sample_counts(layout, cfg.train.steps, cfg.train.micro_steps, cfg.data.micro_batch_size,
+                             cfg.data.mixed_micro_batches)
     for i, name in enumerate(cfg.data.sources):
         have = sources[name].train.windows
         if need[i] > have * cfg.data.max_epochs:
@@ -407,10 +420,16 @@ def _train(cfg: RunConfig, held: list) -> dict:
             present = layout.present(step, m)
             src = layout.source_for(step, m)
             reader, readers = layout.readers(src, step, m)
-            batch = sources[names[src]].train.batch(consumed[src] + reader * B, B)
+            if d.mixed_micro_batches:   # every source in every micro-batch: B / K sequences of each
+                batch = mixed_micro_batch([sources[n].train for n in names], consumed, reader, B)
+                for _, r in present:
+                    for j in range(len(names)):
+                        consumed[j] += r * (B // len(names))
+            else:
+                batch = sources[names[src]].train.batch(consumed[src] + reader * B, B)
+                for s, r in present:
+                    consumed[s] += r * B
             step_batches.append(batch)
-            for s, r in present:
-                consumed[s] += r * B
             if sharp is not None and m == k - 1:   # before the last micro-step: DeepSpeed updates inside it
                 sharp.begin_step(step + 1, step_batches)
             if not engine.poisoned:   # a poisoned step is skipped anyway: keep the data order, spare the compute
@@ -428,7 +447,7 @@ def _train(cfg: RunConfig, held: list) -> dict:
         total = loss_acc.sum(0)
         rec["loss"] = float(total[0] / total[1]) if total[1] else float("nan")
         for i, n in enumerate(names):
-            if loss_acc[i, 1]:
+            if loss_acc[i, 1] and not d.mixed_micro_batches:   # mixed: no per-source training loss
                 rec[f"loss/{n}"] = float(loss_acc[i, 0] / loss_acc[i, 1])
         rec.update(engine.step_stats())
         rec.update(engine.counters())

@@ -12,7 +12,7 @@ def test_defaults_and_repo_configs_load():
     assert cfg.optim.name == "nexus" and cfg.nexus.layout == "sequential"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = sorted(f for f in glob.glob(os.path.join(root, "configs", "*.yaml"))
-                   if not os.path.basename(f).startswith("study_"))   # studies: tests/test_experiment.py
+                   if not os.path.basename(f).startswith("study"))   # studies: tests/test_experiment.py
     assert {os.path.basename(f) for f in files} >= {"tiny.yaml", "quickstart.yaml", "130m.yaml", "1b.yaml", "3b.yaml", "7b.yaml"}
     for f in files:
         load_config(f)

@@ -8,7 +8,11 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from .spec import MATCHED_SUFFIX, arm_config, arm_names, run_dir
+from .spec import MATCHED_SUFFIX, arm_config, arm_names, run_dir, selection_path
+from .stats import paired_summary
+
+PAPER_OOD_EFFECT = 0.012
+"""The paper's OOD-loss gain at 3B (ALGORITHMS.md §1): the effect size the power analysis is read against."""
 
 # two-sided 95% quantiles of Student's t (df = n - 1)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -104,6 +108,7 @@ def collect(st) -> Dict[str, Dict[int, dict]]:
                 "match": _read_json(os.path.join(rd, "match.json")) if matched else None,
                 "sharpness": sharp[-1] if sharp else {},
                 "sharpness_all": sharp,
+                "mechanisms": _read_json(os.path.join(rd, "mechanisms.json")),
             }
     return data
 
@@ -194,8 +199,10 @@ def build_tables(st, data) -> Dict[str, str]:
                                                          for n in names + ood])
     pairs = [k for k in next(iter(next(iter(data.values())).values()))["summary"].get("final", {})
              if k.startswith("cos/") and k != "cos/mean"] if data else []
-    t["cosines"] = metric_table(st, data, arms, [(k[4:], (lambda d, k=k: _final(d, k))) for k in pairs])
-    t["sharpness"] = sharpness_table(st, data, arms, ["mixture"] + names + (["ood"] if ood else []))
+    if pairs:          # the trainer's gradient probe (off in the pre-registered study: see the mechanisms)
+        t["cosines"] = metric_table(st, data, arms, [(k[4:], (lambda d, k=k: _final(d, k))) for k in pairs])
+    if any(d.get("sharpness_all") for a in arms for d in data[a].values()):
+        t["sharpness"] = sharpness_table(st, data, arms, ["mixture"] + names + (["ood"] if ood else []))
     if st.downstream.enabled:
         cols, dcols = [], []
         for task in st.downstream.tasks:
@@ -227,6 +234,13 @@ def build_tables(st, data) -> Dict[str, str]:
                                    diff_cols=["L2 / ||θ0||", "L2 / mean fine-tune move", "mean barrier",
                                               "mid-path excess"])
     m = st.matched
+    prim = primary_endpoint(st, data)
+    if prim:
+        t["primary"] = primary_table(st, prim)
+    sw = sweep_table(st)
+    if sw:
+        t["lr_sweep"] = sw
+    t.update(mechanisms_tables(st, data))
     if m.enabled:
         marm = m.arm + MATCHED_SUFFIX
         rows = []
@@ -245,6 +259,142 @@ def build_tables(st, data) -> Dict[str, str]:
                      for task in st.downstream.tasks]
         t["matched"] = metric_table(st, data, [a for a in (marm, m.target) if a in data], cols, ref=marm,
                                     diff_cols=[c for c, _ in cols])
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pre-registered primary endpoint
+
+def read_endpoint(summary: dict, reference_effect: float = PAPER_OOD_EFFECT) -> str:
+    """The pre-registered reading of the primary endpoint (target minus reference, negative = target lower):
+    an interval that excludes 0 is a difference; one that includes 0 but excludes +-reference_effect rules out
+    an effect of that size; otherwise the study is inconclusive at its power."""
+    n, lo, hi = summary.get("n", 0), summary.get("lo", math.nan), summary.get("hi", math.nan)
+    if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"not enough matched seeds ({n}) for an interval"
+    if hi < 0:
+        return "lower OOD loss at matched ID loss (the interval excludes 0)"
+    if lo > 0:
+        return "higher OOD loss at matched ID loss (the interval excludes 0)"
+    if lo > -reference_effect and hi < reference_effect:
+        return (f"no difference, and the interval excludes an effect of ±{reference_effect} "
+                "(the paper's 3B effect)")
+    return (f"inconclusive at this power: the interval includes 0 and an effect of {reference_effect} "
+            f"(minimum detectable effect at 80% power: {summary.get('mde', math.nan):.4f})")
+
+
+def primary_endpoint(st, data) -> Optional[dict]:
+    """Per seed: the target's final OOD loss minus the reference's OOD loss interpolated on its own ID -> OOD
+    curve at the target's final ID loss (match.json ``ood_at_target``), and their paired summary."""
+    m = st.matched
+    if not m.enabled:
+        return None
+    marm = m.arm + MATCHED_SUFFIX
+    rows, diffs = [], []
+    for seed, d in sorted(data.get(marm, {}).items()):
+        r = d["match"] or {}
+        t = data.get(m.target, {}).get(seed)
+        if t is None:
+            continue
+        t_ood = _final(t, "eval/ood_loss")
+        at = r.get("ood_at_target")
+        diff = t_ood - at if (at is not None and t_ood is not None) else None
+        if diff is not None:
+            diffs.append(diff)
+        rows.append({"seed": seed, "target_id": r.get("target_loss"), "extra_steps": r.get("extra_steps_at_target"),
+                     "ref_ood_at_target": at, "target_ood": t_ood, "diff": diff})
+    if not rows:
+        return None
+    summ = paired_summary(diffs, reference_effect=PAPER_OOD_EFFECT)
+    return {"rows": rows, "summary": summ, "reading": read_endpoint(summ), "not_matched": sum(r["diff"] is None
+                                                                                         for r in rows)}
+
+
+def primary_table(st, prim: dict) -> str:
+    def f(v, fmt="{:.4f}"):
+        return "-" if v is None else fmt.format(v)
+    rows = [[str(r["seed"]), f(r["target_id"]), f(r["extra_steps"], "{:.1f}"), f(r["ref_ood_at_target"]),
+             f(r["target_ood"]), f(r["diff"], "{:+.4f}") if r["diff"] is not None else "not matched"]
+            for r in prim["rows"]]
+    s = prim["summary"]
+    rows.append(["all", "", "", "", "", f"{s['mean']:+.4f}, 95% CI [{s['lo']:+.4f}, {s['hi']:+.4f}], sd {s['sd']:.4f}, "
+                 f"n = {s['n']}, {s['lower']}/{s['n']} lower; MDE (80% power) {s['mde']:.4f}; seeds for "
+                 f"{PAPER_OOD_EFFECT}: {s.get('seeds_for_reference_effect', '-')}" if s["n"] >= 2 else "-"])
+    m = st.matched
+    return md_table(["seed", f"{_label(st, m.target)} ID loss (target)", f"{_label(st, m.arm)} extra steps to it",
+                     f"{_label(st, m.arm)} OOD at it (interpolated)", f"{_label(st, m.target)} OOD",
+                     "Δ OOD (target − reference)"], rows) + f"\n\nReading (pre-registered rule): **{prim['reading']}**."
+
+
+def sweep_table(st) -> Optional[str]:
+    sel = _read_json(selection_path(st)) if st.lr_sweep.enabled else None
+    if not sel:
+        return None
+    rows = [[k, ", ".join(f"{x:.4f}" for x in sel["id_loss"][k]), f"{sel['mean_id_loss'][k]:.4f}",
+             "**selected**" if float(k) == sel["selected"] else ""] for k in sel["id_loss"]]
+    note = ("\n\nThe best lr is at the edge of the sweep: the optimum may lie outside it." if sel.get("at_edge")
+            else "")
+    return md_table(["lr", f"final ID loss per selection seed {sel['seeds']}", "mean", ""], rows) + note
+
+
+def _mech(d, *path):
+    v = d.get("mechanisms")
+    for p in path:
+        v = v[p]
+    return v
+
+
+def _offdiag_log10(d, capped=False):
+    """Median log10 lambda_c(i -> j) over the measured (or the count of capped) pairs i != j of training sources."""
+    sh = d["mechanisms"]["relative_sharpness"]
+    names = d["mechanisms"]["sources"]
+    vals, cap = [], 0
+    for i in names:
+        for j in names:
+            if i == j:
+                continue
+            r = sh[i][j]
+            if r["capped"]:
+                cap += 1
+            elif r["log10"] is not None:
+                vals.append(r["log10"])
+    return cap if capped else _median(vals)
+
+
+def mechanisms_tables(st, data) -> Dict[str, str]:
+    arms = [a for a in st.mechanisms.arms if any(d.get("mechanisms") for d in data.get(a, {}).values())]
+    if not arms:
+        return {}
+    ref = st.study.reference if st.study.reference in arms else None
+    sub = {a: {s: d for s, d in data[a].items() if d.get("mechanisms")} for a in arms}
+    cols = [("corrected cross-source cosine", lambda d: _mech(d, "cosine", "mean_corrected")),
+            ("naive cosine", lambda d: _mech(d, "cosine", "mean_naive")),
+            ("split-half reliability", lambda d: sum(_mech(d, "cosine", "reliability").values())
+             / len(_mech(d, "cosine", "reliability"))),
+            ("interference, own source", lambda d: _mech(d, "interference", "self")),
+            ("interference, other sources", lambda d: _mech(d, "interference", "cross")),
+            ("barrier (mean over pairs)", lambda d: _mech(d, "barriers", "mean")),
+            ("barrier (max)", lambda d: _mech(d, "barriers", "max")),
+            ("log10 λ_c(i→j), i≠j (median of measured)", lambda d: _offdiag_log10(d)),
+            ("capped λ_c(i→j) searches", lambda d: _offdiag_log10(d, capped=True))]
+    t = {"mechanisms": metric_table(st, sub, arms, cols, digits=4, ref=ref,
+                                    diff_cols=("corrected cross-source cosine", "interference, other sources",
+                                               "barrier (mean over pairs)"))}
+    # the interference matrix, mean over seeds, per arm
+    parts = []
+    for a in arms:
+        ds = list(sub[a].values())
+        names = ds[0]["mechanisms"]["sources"]
+        evals = ds[0]["mechanisms"]["eval"]
+        rows = []
+        for i in names:
+            row = [i]
+            for j in evals:
+                row.append(fmt_ci([d["mechanisms"]["interference"]["matrix"][i][j] for d in ds], 4))
+            rows.append(row)
+        parts.append(f"**{_label(st, a)}**: L_j(θ_i) − L_j(θ_0), rows i (fine-tuned on), columns j (evaluated on)\n\n"
+                     + md_table(["fine-tuned on"] + evals, rows))
+    t["interference"] = "\n\n".join(parts)
     return t
 
 
@@ -363,7 +513,12 @@ def _plt():
     return plt
 
 
-def plot_curves(st, data, arms, panels, path, ncols=3):
+def plot_curves(st, data, arms, panels, path, ncols=3) -> bool:
+    """One panel per (metric, title); returns False (and writes nothing) when no arm logged any of them
+    (e.g. the sharpness panels of a study with sharpness off)."""
+    panels = [(k, t) for k, t in panels if any(_curve(data, a, k)[0] for a in arms)]
+    if not panels:
+        return False
     plt = _plt()
     rows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(rows, ncols, figsize=(5 * ncols, 3.6 * rows), squeeze=False)
@@ -383,6 +538,7 @@ def plot_curves(st, data, arms, panels, path, ncols=3):
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def plot_bars(st, data, arms, groups, path, title, chance=None):
@@ -442,26 +598,26 @@ def write_plots(st, data, out_dir) -> List[str]:
     base = [a for a in arms if not a.endswith(MATCHED_SUFFIX)]
     files = []
     p = os.path.join(out_dir, "curves.png")
-    plot_curves(st, data, base, [("eval/loss", "in-distribution val loss (mean of sources)"),
-                                 ("eval/ood_loss", "OOD val loss"), ("cos/mean", "mean pairwise gradient cosine"),
-                                 ("sharpness/lambda_c", "log10 critical sharpness λ_c (mixture)"),
-                                 ("loss", "training loss")], p)
-    files.append(p)
+    if plot_curves(st, data, base, [("eval/loss", "in-distribution val loss (mean of sources)"),
+                                    ("eval/ood_loss", "OOD val loss"), ("cos/mean", "mean pairwise gradient cosine"),
+                                    ("sharpness/lambda_c", "log10 critical sharpness λ_c (mixture)"),
+                                    ("loss", "training loss")], p):
+        files.append(p)
     p = os.path.join(out_dir, "per_source.png")
-    plot_curves(st, data, base, [(f"eval/loss/{n}", f"val loss: {n}") for n in names + ood], p)
-    files.append(p)
+    if plot_curves(st, data, base, [(f"eval/loss/{n}", f"val loss: {n}") for n in names + ood], p):
+        files.append(p)
     p = os.path.join(out_dir, "sharpness_per_source.png")
-    plot_curves(st, data, base, [(f"sharpness/lambda_c/{n}", f"log10 λ_c(mixture → {n})")
-                                 for n in names + (["ood"] if ood else [])], p)
-    files.append(p)
+    if plot_curves(st, data, base, [(f"sharpness/lambda_c/{n}", f"log10 λ_c(mixture → {n})")
+                                    for n in names + (["ood"] if ood else [])], p):
+        files.append(p)
     if st.matched.enabled:
         m = st.matched
         marm = m.arm + MATCHED_SUFFIX
         p = os.path.join(out_dir, "matched.png")
-        plot_curves(st, data, [a for a in (marm, m.target) if a in data],
-                    [("eval/loss", "in-distribution val loss"), ("eval/ood_loss", "OOD val loss"),
-                     ("cos/mean", "mean pairwise gradient cosine")], p)
-        files.append(p)
+        if plot_curves(st, data, [a for a in (marm, m.target) if a in data],
+                       [("eval/loss", "in-distribution val loss"), ("eval/ood_loss", "OOD val loss"),
+                        ("cos/mean", "mean pairwise gradient cosine")], p):
+            files.append(p)
     if st.downstream.enabled:
         groups, chance = [], []
         for task in st.downstream.tasks:
@@ -492,6 +648,8 @@ def write_plots(st, data, out_dir) -> List[str]:
 # ---------------------------------------------------------------------------------------------------
 
 _SECTIONS = [
+    ("primary", "Primary endpoint (pre-registered): OOD loss at exactly matched ID loss, paired by seed"),
+    ("lr_sweep", "The reference's learning rate (pre-registered sweep on separate seeds)"),
     ("same_tokens", "Same tokens: final losses, gradient cosine, sharpness (Δ = paired by seed)"),
     ("contrasts", "Nexus against its controls (same tokens, paired by seed)"),
     ("per_source_loss", "Per-source validation loss (final)"),
@@ -499,10 +657,13 @@ _SECTIONS = [
     ("sharpness", "Critical sharpness, log10 λ_c: median of the measured values over every measurement and seed "
                   "[range of the per-seed medians]; capped searches (bounds) counted, not averaged"),
     ("match_runs", "Matched in-distribution loss: the reference continued at its final learning rate"),
-    ("matched", "At matched in-distribution loss (Δ vs the continued reference, paired by seed)"),
+    ("matched", "At the end of the continuation (the last chunk, past the matched loss: an overshoot; the primary "
+                "endpoint above interpolates instead)"),
     ("downstream", "Downstream (log-likelihood ranking): accuracy and mean margin (nats)"),
     ("chance", "Chance level of each downstream task"),
     ("minima", "Closeness of per-source minima (fine-tuned from each final checkpoint)"),
+    ("mechanisms", "Mechanism measures (final checkpoints; Δ paired by seed)"),
+    ("interference", "Interference matrix (mean ± 95% t-interval over seeds)"),
 ]
 
 
@@ -529,7 +690,11 @@ def write_report(st, out_dir: str, say=print) -> dict:
                             "downstream": d["analysis"].get("downstream"),
                             "minima": {k: v for k, v in (d["analysis"].get("minima") or {}).items()
                                        if k not in ("pairs",)} or None,
-                            "match": d["match"]} for seed, d in seeds.items()} for arm, seeds in data.items()}
+                            "match": d["match"], "mechanisms": d.get("mechanisms")}
+                     for seed, d in seeds.items()} for arm, seeds in data.items()}
+    prim = primary_endpoint(st, data)
+    if prim:
+        summary["_primary_endpoint"] = prim
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     say(f"report: {os.path.join(out_dir, 'results.md')} and {len(files)} plots")

@@ -38,7 +38,8 @@ import yaml
 
 from ..config import RunConfig, load_config, to_dict
 from ..errors import NexusConfigError
-from .spec import MATCHED_SUFFIX, Study, arm_config, arm_names, load_study, run_dir, set_dotted
+from .spec import (MATCHED_SUFFIX, Study, arm_config, arm_names, load_study, needs_selection, run_dir,
+                   selected_lr, selection_path, set_dotted, sweep_config, sweep_dir)
 
 # ---------------------------------------------------------------------------------------------------
 # jobs
@@ -69,6 +70,8 @@ def _same_config(path: str, cfg: RunConfig) -> bool:
 
 def _train_done(st: Study, arm: str, seed: int) -> Callable[[], bool]:
     def done() -> bool:
+        if needs_selection(st, arm) and selected_lr(st) is None:
+            return False          # its lr is not chosen yet
         rd = run_dir(st, arm, seed)
         if not os.path.isfile(os.path.join(rd, "summary.json")):
             return False
@@ -77,6 +80,14 @@ def _train_done(st: Study, arm: str, seed: int) -> Callable[[], bool]:
             raise NexusConfigError(f"{rd} holds a finished run with a different configuration than arm {arm!r} "
                                    "of this study: delete that directory or use another study.out")
         return True
+    return done
+
+
+def _sweep_done(st: Study, lr: float, seed: int) -> Callable[[], bool]:
+    def done() -> bool:
+        rd = sweep_dir(st, lr, seed)
+        return os.path.isfile(os.path.join(rd, "summary.json")) and _same_config(os.path.join(rd, "config.json"),
+                                                                                 sweep_config(st, lr, seed))
     return done
 
 
@@ -111,17 +122,38 @@ def build_jobs(st: Study, study_json: str) -> List[Job]:
     os.makedirs(cfg_dir, exist_ok=True)
     order = sorted(st.arms, key=lambda a: -min(st.arms[a].nproc, slots))   # the widest jobs first
     m = st.matched
+    sw = st.lr_sweep
+    if sw.enabled:        # the pre-registered lr choice, on seeds apart from the study's, before anything uses it
+        nproc = st.arms[sw.arm].nproc
+        sweep_jobs = []
+        for seed in sw.seeds:
+            for lr in sw.values:
+                cfg = sweep_config(st, float(lr), seed)
+                path = os.path.join(cfg_dir, f"lr_sweep_lr{float(lr):g}_seed{seed}.yaml")
+                with open(path, "w") as f:
+                    yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+                argv = [py, "-m", "nexus_megatron.cli", "train", "--config", path]
+                if nproc > 1:
+                    argv += ["--nproc", str(nproc)]
+                name = f"train/lr_sweep/lr{float(lr):g}/seed{seed}"
+                sweep_jobs.append(name)
+                jobs.append(Job(name, argv, min(nproc, slots), [], _sweep_done(st, float(lr), seed)))
+        jobs.append(Job("train/select", [py, "-m", "nexus_megatron.study.runner", "select", study_json], 1, sweep_jobs,
+                        lambda: selected_lr(st) is not None))
     for seed in st.study.seeds:
         for arm in order:
-            cfg = arm_config(st, arm, seed)
-            path = os.path.join(cfg_dir, f"{arm}_seed{seed}.yaml")
-            with open(path, "w") as f:
-                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
             nproc = st.arms[arm].nproc
-            argv = [py, "-m", "nexus_megatron.cli", "train", "--config", path]
-            if nproc > 1:
-                argv += ["--nproc", str(nproc)]
-            jobs.append(Job(f"train/{arm}/seed{seed}", argv, min(nproc, slots), [], _train_done(st, arm, seed)))
+            if needs_selection(st, arm):     # its config exists once the lr is selected: resolved by the job
+                argv, deps = [py, "-m", "nexus_megatron.study.runner", "train", study_json, arm, str(seed)], ["train/select"]
+            else:
+                cfg = arm_config(st, arm, seed)
+                path = os.path.join(cfg_dir, f"{arm}_seed{seed}.yaml")
+                with open(path, "w") as f:
+                    yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+                argv, deps = [py, "-m", "nexus_megatron.cli", "train", "--config", path], []
+                if nproc > 1:
+                    argv += ["--nproc", str(nproc)]
+            jobs.append(Job(f"train/{arm}/seed{seed}", argv, min(nproc, slots), deps, _train_done(st, arm, seed)))
         if m.enabled:
             marm = m.arm + MATCHED_SUFFIX
             jobs.append(Job(f"match/{marm}/seed{seed}",
@@ -136,7 +168,54 @@ def build_jobs(st: Study, study_json: str) -> List[Job]:
                             [py, "-m", "nexus_megatron.study.runner", "analyze", study_json, arm, str(seed)], 1,
                             [dep], _marker_done(os.path.join(run_dir(st, arm, seed), "analysis.json"),
                                                 analysis_settings(st, arm))))
+        if st.mechanisms.enabled:
+            for arm in st.mechanisms.arms:
+                jobs.append(Job(f"mechanisms/{arm}/seed{seed}",
+                                [py, "-m", "nexus_megatron.study.runner", "mechanisms", study_json, arm, str(seed)], 1,
+                                [f"train/{arm}/seed{seed}"],
+                                _marker_done(os.path.join(run_dir(st, arm, seed), "mechanisms.json"),
+                                             mechanisms_settings(st))))
     return jobs
+
+
+def mechanisms_settings(st: Study) -> dict:
+    return dataclasses.asdict(st.mechanisms)
+
+
+def run_select(st: Study) -> dict:
+    """The pre-registered lr choice: the lowest mean final ID validation loss over the selection seeds."""
+    from ..checkpoint import atomic_write_text
+    from .stats import select_by_mean
+
+    sw = st.lr_sweep
+    res = {}
+    for lr in sw.values:
+        res[float(lr)] = []
+        for seed in sw.seeds:
+            with open(os.path.join(sweep_dir(st, float(lr), seed), "summary.json")) as f:
+                res[float(lr)].append(float(json.load(f)["final"]["eval/loss"]))
+    sel = select_by_mean(res)
+    out = {"values": [float(v) for v in sw.values], "seeds": list(sw.seeds), "arm": sw.arm,
+           "selected": float(sel["selected"]), "at_edge": sel["at_edge"],
+           "mean_id_loss": {f"{k:g}": v for k, v in sel["means"].items()},
+           "id_loss": {f"{k:g}": v for k, v in res.items()}}
+    atomic_write_text(selection_path(st), json.dumps(out, indent=1))
+    return out
+
+
+def run_train_arm(st: Study, arm: str, seed: int) -> int:
+    """Train one arm whose config depends on the lr selection (resolved now)."""
+    if needs_selection(st, arm) and selected_lr(st) is None:
+        raise NexusConfigError(f"arm {arm!r} takes the lr the sweep selects, and {selection_path(st)} is missing: "
+                               "run the sweep first (`--only train` runs it)")
+    cfg = arm_config(st, arm, seed)
+    path = os.path.join(st.study.out, "configs", f"{arm}_seed{seed}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    argv = [sys.executable, "-m", "nexus_megatron.cli", "train", "--config", path]
+    if st.arms[arm].nproc > 1:
+        argv += ["--nproc", str(st.arms[arm].nproc)]
+    return subprocess.call(argv)
 
 
 def run_jobs(jobs: List[Job], slots: int, log_dir: str, say=print) -> dict:
@@ -208,7 +287,12 @@ def run_jobs(jobs: List[Job], slots: int, log_dir: str, say=print) -> dict:
 def prepare(st: Study, say=print) -> None:
     p = st.study.prepare
     cfg = arm_config(st, st.study.reference, st.study.seeds[0])
-    if p.enabled:
+    if p.enabled and p.indexed:        # a user's own corpus: one Megatron indexed dataset per source
+        from .corpus import import_indexed_corpus
+        import_indexed_corpus(cfg.data.path, p.indexed, list(cfg.data.sources), list(cfg.data.ood),
+                              val_tokens=p.val_tokens, train_tokens=p.train_tokens, vocab_size=p.vocab_size,
+                              eot_id=p.eot_id, log=say)
+    elif p.enabled:
         from ..data.prepare import prepare_data
         prepare_data(cfg.data.path, sources=tuple(cfg.data.sources), ood=tuple(cfg.data.ood),
                      train_tokens_per_source=p.train_tokens, val_tokens_per_source=p.val_tokens,
@@ -268,16 +352,25 @@ def run_match(st: Study, seed: int) -> dict:
         shutil.copyfile(os.path.join(base_dir, "summary.json"), os.path.join(out, "summary.json"))
         shutil.copyfile(os.path.join(base_dir, "config.json"), os.path.join(out, "config.json"))
     final_lr = float(load_checkpoint(latest_checkpoint(ckpt))["scheduler"]["base_lrs"][0])
+    from .stats import value_at_first_crossing
+
+    def curve():   # [(step, ID loss, OOD loss)]: the reference's last evaluation, then the continuation's
+        evs = [r for r in _read_metrics_list(os.path.join(out, "metrics.jsonl")) if "eval/loss" in r]
+        pts = [r for r in evs if r["step"] > base_steps]
+        last_base = [r for r in evs if r["step"] <= base_steps][-1:]
+        return [(r["step"], float(r["eval/loss"]), float(r.get("eval/ood_loss", math.nan))) for r in last_base + pts]
     while True:
         step = int(load_checkpoint(latest_checkpoint(ckpt))["client_state"]["step"])
         last = _last(os.path.join(out, "metrics.jsonl"), "eval/loss")
         loss = float(last["eval/loss"]) if last else math.inf
-        if loss <= target or step - base_steps >= m.max_extra_steps:
+        if (loss <= target or value_at_first_crossing(curve(), target) is not None
+                or step - base_steps >= m.max_extra_steps):
             break
         steps = min(step + m.chunk_steps, base_steps + m.max_extra_steps)
         raw = to_dict(base_cfg)
         for k, v in (("train.steps", steps), ("train.run_dir", out), ("train.resume", True),
-                     ("train.eval_every", 10 ** 9), ("train.probe_every", 10 ** 9),   # at each chunk's end
+                     ("train.eval_every", m.eval_every or 10 ** 9),   # dense, and at each chunk's end
+                     ("train.probe_every", 10 ** 9),
                      ("optim.schedule", "constant"), ("optim.warmup_steps", 0), ("optim.lr", final_lr),
                      ("optim.min_lr", final_lr),
                      # the continuation changes the schedule on purpose (docs/training.md#resume); "run": a base
@@ -302,6 +395,13 @@ def run_match(st: Study, seed: int) -> dict:
         "loss": loss, "reached": loss <= target, "lr": final_lr,
         "extra_steps_interpolated": crossing if crossing is not None else float(step - base_steps),
     }
+    # the pre-registered primary endpoint: the OOD loss on the reference's own ID -> OOD curve at the target's ID
+    # loss (first crossing, linear between the two evaluations around it); None when not reached
+    at = value_at_first_crossing(curve(), target)
+    result["curve"] = curve()
+    result["ood_at_target"] = at["value"] if at else None
+    result["extra_steps_at_target"] = at["step"] - base_steps if at else None
+    result["reached"] = at is not None
     atomic_write_text(os.path.join(out, "match.json"), json.dumps(result, indent=2))
     return result
 
@@ -327,6 +427,19 @@ def load_final_model(rd: str):
     model.load_state_dict(state["model"])
     model.eval()
     return cfg, model, state["client_state"], manifest
+
+
+def finetune_batches(tr, name: str, consumed: int, steps: int, B: int, rd: str, what: str, knobs: str) -> list:
+    """``steps`` batches of ``B`` sequences from the end of a source's first epoch, which the run in ``rd``
+    (``consumed`` sequences) never read; an error naming ``knobs`` when they would overlap."""
+    n = steps * B
+    start = tr.windows - n
+    if start < consumed:
+        raise NexusConfigError(
+            f"{what}: the fine-tuning data of source {name!r} (the last {n} sequences of its first epoch) overlaps "
+            f"what {rd} trained on ({consumed} of {tr.windows}): prepare more data (study.prepare.train_tokens) or "
+            f"lower {knobs}")
+    return [tr.batch(start + t * B, B) for t in range(steps)]
 
 
 def run_analyze(st: Study, arm: str, seed: int) -> dict:
@@ -362,17 +475,11 @@ def run_analyze(st: Study, arm: str, seed: int) -> dict:
         t1 = time.time()
         names = list(cfg.data.sources)
         _, sources = open_sources(cfg.data.path, names, [], cfg.data.seq_len, cfg.train.seed)
-        B, n = mi.batch_size, mi.steps * mi.batch_size
+        B = mi.batch_size
         train_batches, val_batches = {}, {}
         for i, name in enumerate(names):
-            tr = sources[name].train
-            start = tr.windows - n
-            if start < int(client["consumed"][i]):
-                raise NexusConfigError(
-                    f"minima: the fine-tuning data of source {name!r} (the last {n} sequences of its first epoch) "
-                    f"overlaps what {rd} trained on ({client['consumed'][i]} of {tr.windows}): prepare more data "
-                    "(study.prepare.train_tokens) or lower minima.steps / minima.batch_size")
-            train_batches[name] = [tr.batch(start + t * B, B) for t in range(mi.steps)]
+            train_batches[name] = finetune_batches(sources[name].train, name, int(client["consumed"][i]), mi.steps, B,
+                                                   rd, "minima", "minima.steps / minima.batch_size")
             val = sources[name].val
             val_batches[name] = [val.batch(b * B, B) for b in range(min(mi.eval_batches, val.windows // B or 1))]
         out["minima"] = closeness_of_minima(model, train_batches, val_batches, lambda m, b: lm_loss(m, b),
@@ -383,13 +490,57 @@ def run_analyze(st: Study, arm: str, seed: int) -> dict:
     return out
 
 
+def run_mechanisms(st: Study, arm: str, seed: int) -> dict:
+    """The mechanism measures of one final checkpoint (:mod:`.mechanisms`) into ``mechanisms.json``."""
+    import torch
+
+    from ..checkpoint import atomic_write_text
+    from ..data.shards import open_sources
+    from ..models import lm_loss
+    from .mechanisms import measure_mechanisms
+
+    torch.set_num_threads(1)
+    rd = run_dir(st, arm, seed)
+    cfg, model, client, _ = load_final_model(rd)
+    mc = st.mechanisms
+    names, ood = list(cfg.data.sources), list(cfg.data.ood)
+    _, sources = open_sources(cfg.data.path, names, ood, cfg.data.seq_len, cfg.train.seed)
+    t0 = time.time()
+    half, evalb, ft = {}, {}, {}
+    for i, n in enumerate(names + ood):
+        val = sources[n].val
+        need = mc.eval_sequences + (2 * mc.half_sequences if n in names else 0)
+        if val.windows < need:
+            raise NexusConfigError(f"mechanisms: source {n!r} has {val.windows} validation sequences, the measures need "
+                                   f"{need} (mechanisms.eval_sequences + 2 x mechanisms.half_sequences): prepare more "
+                                   "validation data (study.prepare.val_tokens) or lower them")
+        evalb[n] = val.batch(0, mc.eval_sequences)
+        if n in names:      # the halves: validation sequences after the evaluation ones (disjoint from them)
+            half[n] = val.batch(mc.eval_sequences, 2 * mc.half_sequences)
+            ft[n] = finetune_batches(sources[n].train, n, int(client["consumed"][i]), mc.finetune_steps,
+                                     mc.finetune_batch, rd, "mechanisms",
+                                     "mechanisms.finetune_steps / mechanisms.finetune_batch")
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")   # GPU studies: on the GPU
+    model.to(dev)
+    half = {n: b.to(dev) for n, b in half.items()}
+    evalb = {n: b.to(dev) for n, b in evalb.items()}
+    ft = {n: [b.to(dev) for b in bs] for n, bs in ft.items()}
+    r = measure_mechanisms(model, lambda m, b: lm_loss(m, b), half_batches=half, eval_batches=evalb,
+                           finetune_batches=ft, finetune_lr=mc.finetune_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                           points=mc.points, sharpness_start=mc.sharpness_start, sharpness_eps=mc.sharpness_eps)
+    out = {"settings": mechanisms_settings(st), "arm": arm, "seed": seed, "step": client["step"], **r,
+           "wall_s": time.time() - t0}
+    atomic_write_text(os.path.join(rd, "mechanisms.json"), json.dumps(out, indent=1))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # the command
 
 def experiment(args) -> int:
     st = load_study(args.config, args.set)
-    steps = [s.strip() for s in (args.only or "prepare,train,match,analyze,report").split(",") if s.strip()]
-    valid = ("prepare", "train", "match", "analyze", "report")
+    steps = [s.strip() for s in (args.only or "prepare,train,match,analyze,mechanisms,report").split(",") if s.strip()]
+    valid = ("prepare", "train", "match", "analyze", "mechanisms", "report")
     for s in steps:
         if s not in valid:
             raise NexusConfigError(f"--only {s!r}: use some of {', '.join(valid)} (comma separated)")
@@ -406,7 +557,7 @@ def experiment(args) -> int:
         prepare(st, say=lambda m: print(m, flush=True))
         timing["prepare_s"] = time.time() - t0
     jobs = build_jobs(st, study_json)
-    wanted = {"train": "train/", "match": "match/", "analyze": "analyze/"}
+    wanted = {"train": "train/", "match": "match/", "analyze": "analyze/", "mechanisms": "mechanisms/"}
     jobs = [j for j in jobs if any(j.name.startswith(wanted[s]) for s in steps if s in wanted)]
     names = {j.name for j in jobs}
     for j in jobs:              # a dependency outside the selected steps must already be done
@@ -430,16 +581,25 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a study setting with a dotted key, e.g. study.seeds=[0] or run.train.steps=50")
     p.add_argument("--only", default=None,
-                   help="comma-separated steps to run: prepare,train,match,analyze,report (default: all)")
+                   help="comma-separated steps to run: prepare,train,match,analyze,mechanisms,report (default: all)")
 
 
 def main(argv=None) -> int:
-    """Internal entry points of the job subprocesses: ``match <study.json> <seed>`` and
-    ``analyze <study.json> <arm> <seed>``."""
+    """Internal entry points of the job subprocesses: ``select <study.json>``, ``train <study.json> <arm> <seed>``
+    (an arm whose lr the sweep selects), ``match <study.json> <seed>``, ``analyze <study.json> <arm> <seed>`` and
+    ``mechanisms <study.json> <arm> <seed>``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     with open(argv[1]) as f:
         st = load_study(None, [], raw=json.load(f))
-    if argv[0] == "match":
+    if argv[0] == "select":
+        print(json.dumps(run_select(st), indent=1))
+    elif argv[0] == "train":
+        return run_train_arm(st, argv[2], int(argv[3]))
+    elif argv[0] == "mechanisms":
+        r = run_mechanisms(st, argv[2], int(argv[3]))
+        print(json.dumps({"arm": r["arm"], "seed": r["seed"], "mean_corrected_cosine": r["cosine"]["mean_corrected"],
+                          "wall_s": r["wall_s"]}, indent=1))
+    elif argv[0] == "match":
         r = run_match(st, int(argv[2]))
         print(json.dumps(r, indent=1))
     elif argv[0] == "analyze":
