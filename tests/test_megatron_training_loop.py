@@ -59,6 +59,23 @@ def _iterations(out: str):
     return [(int(i), float(loss), float(g)) for i, loss, g in ITER.findall(out)]
 
 
+LOG = re.compile(r"iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) .*?learning rate: ([0-9.E+-]+) \| "
+                 r"global batch size:\s+(\d+) \| lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
+
+
+def _log(out: str):
+    """(iteration, of, consumed samples, learning rate, global batch, lm loss, grad norm) per logged iteration."""
+    return [(int(a), int(b), int(c), float(d), int(e), float(f), float(g)) for a, b, c, d, e, f, g in LOG.findall(out)]
+
+
+def _without(args, *flags):
+    out = list(args)
+    for f in flags:
+        i = out.index(f)
+        del out[i:i + 2]
+    return out
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from tests.conftest import write_synthetic_data
@@ -97,16 +114,75 @@ def test_llama_style_arguments_train(data, tmp_path):
     assert all(loss == loss and loss < 6.0 for _, loss, _ in its)
 
 
-@pytest.mark.parametrize("extra,flag", [
+def test_sample_based_schedule_equals_iteration_based(data, tmp_path):
+    """--train-samples / --lr-warmup-samples / --lr-decay-samples: one outer step (K inner steps) consumes one
+    global batch, so Megatron's sample counts map to outer steps as samples / global batch: the sample-based run
+    (24 samples, warmup 8, decay 24, global batch 8) is the iteration-based run (3 iterations, warmup 1, decay 3)
+    step for step: consumed samples, learning rates, losses and G norms."""
+    iters = tiny_gpt(data) + ["--lr-decay-iters", "3", "--nexus-micro-steps", "2"]
+    samples = _without(iters, "--train-iters", "--lr-warmup-iters", "--lr-decay-iters") + [
+        "--train-samples", "24", "--lr-warmup-samples", "8", "--lr-decay-samples", "24"]
+    a = _log(_run(iters, 1, 29636, tmp_path).stdout)
+    b = _log(_run(samples, 1, 29637, tmp_path).stdout)
+    assert [r[:3] for r in a] == [(1, 3, 8), (2, 3, 16), (3, 3, 24)], a
+    assert a == b, (a, b)
+    assert a[0][3] == 3e-3 and a[1][3] < a[0][3]        # warmup over 8 samples, then the cosine decay
+
+
+def test_step_batch_size_schedule_keeps_k(data, tmp_path):
+    """--step-batch-size-schedule (Megatron-LM's successor of --rampup-batch-size): K = 2 inner steps per iteration
+    throughout; the iterations of global batch 4 (2 micro-batches) run passes of 1 micro-batch, those of batch 8
+    (4 micro-batches, from 256 tokens = 8 samples on) passes of 2 (the per-source iterator refuses to read more
+    than a pass's share): thresholds count tokens."""
+    args = _without(tiny_gpt(data), "--global-batch-size", "--train-iters", "--lr-warmup-iters") + [
+        "--step-batch-size-schedule", "0:4 256:8", "--train-samples", "24", "--lr-warmup-samples", "4"]
+    log = _log(_run(args, 1, 29638, tmp_path).stdout)
+    assert [(r[0], r[2], r[4]) for r in log] == [(1, 4, 4), (2, 8, 4), (3, 16, 8), (4, 24, 8)], log
+    assert all(r[5] == r[5] and r[5] < 6.0 for r in log)
+
+
+REFUSED = [
     (["--rampup-batch-size", "4", "4", "16"], "--rampup-batch-size"),
-    (["--num-experts", "4", "--moe-router-topk", "2"], "--num-experts"),      # Mixtral-style MoE
     (["--mtp-num-layers", "1", "--position-embedding-type", "rope"], "--mtp-num-layers"),
     (["--fp16"], "--fp16"),
     (["--eval-iters", "2"], "--eval-iters"),
-])
-def test_unsupported_flags_stop_before_training(data, tmp_path, extra, flag):
-    r = _run(tiny_gpt(data) + extra, 1, 29635, tmp_path, expect_ok=False)
+    (["--step-batch-size-schedule", "0:4 256:6"], "--step-batch-size-schedule"),   # 3 micro-batches, K = 2
+]
+
+
+def _parsed(argv):
+    """Megatron's own parse + validate of ``argv`` (in this process; no globals set, no distributed init)."""
+    from megatron.training.arguments import parse_args, validate_args
+    from nexus_megatron.engines.megatron.megatron_training import add_nexus_megatron_args
+    old = sys.argv
+    sys.argv = ["pretrain_gpt_nexus.py"] + list(argv)
+    try:
+        args = parse_args(add_nexus_megatron_args)
+    finally:
+        sys.argv = old
+    validate_args(args, {"tokenizer_type": "NullTokenizer"})
+    return args
+
+
+@pytest.mark.parametrize("extra,flag", REFUSED, ids=[f for _, f in REFUSED])
+def test_unsupported_flags_refused_naming_the_flag(extra, flag):
+    """What Nexus cannot run, parsed and validated by Megatron, is refused by the check the launcher runs before
+    any model is built (check_nexus_args), with an error that starts with the flag."""
+    from nexus_megatron.engines.megatron.megatron_training import check_nexus_args
+    from nexus_megatron.errors import NexusConfigError
+    base = tiny_gpt("/nonexistent")
+    if "--step-batch-size-schedule" in extra:                    # Megatron: not with --global-batch-size
+        base = _without(base, "--global-batch-size")
+    args = _parsed(base + extra)
+    with pytest.raises(NexusConfigError, match="^" + re.escape(flag)):
+        check_nexus_args(args)
+    check_nexus_args(_parsed(base + ["--step-batch-size-schedule", "0:4 256:8"] if "--step-batch-size-schedule"
+                             in extra else tiny_gpt("/nonexistent")))   # the same list without the flag passes
+
+
+def test_refused_flag_stops_the_launcher_before_training(data, tmp_path):
+    r = _run(tiny_gpt(data) + ["--rampup-batch-size", "4", "4", "16"], 1, 29635, tmp_path, expect_ok=False)
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert f"NexusConfigError: {flag}" in out, out[-3000:]
+    assert "NexusConfigError: --rampup-batch-size" in out, out[-3000:]
     assert " iteration " not in r.stdout

@@ -43,7 +43,8 @@ REFUSED = [
     ("--overlap-param-gather-with-optimizer-step", "overlap_param_gather_with_optimizer_step", bool,
      "the inner steps cannot dispatch the gather from Megatron's chained step; use --overlap-param-gather"),
     ("--rampup-batch-size", "rampup_batch_size", lambda v: v is not None,
-     "K inner steps per iteration are fixed at start-up; a growing batch would change K mid-run"),
+     "Megatron-LM deprecates it for --step-batch-size-schedule (megatron-core 0.19's loop ignores it); give the "
+     "ramp as --step-batch-size-schedule, which Nexus runs with K inner steps per iteration of N_t/K micro-batches"),
     ("--mtp-num-layers", "mtp_num_layers", lambda v: bool(v),
      "multi-token prediction with Nexus is not tested yet"),
     ("--context-parallel-size", "context_parallel_size", lambda v: (v or 1) > 1,
@@ -72,6 +73,34 @@ def check_nexus_args(args) -> None:
         raise NexusConfigError("--data-path: --optimizer nexus needs one path per source (W1 P1 W2 P2 ...)")
     if args.nexus_micro_steps is not None and args.nexus_micro_steps < 1:
         raise NexusConfigError(f"--nexus-micro-steps {args.nexus_micro_steps}: must be >= 1")
+    check_batch_size_schedule(args)
+
+
+def schedule_batch_sizes(schedule: str) -> list:
+    """The global batch sizes of Megatron's ``--step-batch-size-schedule "THRESHOLD:BS THRESHOLD:BS ..."``."""
+    try:
+        return [int(tok.rpartition(":")[2]) for tok in schedule.split()]
+    except ValueError:
+        raise NexusConfigError(f"--step-batch-size-schedule {schedule!r}: expected THRESHOLD:BATCH_SIZE pairs") from None
+
+
+def check_batch_size_schedule(args) -> None:
+    """Batch-size schedules under Nexus: an iteration is one outer step of K inner steps whatever its batch; K is
+    fixed for the run (``--nexus-micro-steps``, default: the micro-batch count N of the first stage) and an
+    iteration of N_t micro-batches runs K passes of N_t/K. Every stage's N_t must therefore be a multiple of K."""
+    schedule = getattr(args, "step_batch_size_schedule", None)
+    if not schedule:
+        return
+    unit = args.micro_batch_size * args.data_parallel_size * (getattr(args, "gtp_weight_remat_size", 1) or 1)
+    counts = [bs // unit for bs in schedule_batch_sizes(schedule)]
+    k = args.nexus_micro_steps or counts[0]
+    for bs, n in zip(schedule_batch_sizes(schedule), counts):
+        if n < 1 or n % k:
+            raise NexusConfigError(
+                f"--step-batch-size-schedule: global batch {bs} is {n} micro-batches of {unit} samples (micro batch "
+                f"x data-parallel size), not a multiple of K={k} inner steps per iteration (--nexus-micro-steps"
+                f"{'' if args.nexus_micro_steps else ', default: the first stage'}); give batch sizes whose "
+                "micro-batch counts K divides")
 
 
 def gpt_model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
