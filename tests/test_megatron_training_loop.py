@@ -59,6 +59,23 @@ def _iterations(out: str):
     return [(int(i), float(loss), float(g)) for i, loss, g in ITER.findall(out)]
 
 
+LOG = re.compile(r"iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) .*?learning rate: ([0-9.E+-]+) \| "
+                 r"global batch size:\s+(\d+) \| lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
+
+
+def _log(out: str):
+    """(iteration, of, consumed samples, learning rate, global batch, lm loss, grad norm) per logged iteration."""
+    return [(int(a), int(b), int(c), float(d), int(e), float(f), float(g)) for a, b, c, d, e, f, g in LOG.findall(out)]
+
+
+def _without(args, *flags):
+    out = list(args)
+    for f in flags:
+        i = out.index(f)
+        del out[i:i + 2]
+    return out
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from tests.conftest import write_synthetic_data
@@ -97,16 +114,139 @@ def test_llama_style_arguments_train(data, tmp_path):
     assert all(loss == loss and loss < 6.0 for _, loss, _ in its)
 
 
-@pytest.mark.parametrize("extra,flag", [
+def test_sample_based_schedule_equals_iteration_based(data, tmp_path):
+    """--train-samples / --lr-warmup-samples / --lr-decay-samples: one outer step (K inner steps) consumes one
+    global batch, so Megatron's sample counts map to outer steps as samples / global batch: the sample-based run
+    (24 samples, warmup 8, decay 24, global batch 8) is the iteration-based run (3 iterations, warmup 1, decay 3)
+    step for step: consumed samples, learning rates, losses and G norms."""
+    iters = tiny_gpt(data) + ["--lr-decay-iters", "3", "--nexus-micro-steps", "2"]
+    samples = _without(iters, "--train-iters", "--lr-warmup-iters", "--lr-decay-iters") + [
+        "--train-samples", "24", "--lr-warmup-samples", "8", "--lr-decay-samples", "24"]
+    a = _log(_run(iters, 1, 29636, tmp_path).stdout)
+    b = _log(_run(samples, 1, 29637, tmp_path).stdout)
+    assert [r[:3] for r in a] == [(1, 3, 8), (2, 3, 16), (3, 3, 24)], a
+    assert a == b, (a, b)
+    assert a[0][3] == 3e-3 and a[1][3] < a[0][3]        # warmup over 8 samples, then the cosine decay
+
+
+def test_step_batch_size_schedule_keeps_k(data, tmp_path):
+    """--step-batch-size-schedule (Megatron-LM's successor of --rampup-batch-size): K = 2 inner steps per iteration
+    throughout; the iterations of global batch 4 (2 micro-batches) run passes of 1 micro-batch, those of batch 8
+    (4 micro-batches, from 256 tokens = 8 samples on) passes of 2 (the per-source iterator refuses to read more
+    than a pass's share): thresholds count tokens."""
+    args = _without(tiny_gpt(data), "--global-batch-size", "--train-iters", "--lr-warmup-iters") + [
+        "--step-batch-size-schedule", "0:4 256:8", "--train-samples", "24", "--lr-warmup-samples", "4"]
+    log = _log(_run(args, 1, 29638, tmp_path).stdout)
+    assert [(r[0], r[2], r[4]) for r in log] == [(1, 4, 4), (2, 8, 4), (3, 16, 8), (4, 24, 8)], log
+    assert all(r[5] == r[5] and r[5] < 6.0 for r in log)
+
+
+def test_resume_through_megatron_loop_continues_the_run(data, tmp_path):
+    """--save / --load through Megatron's loop (dist_checkpointing, the distributed optimizer): 2 iterations,
+    save, resume for the third; the third iteration is the uninterrupted run's, to the printed digits (model,
+    Adam and Nexus state restored, and the per-source data positions, which Megatron's checkpoint does not hold,
+    replayed from the iteration count)."""
+    ck = str(tmp_path / "ck")
+    args = tiny_gpt(data) + ["--lr-decay-iters", "3", "--nexus-micro-steps", "2", "--use-distributed-optimizer"]
+    full = _log(_run(args, 1, 29644, tmp_path).stdout)
+    first = _log(_run(_without(args, "--train-iters") + ["--train-iters", "2", "--save", ck, "--save-interval", "2"],
+                      1, 29645, tmp_path).stdout)
+    rest = _log(_run(args + ["--load", ck], 1, 29646, tmp_path).stdout)
+    assert [r[0] for r in full] == [1, 2, 3] and [r[0] for r in first] == [1, 2] and [r[0] for r in rest] == [3]
+    def strip(log):                                  # without "of N iterations"
+        return [r[:1] + r[2:] for r in log]
+    assert strip(first) == strip(full[:2]) and strip(rest) == strip(full[2:]), (full, first, rest)
+
+
+def tiny_mixtral(data, iters=2):
+    """Modelled on Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh (shapes cut; bf16 and
+    --moe-grouped-gemm removed: the grouped GEMM kernels need a GPU): RMSNorm, SwiGLU, RoPE, GQA, untied
+    embeddings, no biases, 4 experts, top-2 routing with the auxiliary load-balancing loss, the all-to-all token
+    dispatcher, the distributed optimizer with overlapped grad reduce / param gather."""
+    return _without(tiny_gpt(data, iters), "--init-method-std") + [
+        "--init-method-std", "0.01", "--ffn-hidden-size", "64", "--normalization", "RMSNorm", "--swiglu",
+        "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+        "--group-query-attention", "--num-query-groups", "2", "--lr-decay-iters", "3",
+        "--num-experts", "4", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-aux-loss-coeff", "1e-2", "--moe-token-dispatcher-type", "alltoall",
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+        "--nexus-micro-steps", "2"]
+
+
+def test_moe_ep2_through_megatron_loop_equals_single_process(data, tmp_path):
+    """Mixture of experts with expert parallelism 2 on 2 ranks (each rank holds 2 of the 4 experts, the dense
+    parameters are data-parallel over both) trains exactly like 1 process holding every expert: same losses, G
+    norms (every parameter counted once: Megatron's dense and expert optimizers reduce their norms over their own
+    model-parallel groups) and so the same P and gamma. Both start from one dist_checkpointing checkpoint of a
+    trained step (Megatron's --load --finetune; the expert weights are resharded from EP=1 to EP=2), which is
+    also what makes the initial weights equal: Megatron draws expert weights per EP rank."""
+    ck = str(tmp_path / "ck")
+    first = _without(tiny_mixtral(data), "--train-iters", "--lr-warmup-iters") + [
+        "--train-iters", "1", "--lr-warmup-iters", "0", "--save", ck, "--save-interval", "1"]   # lr > 0 at step 1
+    a = _log(_run(first, 1, 29641, tmp_path).stdout)
+    resume = tiny_mixtral(data) + ["--load", ck, "--finetune", "--no-load-optim", "--no-load-rng"]
+    one = _log(_run(resume, 1, 29642, tmp_path).stdout)
+    two = _log(_run(resume + ["--expert-model-parallel-size", "2"], 2, 29643, tmp_path).stdout)
+    assert [r[0] for r in one] == [1, 2] == [r[0] for r in two], (one, two)
+    assert abs(one[0][5] - a[0][5]) > 1e-4          # the checkpoint's weights were loaded (same batches)
+    for r1, r2 in zip(one, two):                    # the DP mean of the loss rounds in the 7th digit
+        assert r1[:5] == r2[:5] and abs(r1[5] - r2[5]) <= 2e-6 * abs(r1[5]) and r1[6] == r2[6], (one, two)
+
+
+REFUSED = [
     (["--rampup-batch-size", "4", "4", "16"], "--rampup-batch-size"),
-    (["--num-experts", "4", "--moe-router-topk", "2"], "--num-experts"),      # Mixtral-style MoE
     (["--mtp-num-layers", "1", "--position-embedding-type", "rope"], "--mtp-num-layers"),
     (["--fp16"], "--fp16"),
     (["--eval-iters", "2"], "--eval-iters"),
-])
-def test_unsupported_flags_stop_before_training(data, tmp_path, extra, flag):
-    r = _run(tiny_gpt(data) + extra, 1, 29635, tmp_path, expect_ok=False)
+    (["--step-batch-size-schedule", "0:4 256:6"], "--step-batch-size-schedule"),   # 3 micro-batches, K = 2
+    (["--nexus-layout", "source-parallel"], "--nexus-layout source-parallel"),
+]
+
+
+def _parsed(argv):
+    """Megatron's own parse + validate of ``argv`` (in this process; no globals set, no distributed init)."""
+    from megatron.training.arguments import parse_args, validate_args
+    from nexus_megatron.engines.megatron.megatron_training import add_nexus_megatron_args
+    old = sys.argv
+    sys.argv = ["pretrain_gpt_nexus.py"] + list(argv)
+    try:
+        args = parse_args(add_nexus_megatron_args)
+    finally:
+        sys.argv = old
+    validate_args(args, {"tokenizer_type": "NullTokenizer"})
+    return args
+
+
+@pytest.mark.parametrize("extra,flag", REFUSED, ids=[f for _, f in REFUSED])
+def test_unsupported_flags_refused_naming_the_flag(extra, flag):
+    """What Nexus cannot run, parsed and validated by Megatron, is refused by the check the launcher runs before
+    any model is built (check_nexus_args), with an error that starts with the flag."""
+    from nexus_megatron.engines.megatron.megatron_training import check_nexus_args
+    from nexus_megatron.errors import NexusConfigError
+    base = tiny_gpt("/nonexistent")
+    if "--step-batch-size-schedule" in extra:                    # Megatron: not with --global-batch-size
+        base = _without(base, "--global-batch-size")
+    args = _parsed(base + extra)
+    with pytest.raises(NexusConfigError, match="^" + re.escape(flag)):
+        check_nexus_args(args)
+    check_nexus_args(_parsed(base + ["--step-batch-size-schedule", "0:4 256:8"] if "--step-batch-size-schedule"
+                             in extra else tiny_gpt("/nonexistent")))   # the same list without the flag passes
+
+
+def test_refused_flag_stops_the_launcher_before_training(data, tmp_path):
+    r = _run(tiny_gpt(data) + ["--rampup-batch-size", "4", "4", "16"], 1, 29635, tmp_path, expect_ok=False)
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert f"NexusConfigError: {flag}" in out, out[-3000:]
+    assert "NexusConfigError: --rampup-batch-size" in out, out[-3000:]
     assert " iteration " not in r.stdout
+
+
+def test_optimizer_nexus_is_adam_to_megatrons_validation():
+    """Megatron's validate_args treats an optimizer other than sgd/adam as an "emerging" one and swaps
+    --use-distributed-optimizer for its layer-wise distributed optimizer: --optimizer nexus must reach it as the
+    outer optimizer, adam, with the distributed optimizer left as asked."""
+    args = _parsed(tiny_gpt("/nonexistent") + ["--use-distributed-optimizer"])
+    assert args.nexus_optimizer and args.optimizer == "adam"
+    assert args.use_distributed_optimizer and not getattr(args, "use_layer_wise_distributed_optimizer", False)
+    plain = _parsed(_without(tiny_gpt("/nonexistent"), "--optimizer") + ["--optimizer", "adam"])
+    assert not plain.nexus_optimizer and plain.optimizer == "adam"

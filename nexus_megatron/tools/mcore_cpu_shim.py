@@ -43,6 +43,9 @@ class _NullStream:
     def __getattr__(self, name):
         return lambda *a, **k: None
 
+    def record_event(self, *a, **k):          # a stream's event (MoE's token dispatcher synchronizes on it)
+        return _NullStream()
+
     def elapsed_time(self, other):
         return 0.0
 
@@ -60,12 +63,28 @@ _MODE = None
 _PATCHED = False
 
 
+def _split_sizes_as_lists():
+    """MoE's all-to-all token dispatcher passes its split sizes as numpy arrays (copied to the host on a side
+    stream); torch's c10d binding accepts only sequences of ints there. Hand it lists."""
+    import torch.distributed as dist
+    real = dist.all_to_all_single
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                          async_op=False):
+        def as_list(s):
+            return None if s is None else [int(x) for x in s]
+        return real(output, input, as_list(output_split_sizes), as_list(input_split_sizes), group=group,
+                    async_op=async_op)
+    dist.all_to_all_single = all_to_all_single
+
+
 def patch_megatron_for_cpu(fake_cuda_tensor_type=True):
     """Idempotent. Call at the start of a worker process, before building megatron models."""
     global _MODE, _PATCHED
     if _PATCHED:
         return
     _PATCHED = True
+    _split_sizes_as_lists()
     torch.cuda.current_device = lambda: _CPU            # buffers allocated on device=current_device()
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()   # "CUDA" RNG := CPU RNG

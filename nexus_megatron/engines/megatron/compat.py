@@ -79,6 +79,18 @@ def full_grad_norm(inner) -> float:
     return math.sqrt(sq)
 
 
+def is_tensor_parallel_duplicate(param, opt) -> bool:
+    """Whether ``param`` (a parameter of Megatron optimizer ``opt``) is a tensor-parallel replica that a norm must
+    skip. Expert parameters (``allreduce=False``) are filtered over the expert tensor-parallel group (0.17+
+    passes ``opt.expert_tp_group``; 0.16 has one tensor-parallel group)."""
+    import inspect
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate as unique
+    kw = {"tp_group": getattr(opt, "tp_group", None)}
+    if "expert_tp_group" in inspect.signature(unique).parameters:
+        kw["expert_tp_group"] = getattr(opt, "expert_tp_group", None)
+    return not unique(param, **kw)
+
+
 def prepare_model_params_for_param_sync(opt) -> None:
     """0.17+: stage the optimizer-owned model params before an explicit DDP param sync (a no-op except for
     MXFP8 params that reuse the grad buffer); 0.16: nothing to do."""

@@ -169,6 +169,13 @@ class SourceRoutedIterator:
         self._mixture_step = None
 
     # -- Nexus: one source per pass ----------------------------------------------------------------
+    def set_pass_micro_batches(self, n: int):
+        """Micro-batches per pass from now on: Megatron's batch-size schedules (``--step-batch-size-schedule``)
+        change the number N of micro-batches per iteration while K stays fixed, so a pass reads N/K."""
+        if int(n) < 1:
+            raise DataError(f"SourceRoutedIterator: {n} micro-batches per pass")
+        self.per_pass = int(n)
+
     def set_micro_step(self, source: int, step: int, micro: int):
         per = self.mbs * self.per_pass
         reader, _ = self.layout.readers(source, step, micro)

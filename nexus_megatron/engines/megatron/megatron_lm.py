@@ -321,4 +321,33 @@ def nexus_datasets_provider(train_val_test_num_samples, vp_stage=None):
     per_pass = n_mb // (settings.micro_steps or n_mb)
     it = build_source_iterator(_groups(settings).layout, parse_data_path(args.data_path), args.seq_length,
                                args.micro_batch_size, per_pass, seed=args.seed, split=args.split)
+    iteration = int(getattr(args, "iteration", 0) or 0)
+    if iteration:
+        opt = settings.state.get("optimizer")     # built before the data (setup_model_and_optimizer)
+        skip_resumed_iterations(it, iteration, getattr(opt, "micro_steps", None) or settings.micro_steps)
     return it, None, None
+
+
+def skip_resumed_iterations(it, iterations: int, micro_steps=None) -> None:
+    """Megatron-LM's loop resumed at ``iterations`` (``--load``; its checkpoint has no per-source data
+    positions): advance the per-source counters over the passes those iterations read, with each iteration's
+    micro-batch count from Megatron's batch-size calculator (constant, or ``--step-batch-size-schedule``) and
+    the layout's source draw of each pass, so the run continues on the samples it had not read yet."""
+    from megatron.core.num_microbatches_calculator import (get_current_global_batch_size, get_num_microbatches,
+                                                           update_num_microbatches)
+    from megatron.training import get_args
+    args = get_args()
+    layout = it.layout
+    consumed = 0
+    try:
+        for step in range(iterations):
+            update_num_microbatches(consumed, consistency_check=False)
+            n = get_num_microbatches()
+            k = micro_steps or n             # None: one inner step per micro-batch
+            it.set_pass_micro_batches(n // k)
+            for m in range(k):
+                it.set_micro_step(layout.source_for(step, m), step, m)
+            consumed += get_current_global_batch_size()
+    finally:
+        update_num_microbatches(int(getattr(args, "consumed_train_samples", consumed) or consumed),
+                                consistency_check=False)

@@ -21,12 +21,23 @@ NEXUS = "nexus"
 
 def add_nexus_megatron_args(parser):
     """``extra_args_provider``: the --nexus-* / --sharpness-* flags, and ``nexus`` as a choice of Megatron's
-    ``--optimizer``."""
+    ``--optimizer``. ``--optimizer nexus`` is stored as ``optimizer='adam'`` (the outer optimizer) with
+    ``nexus_optimizer=True``: Megatron's ``validate_args`` runs before anyone else sees the arguments, and it
+    treats any optimizer but sgd/adam as an "emerging" one (it turns --use-distributed-optimizer into its
+    layer-wise distributed optimizer)."""
     add_nexus_args(parser)
+    parser.set_defaults(nexus_optimizer=False)
     for action in parser._actions:          # argparse has no public accessor for an action's choices
         if "--optimizer" in action.option_strings and action.choices is not None:
             action.choices = list(action.choices) + [NEXUS]
+            action.__class__ = type("NexusOuterOptimizerAction", (type(action),), {"__call__": _store_optimizer})
     return parser
+
+
+def _store_optimizer(self, parser, namespace, values, option_string=None):
+    nexus = values == NEXUS
+    setattr(namespace, "nexus_optimizer", nexus)
+    setattr(namespace, self.dest, "adam" if nexus else values)
 
 
 # (flag, attribute, predicate that refuses, why)
@@ -43,14 +54,12 @@ REFUSED = [
     ("--overlap-param-gather-with-optimizer-step", "overlap_param_gather_with_optimizer_step", bool,
      "the inner steps cannot dispatch the gather from Megatron's chained step; use --overlap-param-gather"),
     ("--rampup-batch-size", "rampup_batch_size", lambda v: v is not None,
-     "K inner steps per iteration are fixed at start-up; a growing batch would change K mid-run"),
+     "Megatron-LM deprecates it for --step-batch-size-schedule (megatron-core 0.19's loop ignores it); give the "
+     "ramp as --step-batch-size-schedule, which Nexus runs with K inner steps per iteration of N_t/K micro-batches"),
     ("--mtp-num-layers", "mtp_num_layers", lambda v: bool(v),
      "multi-token prediction with Nexus is not tested yet"),
     ("--context-parallel-size", "context_parallel_size", lambda v: (v or 1) > 1,
      "context parallelism with Nexus is not tested yet"),
-    ("--expert-model-parallel-size", "expert_model_parallel_size", lambda v: (v or 1) > 1,
-     "expert parallelism with Nexus is not tested yet"),
-    ("--num-experts", "num_experts", lambda v: bool(v), "mixture of experts with Nexus is not tested yet"),
     ("--optimizer-cuda-graph", "optimizer_cuda_graph", bool, "Nexus's optimizer step cannot be graph-captured"),
     ("--cuda-graph-impl", "cuda_graph_impl", lambda v: v not in (None, "none"),
      "CUDA graphs capture a fixed schedule; Nexus runs K passes with an inner step after each"),
@@ -68,10 +77,43 @@ def check_nexus_args(args) -> None:
     if (getattr(args, "eval_iters", 0) or 0) > 0 and not getattr(args, "skip_train", False):
         raise NexusConfigError(f"--eval-iters {args.eval_iters}: validation inside Megatron's loop is not wired for "
                                "--optimizer nexus yet (its data provider has no validation split); give --eval-iters 0")
+    if getattr(args, "nexus_layout", "sequential") == "source-parallel":
+        raise NexusConfigError("--nexus-layout source-parallel: Megatron's own loop builds the model and its DDP "
+                               "inside megatron.training with Megatron's data-parallel groups, which would sum the "
+                               "sources before Nexus normalizes them; use --nexus-layout sequential here, or "
+                               "source-parallel through the library API (docs/megatron.md §3)")
     if not getattr(args, "data_path", None):
         raise NexusConfigError("--data-path: --optimizer nexus needs one path per source (W1 P1 W2 P2 ...)")
     if args.nexus_micro_steps is not None and args.nexus_micro_steps < 1:
         raise NexusConfigError(f"--nexus-micro-steps {args.nexus_micro_steps}: must be >= 1")
+    check_batch_size_schedule(args)
+
+
+def schedule_batch_sizes(schedule: str) -> list:
+    """The global batch sizes of Megatron's ``--step-batch-size-schedule "THRESHOLD:BS THRESHOLD:BS ..."``."""
+    try:
+        return [int(tok.rpartition(":")[2]) for tok in schedule.split()]
+    except ValueError:
+        raise NexusConfigError(f"--step-batch-size-schedule {schedule!r}: expected THRESHOLD:BATCH_SIZE pairs") from None
+
+
+def check_batch_size_schedule(args) -> None:
+    """Batch-size schedules under Nexus: an iteration is one outer step of K inner steps whatever its batch; K is
+    fixed for the run (``--nexus-micro-steps``, default: the micro-batch count N of the first stage) and an
+    iteration of N_t micro-batches runs K passes of N_t/K. Every stage's N_t must therefore be a multiple of K."""
+    schedule = getattr(args, "step_batch_size_schedule", None)
+    if not schedule:
+        return
+    unit = args.micro_batch_size * args.data_parallel_size * (getattr(args, "gtp_weight_remat_size", 1) or 1)
+    counts = [bs // unit for bs in schedule_batch_sizes(schedule)]
+    k = args.nexus_micro_steps or counts[0]
+    for bs, n in zip(schedule_batch_sizes(schedule), counts):
+        if n < 1 or n % k:
+            raise NexusConfigError(
+                f"--step-batch-size-schedule: global batch {bs} is {n} micro-batches of {unit} samples (micro batch "
+                f"x data-parallel size), not a multiple of K={k} inner steps per iteration (--nexus-micro-steps"
+                f"{'' if args.nexus_micro_steps else ', default: the first stage'}); give batch sizes whose "
+                "micro-batch counts K divides")
 
 
 def gpt_model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
@@ -119,7 +161,7 @@ def enable_nexus_from_parsed_args(args, training_module=None):
     ``--optimizer nexus``, refuse what Nexus cannot run (naming the flag), make Adam the outer optimizer and patch
     ``megatron.training.training`` (:func:`~.megatron_lm.enable_nexus`). Returns the settings, or None without
     ``--optimizer nexus``. The train dataset provider is then :func:`~.megatron_lm.nexus_datasets_provider`."""
-    if args.optimizer != NEXUS:
+    if not (getattr(args, "nexus_optimizer", False) or args.optimizer == NEXUS):
         return None
     from megatron.training import training as T
     check_nexus_args(args)

@@ -79,7 +79,8 @@ from ...errors import NexusConfigError
 from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum, sum_sq
 from ...nexus import NexusConfig
 from ...outer import BookViews, OuterBook, RandomDirectionControl, check_resume
-from .compat import full_grad_norm, prepare_model_params_for_param_sync as compat_prepare_param_sync
+from .compat import (full_grad_norm, is_tensor_parallel_duplicate,
+                     prepare_model_params_for_param_sync as compat_prepare_param_sync)
 from .groups import NexusGroups
 from .version import check_megatron_core_version
 
@@ -91,7 +92,6 @@ from megatron.core.optimizer.optimizer import (  # noqa: E402
     MixedPrecisionOptimizer,
 )
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # noqa: E402
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate  # noqa: E402
 from megatron.core.transformer.module import param_is_not_shared  # noqa: E402
 
 NEXUS_STATE_KEY = "nexus"
@@ -409,11 +409,10 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         """Number of logical parameters in the norm (TP duplicates and shared params once): the P of
         gamma_mode='update'."""
         total = 0
-        tp_group = getattr(self.inner, "tp_group", None) or getattr(self.children[0], "tp_group", None)
-        for child in self.children:
+        for child in self.children:      # the dense and the expert optimizer (MoE) each over their own groups
             n = 0
             for p in _main_params(child):
-                if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p, tp_group):
+                if param_is_not_shared(p) and not is_tensor_parallel_duplicate(p, child):
                     n += p.numel()
             t = torch.tensor([float(n)], dtype=torch.float64, device=self._device)
             group = child.get_grad_stats_parallel_group()
@@ -479,6 +478,12 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         DDP grad buffers. Collective over the whole job. Returns the per-source norms (fp64 [K])."""
         book = self.book
         k = self.micro_steps
+        if book.inner_steps == 0 and not book.poisoned:
+            # theta_t is whatever the main params hold when the outer step begins. Between outer steps they
+            # equal the anchor, unless something outside the optimizer set them: Megatron-LM's checkpoint load
+            # without the optimizer state (--finetune, --no-load-optim) writes the model params (= the fp32
+            # main params, or their views) and tells no one. One copy per outer step keeps the anchor honest.
+            self._load_anchor_from_main()
         gamma = book.begin_micro(self.current_lr(), self.num_norm_params, who="NexusMegatronOptimizer.inner_step")
         m = book.inner_steps
         if book.poisoned:   # the outer step is lost already (the same on every rank): no collectives

@@ -3,7 +3,8 @@
 What megatron-core 0.16 (``torch_dist`` backend) reads when it loads a checkpoint, and with what:
 
 - ``metadata.json``: JSON (the backends to use).
-- ``common.pt`` (iteration, scheduler, client state, the Nexus counters): ``torch.load`` without a
+- ``common.pt`` (iteration, scheduler, client state, the Nexus counters; megatron-core 0.19 writes no
+  ``common.pt`` but a ``common_state`` sharded object that it reads with ``weights_only=True``): ``torch.load`` without a
   ``weights_only`` argument, i.e. torch's default; torch >= 2.6 defaults to ``weights_only=True`` unless
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set. We read it ourselves first with ``weights_only=True``.
 - ``.metadata`` (torch.distributed.checkpoint's index of the shards): ``pickle.load``, unrestricted, in
@@ -111,7 +112,9 @@ def safe_dist_checkpointing(path: str):
 
     require_format(path, read_marker(path), path)
     _check_backends(path)
-    safe_torch_load(os.path.join(path, "common.pt"))
+    common = os.path.join(path, "common.pt")
+    if os.path.exists(common):   # 0.16; 0.19 keeps the common state as a sharded object of the DCP checkpoint
+        safe_torch_load(common)  # (read back with torch.load(weights_only=True) by megatron-core itself)
     planner_cls = mcore_torch.MCoreLoadPlanner
     refused = []
     orig_load_bytes = planner_cls.load_bytes

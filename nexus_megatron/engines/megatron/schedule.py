@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from ...errors import NexusConfigError
 
 
-def _set_source(data_iterator, source: int, step: int, micro: int):
+def _set_source(data_iterator, source: int, step: int, micro: int, per_pass: int):
     its = data_iterator if isinstance(data_iterator, (list, tuple)) else [data_iterator]
     for it in its:
         for _ in range(8):   # look through wrappers such as Megatron-LM's RerunDataIterator(.iterable)
@@ -27,6 +27,8 @@ def _set_source(data_iterator, source: int, step: int, micro: int):
                 break
             it = getattr(it, "iterable", None)
         if it is not None and hasattr(it, "set_micro_step"):
+            if hasattr(it, "set_pass_micro_batches"):
+                it.set_pass_micro_batches(per_pass)
             it.set_micro_step(source, step, micro)
 
 
@@ -56,7 +58,7 @@ def nexus_forward_backward(optimizer, forward_backward_func: Optional[Callable] 
         per = n // k
         losses = []
         for m in range(k):
-            _set_source(kwargs["data_iterator"], optimizer.source_for(m), optimizer.iteration, m)
+            _set_source(kwargs["data_iterator"], optimizer.source_for(m), optimizer.iteration, m, per)
             if getattr(optimizer, "poisoned", False):
                 # NaN/Inf earlier in this outer step, on some rank: the step will be skipped whatever the
                 # remaining passes compute, so spare them (the data positions still advance).

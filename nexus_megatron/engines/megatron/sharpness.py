@@ -381,6 +381,10 @@ class RecordingIterator:
     def set_micro_step(self, *a, **k):
         return self.iterable.set_micro_step(*a, **k)
 
+    def set_pass_micro_batches(self, n):
+        if hasattr(self.iterable, "set_pass_micro_batches"):
+            self.iterable.set_pass_micro_batches(n)
+
     def take(self) -> list:
         out, self.batches = self.batches, []
         return out
