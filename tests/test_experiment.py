@@ -290,6 +290,12 @@ def test_experiment_end_to_end_and_skip_on_rerun(synthetic_data, tmp_path, capsy
     m = json.load(open(out / "adamw_matched" / "seed0" / "match.json"))
     assert m["target_arm"] == "nexus_seq" and 0 <= m["extra_steps"] <= 4 and m["extra_steps"] % 2 == 0
     assert m["reached"] == (m["loss"] <= m["target_loss"])
+    # the primary endpoint: the OOD loss on the reference's own curve at the target's ID loss (first crossing)
+    from nexus_megatron.study.stats import value_at_first_crossing
+    at = value_at_first_crossing(m["curve"], m["target_loss"])
+    assert m["curve"][0][0] == 4 and (at is None) == (m["ood_at_target"] is None) == (not m["reached"])
+    if at is not None:
+        assert m["ood_at_target"] == at["value"] and m["extra_steps_at_target"] == at["step"] - 4
     mm = [json.loads(l) for l in open(out / "adamw_matched" / "seed0" / "metrics.jsonl")]
     assert [r["step"] for r in mm] == list(range(1, 5 + m["extra_steps"]))
     assert all(r["lr"] == pytest.approx(m["lr"]) for r in mm[4:])   # continued at the final lr

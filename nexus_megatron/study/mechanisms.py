@@ -1,4 +1,4 @@
-"""Mechanism measures of one final checkpoint (docs/results.md#mechanisms, issue 19), each built on a pure
+"""Mechanism measures of one final checkpoint (docs/results.md, "Mechanism measures"; issue 19), each built on a pure
 estimator of :mod:`.stats`:
 
 * **noise-corrected cross-source gradient cosine**: each source's validation sequences split into two

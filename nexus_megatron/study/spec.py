@@ -64,7 +64,7 @@ class MatchedSpec:
 
 @dataclass
 class LrSweepSpec:
-    """The pre-registered lr choice of the reference (docs/results.md#pre-registration): the arm ``arm`` is
+    """The pre-registered lr choice of the reference (docs/results.md, "Pre-registration"): the arm ``arm`` is
     trained at each lr of ``values`` on the selection seeds ``seeds`` (kept apart from the study's seeds);
     the lr with the lowest mean final ID validation loss is selected and used by every arm in ``apply_to``."""
     enabled: bool = False
