@@ -135,7 +135,8 @@ class Nexus(BookViews):
         self._dsum_views = self._views(self.d_sum)
         self.grad_copies = 0
         """Gradient tensors of the last micro-step that were not the buffer's views (copied in, views re-attached)."""
-        self._attach_grads()
+        self._collect_grads()   # a gradient already there (a backward before the optimizer was built) is kept
+        self.grad_copies = 0
         self._load_anchor_from_params()
         self.random_delta = None
         self.control: Optional[RandomDirectionControl] = None

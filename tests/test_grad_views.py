@@ -127,3 +127,13 @@ def test_lr_zero_first_step_with_views_is_exact():
         want.append(g / g.norm())
     G = sum(want) / K_MICRO
     assert torch.allclose(opt.d_sum.double() / K_MICRO, G, rtol=1e-5, atol=1e-7)
+
+
+def test_a_gradient_present_when_the_optimizer_is_built_is_kept():
+    model = Net()
+    model.loss(0).backward()
+    want = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
+    outer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = Nexus(model.parameters(), outer, build_layout(LayoutConfig(mode="sequential", sources=("a",))),
+                NexusConfig(gamma=0.5, gamma_mode="update"), micro_steps=1)
+    assert torch.equal(opt.flat_grad, want) and all(_is_view(p, opt) for p in opt.params)
