@@ -89,13 +89,17 @@ class ToyProblem:
         return (0.9, 0.999), 1e-8
 
     def grad(self, spec, i, t, m, readers):
+        """Source i's gradient: the mean of its readers' gradients (summed in their dtype, as the engine reduces)."""
         total = None
         for r in range(readers):
-            x, y = batch(i, t, m, r)
-            gs = torch.autograd.grad(loss_fn(self.model, x, y) * loss_scale(spec, i), self.params)
-            g = torch.cat([q.reshape(-1) for q in gs])
+            g = self.reader_grad(spec, i, t, m, r)
             total = g if total is None else total + g
-        return total / readers
+        return (total / readers).float()
+
+    def reader_grad(self, spec, i, t, m, r):
+        x, y = batch(i, t, m, r)
+        gs = torch.autograd.grad(loss_fn(self.model, x, y) * loss_scale(spec, i), self.params)
+        return torch.cat([q.reshape(-1) for q in gs])
 
     def snapshot(self):
         return flat_params(self.model)
@@ -126,13 +130,12 @@ class BF16ToyProblem(ToyProblem):
         with torch.no_grad():
             for b, p in zip(self.bf_params, self.params):
                 b.copy_(p)                       # fp32 -> bf16, round to nearest even
-        total = None
-        for r in range(readers):
-            x, y = batch(i, t, m, r)
-            gs = torch.autograd.grad(bf16_loss(self.bf, x, y) * loss_scale(spec, i), self.bf_params)
-            g = torch.cat([q.reshape(-1) for q in gs])
-            total = g if total is None else total + g
-        return (total / readers).float()
+        return super().grad(spec, i, t, m, readers)   # the readers' bf16 gradients averaged in bf16
+
+    def reader_grad(self, spec, i, t, m, r):
+        x, y = batch(i, t, m, r)
+        gs = torch.autograd.grad(bf16_loss(self.bf, x, y) * loss_scale(spec, i), self.bf_params)
+        return torch.cat([q.reshape(-1) for q in gs])
 
 
 def _set(params, flat):
