@@ -110,6 +110,8 @@ def test_megatron_conforms():
             key = f"{v}/{spec['name']}"
             if C.megatron_skip(v, spec):
                 assert all(key not in r for r in res), key
+                assert key in C.MP_SOURCE_PARALLEL or key in C.NOT_SUPPORTED["megatron"] or \
+                    spec["name"] in C.NOT_SUPPORTED["megatron"], key
                 if spec["control"] != "none":   # refused on every rank, naming the setting
                     for r in res:
                         msg = r[f"refused/{key}"]
@@ -134,3 +136,46 @@ def test_megatron_conforms():
     assert not failures, "\n".join(failures)
     names = {k.split("/", 1)[1] for r in res for k in r if not k.startswith("refused/")}
     assert names | set(C.NOT_SUPPORTED["megatron"]) >= {s["name"] for s in C.SCENARIOS}
+
+
+def _merge_stages(runs):
+    """One history of the whole model from the ranks' per-stage (and replicated) {name: tensor} histories,
+    checking that every rank holding a parameter holds the same value."""
+    merged = dict(runs[0])
+    hist = []
+    for t in range(len(runs[0]["hist"])):
+        full = {}
+        for r in runs:
+            for name, v in r["hist"][t].items():
+                if name in full:
+                    assert C.rel_err(v, full[name]) == 0.0 or C.rel_err(v, full[name]) < 1e-12, name
+                full[name] = v
+        hist.append(full)
+    merged["hist"] = hist
+    return merged
+
+
+def test_megatron_model_parallel_source_parallel_conforms():
+    """The source-parallel rows under TP=2 and PP=2 (weighted sources, a vanishing source, NaN on one rank, the
+    warmup from lr 0): a 4-rank job, so that TP=2 / PP=2 leave DP=2, one rank per source."""
+    pytest.importorskip("megatron.core")
+    variants = ["tp2", "pp2"]
+    specs = [s for s in C.SCENARIOS if s["mode"] == "source-parallel"]
+    res = run_distributed(C.megatron_worker, 4, variants, specs, timeout=1500)
+    jobs, checks = {}, []
+    for key in C.MP_SOURCE_PARALLEL:
+        v, name = key.split("/", 1)
+        spec = next(s for s in specs if s["name"] == name)
+        got = _merge_stages([r[key] for r in res])
+        ref_key = (name, 2, tuple(got["lrs"]))
+        jobs[ref_key] = (ref_key, spec, 2, list(got["lrs"]))
+        checks.append((got, spec, ref_key, f"megatron 4 ranks {key}"))
+    assert len(checks) == 2 * len(specs)
+    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
+    failures = []
+    for got, spec, ref_key, label in checks:
+        try:
+            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
