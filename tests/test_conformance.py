@@ -97,6 +97,19 @@ def test_deepspeed_conforms(references):
     assert ran | set(C.NOT_SUPPORTED["deepspeed"]) == {s["name"] for s in C.SCENARIOS}
 
 
+def _check_against_gpt_reference(jobs, checks):
+    """Run the single-process GPT references of ``jobs`` ({key: (key, spec, dp, lrs)}) in one process and check
+    every ``(history, spec, key, label)`` of ``checks`` against its reference (all failures reported at once)."""
+    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
+    failures = []
+    for got, spec, ref_key, label in checks:
+        try:
+            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
 def test_megatron_conforms():
     """DDP and the distributed optimizer (DP=2), TP=2 and PP=2 (DP=1): every scenario they can run."""
     pytest.importorskip("megatron.core")
@@ -126,14 +139,7 @@ def test_megatron_conforms():
             ref_key = (spec["name"], dp, tuple(runs[0]["lrs"]))
             jobs[ref_key] = (ref_key, spec, dp, list(runs[0]["lrs"]))
             checks += [(runs[i], spec, ref_key, f"megatron {key} rank {i}") for i in range(len(runs))]
-    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
-    failures = []
-    for got, spec, ref_key, label in checks:
-        try:
-            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
-        except AssertionError as e:
-            failures.append(str(e).splitlines()[0])
-    assert not failures, "\n".join(failures)
+    _check_against_gpt_reference(jobs, checks)
     names = {k.split("/", 1)[1] for r in res for k in r if not k.startswith("refused/")}
     assert names | set(C.NOT_SUPPORTED["megatron"]) >= {s["name"] for s in C.SCENARIOS}
 
@@ -171,11 +177,4 @@ def test_megatron_model_parallel_source_parallel_conforms():
         jobs[ref_key] = (ref_key, spec, 2, list(got["lrs"]))
         checks.append((got, spec, ref_key, f"megatron 4 ranks {key}"))
     assert len(checks) == 2 * len(specs)
-    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
-    failures = []
-    for got, spec, ref_key, label in checks:
-        try:
-            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
-        except AssertionError as e:
-            failures.append(str(e).splitlines()[0])
-    assert not failures, "\n".join(failures)
+    _check_against_gpt_reference(jobs, checks)
