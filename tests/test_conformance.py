@@ -97,6 +97,19 @@ def test_deepspeed_conforms(references):
     assert ran | set(C.NOT_SUPPORTED["deepspeed"]) == {s["name"] for s in C.SCENARIOS}
 
 
+def _check_against_gpt_reference(jobs, checks):
+    """Run the single-process GPT references of ``jobs`` ({key: (key, spec, dp, lrs)}) in one process and check
+    every ``(history, spec, key, label)`` of ``checks`` against its reference (all failures reported at once)."""
+    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
+    failures = []
+    for got, spec, ref_key, label in checks:
+        try:
+            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
 def test_megatron_conforms():
     """DDP and the distributed optimizer (DP=2), TP=2 and PP=2 (DP=1): every scenario they can run."""
     pytest.importorskip("megatron.core")
@@ -110,6 +123,8 @@ def test_megatron_conforms():
             key = f"{v}/{spec['name']}"
             if C.megatron_skip(v, spec):
                 assert all(key not in r for r in res), key
+                assert key in C.MP_SOURCE_PARALLEL or key in C.NOT_SUPPORTED["megatron"] or \
+                    spec["name"] in C.NOT_SUPPORTED["megatron"], key
                 if spec["control"] != "none":   # refused on every rank, naming the setting
                     for r in res:
                         msg = r[f"refused/{key}"]
@@ -124,13 +139,42 @@ def test_megatron_conforms():
             ref_key = (spec["name"], dp, tuple(runs[0]["lrs"]))
             jobs[ref_key] = (ref_key, spec, dp, list(runs[0]["lrs"]))
             checks += [(runs[i], spec, ref_key, f"megatron {key} rank {i}") for i in range(len(runs))]
-    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
-    failures = []
-    for got, spec, ref_key, label in checks:
-        try:
-            _check(got, spec, lambda s, lrs, k=ref_key: refs[k], label, start=None)
-        except AssertionError as e:
-            failures.append(str(e).splitlines()[0])
-    assert not failures, "\n".join(failures)
+    _check_against_gpt_reference(jobs, checks)
     names = {k.split("/", 1)[1] for r in res for k in r if not k.startswith("refused/")}
     assert names | set(C.NOT_SUPPORTED["megatron"]) >= {s["name"] for s in C.SCENARIOS}
+
+
+def _merge_stages(runs):
+    """One history of the whole model from the ranks' per-stage (and replicated) {name: tensor} histories,
+    checking that every rank holding a parameter holds the same value."""
+    merged = dict(runs[0])
+    hist = []
+    for t in range(len(runs[0]["hist"])):
+        full = {}
+        for r in runs:
+            for name, v in r["hist"][t].items():
+                if name in full:
+                    assert C.rel_err(v, full[name]) == 0.0 or C.rel_err(v, full[name]) < 1e-12, name
+                full[name] = v
+        hist.append(full)
+    merged["hist"] = hist
+    return merged
+
+
+def test_megatron_model_parallel_source_parallel_conforms():
+    """The source-parallel rows under TP=2 and PP=2 (weighted sources, a vanishing source, NaN on one rank, the
+    warmup from lr 0): a 4-rank job, so that TP=2 / PP=2 leave DP=2, one rank per source."""
+    pytest.importorskip("megatron.core")
+    variants = ["tp2", "pp2"]
+    specs = [s for s in C.SCENARIOS if s["mode"] == "source-parallel"]
+    res = run_distributed(C.megatron_worker, 4, variants, specs, timeout=1500)
+    jobs, checks = {}, []
+    for key in C.MP_SOURCE_PARALLEL:
+        v, name = key.split("/", 1)
+        spec = next(s for s in specs if s["name"] == name)
+        got = _merge_stages([r[key] for r in res])
+        ref_key = (name, 2, tuple(got["lrs"]))
+        jobs[ref_key] = (ref_key, spec, 2, list(got["lrs"]))
+        checks.append((got, spec, ref_key, f"megatron 4 ranks {key}"))
+    assert len(checks) == 2 * len(specs)
+    _check_against_gpt_reference(jobs, checks)
