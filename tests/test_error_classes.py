@@ -207,7 +207,6 @@ def test_run_dir_unusable(data, tmp_path, capsys, monkeypatch, no_compute, kind,
 
         def erofs(path, *a, **k):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        import nexus_megatron.train as T
         monkeypatch.setattr(T.os, "makedirs", erofs)
     elif kind == "read-only-parent":
         deny(monkeypatch, T, makedirs=str(run))

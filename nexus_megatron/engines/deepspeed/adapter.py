@@ -83,8 +83,7 @@ class NexusGroups:
     one-rank model-parallel group per rank, and a group of all ranks. Collective."""
 
     def __init__(self, layout: Optional[SourceLayout] = None):
-        world, me = dist.get_world_size(), dist.get_rank()
-        ranks = list(range(world))
+        ranks = list(range(dist.get_world_size()))
         self.everyone = new_groups([ranks], singletons=True)
         self.mp_group = new_groups([[r] for r in ranks], singletons=True)
         if layout is not None and layout.mode == "source-parallel":
