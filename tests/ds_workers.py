@@ -70,7 +70,12 @@ def build(spec):
     cfg = spec.get("config") or ds_config(spec["mode"], spec["stage"], spec.get("bf16", False), spec.get("extra"),
                                           spec.get("nexus_extra"))
     model = make_model()
-    return initialize(model, cfg, optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
+    nexus = spec.get("nexus_api")   # settings given through the API (e.g. the control, not a ds_config key)
+    if nexus:
+        from nexus_megatron import NexusConfig
+        nexus = NexusConfig(gamma=GAMMA, gamma_mode="absolute", **nexus)
+    return initialize(model, cfg, nexus_config=nexus,
+                      optimizer=torch.optim.AdamW(param_groups(model.parameters(), WD), lr=LR))
 
 
 def micro_step(eng, rank, bf16, nan=None):

@@ -83,6 +83,10 @@ for _s in PG:
     _s["nexus_extra"] = PG_NEXUS
 CKPT.append({"name": "ckpt-sequential-z2-pg", "mode": "sequential", "stage": 2, "bf16": False, "ckpt": True,
              "extra": {"scheduler": WARMUP}, "nexus_extra": PG_NEXUS})
+# the random-direction control: a mid-step checkpoint carries its random path R (resumed bitwise on the same
+# ranks); k = 3, so the path after the saved micro-step is a forward point of the resumed run
+CKPT.append({"name": "ckpt-sequential-z2-control", "mode": "sequential", "stage": 2, "bf16": False, "ckpt": True,
+             "extra": {"scheduler": WARMUP, "gradient_accumulation_steps": 3}, "nexus_api": {"control": "random_direction"}})
 ALL = FP32 + BF16 + NAN + [ABORT] + REALISTIC + CKPT + PG
 
 
@@ -342,7 +346,8 @@ def resumed(matrix, ckpt_root):
     return run_distributed(resume_worker, 2, CKPT, ckpt_root, timeout=600)
 
 
-RESHARD = [s for s in CKPT if s["mode"] == "sequential"]   # source-parallel needs a rank per source
+RESHARD = [s for s in CKPT if s["mode"] == "sequential"   # source-parallel needs a rank per source
+           and "nexus_api" not in s]   # the control's mid-step R: same ranks only
 
 
 @pytest.fixture(scope="module")

@@ -585,6 +585,7 @@ class _NexusCore(BookViews):
             "stats": self.stats.counters(),
             "layout": self.layout.describe(),
             "config": asdict(self.cfg),
+            **({"control_deltas": list(self.control.deltas)} if self.control is not None else {}),
         }
 
     def load_state_dict(self, sd: dict):
@@ -600,6 +601,17 @@ class _NexusCore(BookViews):
         for d, s in zip(self.d_sums, sd.get("d_sums") or [None] * len(self.d_sums)):
             d.zero_() if s is None else d.copy_(s)
         self._legacy_delta = "d_sums" not in sd and bool(sd["micro"]) and bool(sd["gamma"])
+        if self.control is not None:   # the control's random path R: the forward points of the rest of the step
+            saved = sd.get("control_deltas")
+            if saved is not None and [t.numel() for t in saved] == [d.numel() for d in self.control.deltas]:
+                for d, t in zip(self.control.deltas, saved):
+                    d.copy_(t)
+            elif sd["micro"]:
+                raise NexusConfigError(
+                    "checkpoint was written in the middle of an outer step without nexus.control's random path: "
+                    "resume from a checkpoint written between outer steps, or set nexus.control as it was saved")
+            else:
+                self.control.reset()
         self.step_index = sd["step_index"]
         self.book.load_state({"inner_steps": sd["micro"], "poisoned": sd["poisoned"], "gamma_t": sd["gamma"],
                               "stats": sd["stats"]})

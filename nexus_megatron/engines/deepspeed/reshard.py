@@ -135,7 +135,7 @@ def gather_full_state(core, ds_engine, client_state: dict, keep: bool = True) ->
     steps = {float(client.state[p]["step"]) for p, _ in core.parts}
     if len(steps) != 1:
         raise RuntimeError(f"AdamW step counts differ between master partitions: {sorted(steps)}")
-    nexus = {k: v for k, v in core.state_dict().items() if k not in ("anchors", "d_sums", "part_numels")}
+    nexus = {k: v for k, v in core.state_dict().items() if k not in ("anchors", "d_sums", "part_numels", "control_deltas")}
     sched = ds_engine.lr_scheduler
     return {
         "params": {n: {f: per_field[f][i] for f in per_field} for i, n in enumerate(names)},
@@ -205,6 +205,10 @@ def load_full_state(core, ds_engine, ckpt_dir: str) -> dict:
         raise NexusConfigError(f"checkpoint {ckpt_dir} was written with layout {nx['layout']} and k={nx['k']}, this run "
                                f"has {core.layout.describe()} and k={core.k}: resume with the same nexus.layout, sources, "
                                "weights and gradient_accumulation_steps (only the number of ranks may change)")
+    if core.control is not None and nx["micro"]:
+        raise NexusConfigError(f"checkpoint {ckpt_dir} was written in the middle of an outer step: under nexus.control "
+                               "its random path is resumed on the ranks that wrote it only; resume from a checkpoint "
+                               "written between outer steps")
     named = named_params(ds_engine)
     saved = st["params"]
     missing = [n for n, _ in named if n not in saved]
