@@ -46,7 +46,7 @@ CPU_FLAGS = ["--distributed-backend", "gloo", "--transformer-impl", "local", "--
 
 def _run(argv, nproc, port, tmp_path, expect_ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TORCHDYNAMO_DISABLE="1")
+               TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")    # as Megatron-LM's example scripts
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            LAUNCHER, "--cpu-test-shim"] + argv
     r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
@@ -82,18 +82,58 @@ def data(tmp_path_factory):
     return write_synthetic_data(str(tmp_path_factory.mktemp("mlm") / "d"))
 
 
-def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    """The 1-process run of tiny_gpt with K = 2: the reference of the data-, tensor-parallel runs."""
+    return _iterations(_run(tiny_gpt(data) + ["--nexus-micro-steps", "2"], 1, 29632,
+                            tmp_path_factory.mktemp("one")).stdout)
+
+
+def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path, one_process):
     """--optimizer nexus, sequential layout, K=2: two data-parallel ranks (each 1 micro-batch per inner step)
     give the same losses and G norms as one process (2 micro-batches per inner step) on the same samples; a
     different K gives a different run (the --nexus-* flags reach the optimizer)."""
     args = tiny_gpt(data) + ["--nexus-micro-steps", "2"]
     two = _iterations(_run(args, 2, 29631, tmp_path).stdout)
-    one = _iterations(_run(args, 1, 29632, tmp_path).stdout)
+    one = one_process
     assert [i for i, _, _ in two] == [1, 2, 3] == [i for i, _, _ in one], (two, one)
     for (_, l2, g2), (_, l1, g1) in zip(two, one):      # printed with 7 significant digits; the DP mean of the
         assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (two, one)     # loss rounds in the last one
     k4 = _iterations(_run(tiny_gpt(data) + ["--nexus-micro-steps", "4"], 1, 29633, tmp_path).stdout)
     assert k4[0][1] == one[0][1] and abs(k4[1][1] - one[1][1]) > 1e-4    # same start, K changes the trajectory
+
+
+@pytest.mark.parametrize("split", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_model_parallel_through_megatron_loop_equals_single_process(data, tmp_path_factory, split):
+    """TP=2 (the norms count the TP-replicated parameters once) and PP=2 (one layer per stage, tied embeddings
+    reduced over the embedding group, 2 micro-batches per pass) on 2 ranks: the losses and G norms of the 1-process
+    run. All start from one dist_checkpointing checkpoint of a trained step (--load --finetune; resharded), as
+    Megatron's initialization differs with the split."""
+    ck = _trained_checkpoint(data, tmp_path_factory)
+    args = tiny_gpt(data) + ["--nexus-micro-steps", "2", "--load", ck, "--finetune", "--no-load-optim",
+                             "--no-load-rng"]
+    tmp = tmp_path_factory.mktemp("mp")
+    one = _CACHE.get("one_from_ckpt") or _CACHE.setdefault("one_from_ckpt", _iterations(_run(args, 1, 29648,
+                                                                                           tmp).stdout))
+    two = _iterations(_run(args + split, 2, 29647, tmp).stdout)
+    assert [i for i, _, _ in two] == [1, 2, 3] == [i for i, _, _ in one], (two, one)
+    for (_, l2, g2), (_, l1, g1) in zip(two, one):
+        assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (two, one)
+
+
+_CACHE: dict = {}
+
+
+def _trained_checkpoint(data, tmp_path_factory):
+    if "ck" not in _CACHE:
+        ck = str(tmp_path_factory.mktemp("ck") / "ck")
+        args = _without(tiny_gpt(data), "--train-iters", "--lr-warmup-iters") + [
+            "--train-iters", "1", "--lr-warmup-iters", "0", "--lr-decay-iters", "3", "--save", ck,
+            "--save-interval", "1"]
+        _run(args, 1, 29649, tmp_path_factory.mktemp("ckrun"))
+        _CACHE["ck"] = ck
+    return _CACHE["ck"]
 
 
 def test_llama_style_arguments_train(data, tmp_path):
@@ -149,8 +189,8 @@ def test_resume_through_megatron_loop_continues_the_run(data, tmp_path):
     ck = str(tmp_path / "ck")
     args = tiny_gpt(data) + ["--lr-decay-iters", "3", "--nexus-micro-steps", "2", "--use-distributed-optimizer"]
     full = _log(_run(args, 1, 29644, tmp_path).stdout)
-    first = _log(_run(_without(args, "--train-iters") + ["--train-iters", "2", "--save", ck, "--save-interval", "2"],
-                      1, 29645, tmp_path).stdout)
+    first = _log(_run(args + ["--exit-interval", "2", "--save", ck, "--save-interval", "2"], 1, 29645,
+                      tmp_path).stdout)           # the same schedules (Megatron checks them on load), stop at 2
     rest = _log(_run(args + ["--load", ck], 1, 29646, tmp_path).stdout)
     assert [r[0] for r in full] == [1, 2, 3] and [r[0] for r in first] == [1, 2] and [r[0] for r in rest] == [3]
     def strip(log):                                  # without "of N iterations"

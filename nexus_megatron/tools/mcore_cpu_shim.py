@@ -133,4 +133,7 @@ def patch_megatron_training_for_cpu():
     torch.cuda.memory_stats = lambda *a, **k: {}
     torch.cuda.mem_get_info = lambda *a, **k: (0, 0)
     torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
+    import types                     # validate_args reads the arch with TP/CP > 1 (CUDA_DEVICE_MAX_CONNECTIONS)
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        major=0, minor=0, name="cpu", total_memory=0, multi_processor_count=1)
     torch.cuda.get_device_name = lambda *a, **k: "cpu"

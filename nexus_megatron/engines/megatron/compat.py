@@ -9,6 +9,7 @@ gradients for a norm                   ``get_main_grads_for_       ``get_grads_f
                                        grad_norm()`` (all params)  default group leaves out the parameters
                                                                    of a separate grad-norm group (MTP)
 separate grad-norm groups              none                        ``SEPARATE_GRAD_NORM_GROUPS`` (MTP)
+TP-duplicate filter of a norm          one TP group                + the expert TP group for expert params
 staging before an explicit param sync  none                        ``prepare_model_params_for_param_sync()``
 ``ProcessGroupCollection`` data-       dp, dp_cp, intra_dp_cp,     + ``dp_cp_gtp_remat``,
 parallel fields                        expt_dp, intra_expt_dp      ``expt_dp_gtp_remat`` (read first by

@@ -351,3 +351,9 @@ def skip_resumed_iterations(it, iterations: int, micro_steps=None) -> None:
     finally:
         update_num_microbatches(int(getattr(args, "consumed_train_samples", consumed) or consumed),
                                 consistency_check=False)
+
+
+# Megatron-LM (core 0.18+) calls a provider marked ``is_distributed`` on every rank, not only on tensor-parallel
+# rank 0 (which would leave the other TP ranks without an iterator: Megatron's own get_batch broadcasts the batch,
+# the GPT forward step here reads it). Every TP rank of a data-parallel rank reads the same samples.
+nexus_datasets_provider.is_distributed = True
