@@ -73,12 +73,16 @@ def test_random_direction_steps_have_the_inner_step_length_and_G_sums_the_normal
         opt.inner_step(src)
         d = g / g.norm()
         expected_G += d / k
-        step = _flat(model) - point
+        moved = theta0 + opt.random_delta[: theta0.numel()]   # theta_t + R: the next forward point
+        if m < k - 1:
+            assert torch.allclose(_flat(model), moved, atol=1e-7)
+        # (after the k-th micro-step the parameters are left as they are: step() writes theta_t over them)
+        step = moved - point
         assert float(step.norm()) == pytest.approx(gamma * float(d.norm()), rel=1e-5)   # same length ...
         assert abs(float(torch.dot(step, d)) / float(step.norm())) < 0.9                 # ... not the gradient's direction
         r = random_direction(d, d.numel(), hash_control_seed(0, 0, m + 1))
         assert torch.allclose(step, -gamma * r, atol=1e-6)
-        point = _flat(model)
+        point = moved
     opt.step()
     assert torch.allclose(theta0 - _flat(model), expected_G, atol=1e-5)   # the pseudo-gradient: mean of the d_m
 
