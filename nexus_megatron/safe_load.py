@@ -54,13 +54,14 @@ def _unpickling_reason(e: BaseException) -> str:
     return first[:200]
 
 
-def safe_torch_load(path, map_location="cpu", extra_globals: Iterable = (), ckpt_dir=None):
+def safe_torch_load(path, map_location="cpu", extra_globals: Iterable = (), ckpt_dir=None, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` (with ``extra_globals`` allowed for this call only). A file
     holding anything else raises :class:`UnsafeCheckpointError` naming it (and the convert command for
-    ``ckpt_dir``, default the file's directory); nothing in it is executed."""
+    ``ckpt_dir``, default the file's directory); nothing in it is executed. ``mmap``: the tensors stay in the
+    file (mapped, read page by page when used) instead of being copied into memory."""
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
         if reason.startswith("Unsupported operand"):   # not a pickle at all: damaged, not dangerous

@@ -250,8 +250,8 @@ def test_deepspeed_resume_refuses_payload_and_old_format_then_converts(tmp_path)
                           f"with `nexus-megatron convert-checkpoint {d}` (docs/reliability.md, Security)")
         assert r["pwned"] is False
     assert not (tmp_path / "pwned").exists()
-    # the 4 .pt files: model states, 2 optimizer shards, nexus_full_state.pt (resume on other ranks)
-    assert res[0]["convert"] == [f"{tmp_path}/d/checkpoints/step_00000002: deepspeed, 1 of 4 files rewritten, "
+    # the 6 .pt files: model states, 2 optimizer shards, nexus_full_state.pt and its 2 shards (resume on other ranks)
+    assert res[0]["convert"] == [f"{tmp_path}/d/checkpoints/step_00000002: deepspeed, 1 of 6 files rewritten, "
                                  "format 2"]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "d")

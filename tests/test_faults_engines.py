@@ -24,9 +24,10 @@ from tests.test_faults import CONFIG
 # ZeRO-2, fp32), Nexus; 6 outer steps, k=2, a checkpoint every 2 steps.
 
 DS_FILES = ["mp_rank_00_model_states.pt", "nexus_checkpoint.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "nexus_full_state.json", "nexus_full_state.pt"]
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "nexus_full_state.json", "nexus_full_state.pt",
+            "nexus_full_state.00000-of-00002.pt", "nexus_full_state.00001-of-00002.pt"]
 # DeepSpeed's own files (nexus_checkpoint.json: the format marker; nexus_full_state.*: the whole state as full
-# tensors, for a resume on another number of ranks, engines/deepspeed/reshard.py)
+# tensors, one shard per rank, for a resume on another number of ranks, engines/deepspeed/reshard.py)
 DS_PT = [f for f in DS_FILES if f.endswith(".pt") and not f.startswith("nexus_")]
 FULL = "nexus_full_state.pt"
 DS_SET = "train.engine=deepspeed"
@@ -113,8 +114,14 @@ def test_deepspeed_kill9_mid_step_then_mid_checkpoint_then_resume(ds_reference):
         nb = ref_files[name]["optimizer_state_dict"]["base_optimizer_state"]["nexus"]
         bitwise = ("anchors", "d_sums")   # compared bitwise above (assert_tensors_equal over the whole file)
         assert {k: v for k, v in na.items() if k not in bitwise} == {k: v for k, v in nb.items() if k not in bitwise}
-    # the full state: every parameter's master weights, anchor, displacement and AdamW moments, bitwise
-    assert assert_tensors_equal(plain_rng(got[FULL]["params"]), plain_rng(ref_files[FULL]["params"]), FULL) >= 10
+    # the full state: every parameter's master weights, anchor, displacement and AdamW moments (dealt over the
+    # two ranks' shard files), bitwise; the rest (client state, counters, scheduler) in nexus_full_state.pt
+    shards = [f for f in DS_FILES if f.startswith("nexus_full_state.0")]
+    full_params = lambda files: {n: v for f in shards for n, v in files[f].items()}
+    assert {n for f in shards for n in got[f]} == set(got[FULL]["shards"])
+    assert all(got[f] for f in shards)   # both ranks hold a share
+    assert assert_tensors_equal(plain_rng(full_params(got)), plain_rng(full_params(ref_files)), FULL) >= 10
+    assert assert_tensors_equal(plain_rng(got[FULL]), plain_rng(ref_files[FULL]), FULL) >= 1
 
 
 def test_latest_naming_a_missing_or_partial_checkpoint_is_an_error(tmp_path):

@@ -63,10 +63,9 @@ def final_params(run_dir) -> dict:
     root = os.path.join(str(run_dir), "checkpoints")
     with open(os.path.join(root, "latest")) as f:
         d = os.path.join(root, f.read().strip())
-    full = os.path.join(d, "nexus_full_state.pt")
-    if os.path.exists(full):
-        st = torch.load(full, map_location="cpu", weights_only=True)
-        return {n: v["fp32"] for n, v in st["params"].items()}
+    if os.path.exists(os.path.join(d, "nexus_full_state.pt")):
+        from nexus_megatron.engines.deepspeed.reshard import read_full_state
+        return {n: v["fp32"] for n, v in read_full_state(d)[1].items()}
     st = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     return {n: v for n, v in st["model"].items() if v.is_floating_point()}
 
@@ -189,3 +188,48 @@ def test_full_state_is_loaded_without_running_code(tmp_path):
         load_full_state(None, None, str(d))
     assert "\n" not in str(e.value) and f"{FULL_STATE_FILE} holds Python objects that a safe load refuses" in str(e.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_full_state_is_dealt_over_the_ranks_by_size():
+    """Each data-parallel rank writes the full tensors of about 1/d of the elements (so a save holds 20 bytes x
+    parameters / d in any rank's memory, never the whole model): the largest first, each to the least loaded."""
+    from nexus_megatron.engines.deepspeed.reshard import deal
+    numels = [4096, 64, 4096, 64, 1, 8192, 64, 1, 512, 512]
+    for count in (1, 2, 3, 4, 16):
+        owner = deal(numels, count)
+        loads = [sum(n for n, o in zip(numels, owner) if o == r) for r in range(count)]
+        assert set(owner) <= set(range(count)) and sum(loads) == sum(numels)
+        assert max(loads) - min(loads) <= max(numels), (count, loads)
+        assert owner == deal(list(numels), count)          # every rank computes the same plan
+    # by hand: 8192->0, 4096->1, 4096->1, 512->0, 512->1, 64->0, 64->1, 64->0, 1->1, 1->1 (8832 vs 8770)
+    assert deal(numels, 2) == [1, 0, 1, 1, 1, 0, 0, 1, 0, 1]
+    assert deal([], 4) == [] and deal([5, 5], 4) == [0, 1]
+
+
+def test_full_state_reads_shards_and_the_single_file_of_earlier_checkpoints(tmp_path):
+    """read_full_state: the shard files named in nexus_full_state.pt (memory-mapped), or a checkpoint written
+    before shards existed (every tensor in nexus_full_state.pt); a missing shard is one line naming it."""
+    from nexus_megatron.engines.deepspeed.reshard import FULL_STATE_FILE, read_full_state, shard_name
+    from nexus_megatron.errors import CheckpointError
+    from nexus_megatron.safe_load import MARKER_FILE, marker_text
+    a = {"fp32": torch.arange(6.0), "anchor": torch.ones(6)}
+    b = {"fp32": torch.arange(3.0), "anchor": torch.zeros(3)}
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+        (d / MARKER_FILE).write_text(marker_text())
+    torch.save({"params": {"a": a, "b": b}, "adamw_step": 3.0}, old / FULL_STATE_FILE)
+    torch.save({"shards": {"a": shard_name(0, 2), "b": shard_name(1, 2)}, "adamw_step": 3.0}, new / FULL_STATE_FILE)
+    torch.save({"a": a}, new / shard_name(0, 2))
+    torch.save({"b": b}, new / shard_name(1, 2))
+    for d in (old, new):
+        st, params = read_full_state(str(d))
+        assert st["adamw_step"] == 3.0 and sorted(params) == ["a", "b"]
+        assert torch.equal(params["a"]["fp32"], a["fp32"]) and torch.equal(params["b"]["anchor"], b["anchor"])
+    os.remove(new / shard_name(1, 2))
+    with pytest.raises(CheckpointError, match=rf"^{new} lacks nexus_full_state.00001-of-00002.pt \(one of the full "
+                                              r"state's shard files\), so it cannot be loaded on another number"):
+        read_full_state(str(new))
+    (new / shard_name(1, 2)).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"nexus_full_state.00001-of-00002.pt cannot be read"):
+        read_full_state(str(new))

@@ -68,7 +68,7 @@ from ...outer import BookViews, OuterBook, RandomDirectionControl, check_resume
 from ..base import Engine
 from .config import PreparedConfig, check_run_config, load_ds_config, prepare_ds_config
 from .runtime import init_adamw_state, prepare_deepspeed_runtime
-from .reshard import gather_full_state, load_full_state, needs_reshard, write_full_state
+from .reshard import gather_full_state, load_full_state, needs_reshard, write_full_state, write_full_state_shard
 from .safe_load import safe_ds_load
 
 log = logging.getLogger("nexus_megatron.deepspeed")
@@ -683,7 +683,8 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None,
     would leave a partial checkpoint under a loadable name.) ``step``: the outer step, for the fault hook;
     ``run``: the run's record, written to ``meta.json`` in the checkpoint (nexus_megatron/resume.py). A full disk
     is a one-line CheckpointError (checkpoint.disk_full_guard). ``full_state``: the run's state as full tensors
-    (reshard.py), written by the publisher next to DeepSpeed's files so the checkpoint loads on other ranks."""
+    (reshard.py): each rank writes its shard next to DeepSpeed's files, then the publisher the rest, so the
+    checkpoint loads on other ranks."""
     ce = ds_engine.checkpoint_engine
     if ce.is_decoupled():
         raise NexusConfigError("the ds_config's checkpoint writer (checkpoint.writer.decoupled=true, or datastates) "
@@ -713,6 +714,10 @@ def _atomic_save(ds_engine, save_dir, tag, client_state, save_latest, step=None,
         with _ckpt.disk_full_guard(save_dir, final, need):
             ok = ds_engine.save_checkpoint(save_dir, tag=os.path.basename(tmp), client_state=client_state,
                                            save_latest=False, **kw)
+        if full_state is not None:
+            with _ckpt.disk_full_guard(save_dir, final, need):
+                os.makedirs(tmp, exist_ok=True)
+                write_full_state_shard(tmp, full_state)
     finally:
         del ce.save   # the engine's own method again
     dist.barrier()
@@ -895,14 +900,15 @@ class NexusDeepSpeedEngine:
         """DeepSpeed's save_checkpoint (collective). The Nexus state (anchor shards, counters, layout) is in
         the client optimizer's state, which DeepSpeed writes per rank; ``latest`` is written atomically after
         every rank finished, so a job killed during the save leaves the previous checkpoint loadable.
-        ``portable``: also write the whole state as full tensors (reshard.py; 20 bytes per parameter), so the
-        checkpoint loads on another number of ranks. Default tag: ``global_step<outer steps>``."""
+        ``portable``: also write the whole state as full tensors (reshard.py; 20 bytes per parameter on disk,
+        dealt over the data-parallel ranks, each of which writes its share), so the checkpoint loads on another
+        number of ranks. Default tag: ``global_step<outer steps>``."""
         if tag is None:
             tag = f"global_step{self._core.step_index}"
         self.sync_model_params()
         client_state = dict(client_state or {})
         publisher = (self._ds.local_rank if self._ds.use_node_local_storage() else dist.get_rank()) == 0
-        full = gather_full_state(self._core, self._ds, client_state, keep=publisher) if portable else None
+        full = gather_full_state(self._core, self._ds, client_state, publisher) if portable else None
         return _atomic_save(self._ds, save_dir, tag, client_state, save_latest, step=self._core.step_index, run=run,
                             full_state=full, **kwargs)
 
