@@ -103,6 +103,30 @@ def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path, one_pro
     assert k4[0][1] == one[0][1] and abs(k4[1][1] - one[1][1]) > 1e-4    # same start, K changes the trajectory
 
 
+VALIDATION = re.compile(r"validation loss at (iteration \d+(?: on validation set)?) \| lm loss value: ([0-9.E+-]+)")
+
+
+def test_validation_through_megatron_loop(data, tmp_path, one_process):
+    """--eval-iters / --eval-interval, as every Megatron-LM example script passes them: Megatron's own evaluate()
+    runs on the blended validation stream of the sources (engines/megatron/data.py, ValidationIterator) every
+    --eval-interval iterations and after training. The training run is the one without validation (the
+    forward-only passes leave the Nexus state alone); two data-parallel ranks report the validation losses of one
+    process (the same validation samples whatever the data-parallel size); the second evaluation reads new
+    samples, as Megatron's continues."""
+    args = _without(tiny_gpt(data), "--eval-iters", "--eval-interval") + [
+        "--nexus-micro-steps", "2", "--eval-iters", "2", "--eval-interval", "2"]
+    r1 = _run(args, 1, 29651, tmp_path)
+    assert _iterations(r1.stdout) == one_process
+    v1 = [(p, float(v)) for p, v in VALIDATION.findall(r1.stdout)]
+    assert [p for p, _ in v1] == ["iteration 2", "iteration 3 on validation set"], r1.stdout[-3000:]
+    assert all(2.0 < v < 6.0 for _, v in v1) and v1[0][1] != v1[1][1], v1
+    r2 = _run(args, 2, 29652, tmp_path)
+    v2 = [(p, float(v)) for p, v in VALIDATION.findall(r2.stdout)]
+    assert [p for p, _ in v2] == [p for p, _ in v1]
+    for (_, a), (_, b) in zip(v2, v1):     # printed with 7 significant digits
+        assert abs(a - b) <= 2e-6 * abs(b), (v2, v1)
+
+
 @pytest.mark.parametrize("split", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
                          ids=["tp2", "pp2"])
 def test_model_parallel_through_megatron_loop_equals_single_process(data, tmp_path_factory, split):
@@ -237,7 +261,7 @@ REFUSED = [
     (["--rampup-batch-size", "4", "4", "16"], "--rampup-batch-size"),
     (["--mtp-num-layers", "1", "--position-embedding-type", "rope"], "--mtp-num-layers"),
     (["--fp16"], "--fp16"),
-    (["--eval-iters", "2"], "--eval-iters"),
+    (["--full-validation"], "--full-validation"),
     (["--step-batch-size-schedule", "0:4 256:6"], "--step-batch-size-schedule"),   # 3 micro-batches, K = 2
     (["--nexus-layout", "source-parallel"], "--nexus-layout source-parallel"),
 ]

@@ -246,3 +246,84 @@ def build_eval_samplers(specs, seq_length: int, seed: int = 1234, split: str = "
         sampler = SourceSampler(shard, seq_length, seed, i, shuffle=False)
         out.append(sampler if sampler.windows > 0 else None)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation inside Megatron-LM's loop (--eval-iters > 0)
+# ---------------------------------------------------------------------------------------------------
+
+def blend_samples(weights: Sequence[float], n: int) -> tuple:
+    """The first ``n`` samples of a weighted blend of sources, as Megatron's ``BlendedDataset`` builds its index:
+    sample g goes to the source whose count lags furthest behind ``weight x (g + 1)`` (ties to the lower index).
+    Returns ``(source, index within the source)`` as two int arrays. Pure and deterministic."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    counts = np.zeros(len(w), dtype=np.int64)
+    src, idx = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    for g in range(n):
+        s = int(np.argmax(w * (g + 1) - counts))
+        src[g], idx[g] = s, counts[s]
+        counts[s] += 1
+    return src, idx
+
+
+class ValidationIterator:
+    """Megatron-LM's validation data under ``--optimizer nexus``: one blended stream of every source's validation
+    windows (weighted by the ``--data-path`` weights, :func:`blend_samples`), read the way Megatron reads its
+    validation set: evaluation after evaluation it continues where the previous one stopped (from
+    ``consumed_valid_samples`` on a resumed run), wrapping around a source's windows when they run out.
+
+    Micro-batch m of data-parallel rank r holds global samples ``m * micro_batch_size * dp_size + r *
+    micro_batch_size + j``, so an evaluation of ``eval_iters`` x global batch samples reads the same samples
+    whatever the data-parallel size and micro-batch size: the reported loss does not depend on them. A
+    micro-batch may mix sources (``source_id`` per row); the model's loss is the token mean, as for any batch."""
+
+    def __init__(self, samplers: Sequence, weights: Sequence[float], micro_batch_size: int, dp_rank: int, dp_size: int,
+                 start_sample: int = 0, eod: Optional[int] = None, mask_eod: bool = False):
+        self.samplers, self.weights = list(samplers), [float(x) for x in weights]
+        self.mbs, self.dp_rank, self.dp_size = int(micro_batch_size), int(dp_rank), int(dp_size)
+        self.eod, self.mask_eod = eod, mask_eod
+        per = self.mbs * self.dp_size
+        self.micro = int(start_sample) // per          # Megatron advances consumed_valid_samples by whole batches
+        self._src = np.empty(0, dtype=np.int64)
+        self._idx = np.empty(0, dtype=np.int64)
+
+    def _plan(self, n: int):
+        if n > len(self._src):
+            self._src, self._idx = blend_samples(self.weights, max(n, 2 * len(self._src)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        first = self.micro * self.mbs * self.dp_size + self.dp_rank * self.mbs
+        self.micro += 1
+        self._plan(first + self.mbs)
+        rows, sources = [], []
+        for g in range(first, first + self.mbs):
+            s, k = int(self._src[g]), int(self._idx[g])
+            rows.append(self.samplers[s].batch(k, 1))
+            sources.append(s)
+        batch = make_megatron_batch(torch.cat(rows), sources[0], self.eod, self.mask_eod)
+        batch["source_id"] = torch.tensor(sources, dtype=torch.long)
+        return batch
+
+
+def build_validation_iterator(specs, seq_length: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                              start_sample: int = 0, seed: int = 1234, split: str = "969,30,1",
+                              eod: Optional[int] = None, mask_eod: bool = False) -> ValidationIterator:
+    """The validation stream of ``specs`` (:class:`ValidationIterator`); a source with no validation window of
+    ``seq_length + 1`` tokens is left out of the blend (its weight goes to the others); none at all is a
+    DataError naming the flags, and so is a validation file that cannot be read."""
+    kept = []
+    for i, spec in enumerate(specs):
+        sampler = SourceSampler(open_source(spec, seq_length, split, "valid"), seq_length, seed, i, shuffle=False)
+        if sampler.windows > 0:
+            kept.append((sampler, spec.weight))
+    if not kept:
+        raise DataError(f"--eval-iters: no source of --data-path has validation data of {seq_length + 1} tokens "
+                        f"(prepared sources: val.bin; indexed datasets: the validation part of --split {split}); "
+                        "give --eval-iters 0 or a --split with a validation part")
+    return ValidationIterator([s for s, _ in kept], [w for _, w in kept], micro_batch_size, dp_rank, dp_size,
+                              start_sample, eod, mask_eod)
+

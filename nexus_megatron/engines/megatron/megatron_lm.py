@@ -311,10 +311,11 @@ def enable_nexus_from_args():
 def nexus_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """``train_valid_test_datasets_provider`` for Megatron-LM with ``--dataloader-type external`` and
     ``--nexus``: one :class:`~.data.SourceRoutedIterator` over ``--data-path`` (one dataset per source; the
-    weights are the Nexus source weights), no validation set."""
+    weights are the Nexus source weights); with ``--eval-iters > 0`` the validation stream of every source
+    (:class:`~.data.ValidationIterator`, continuing from Megatron's ``consumed_valid_samples``); no test set."""
     from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.training import get_args
-    from .data import build_source_iterator, parse_data_path
+    from .data import build_source_iterator, build_validation_iterator, parse_data_path
     args = get_args()
     settings = _SETTINGS.get("settings") or settings_from_args(args)
     n_mb = get_num_microbatches()
@@ -325,7 +326,14 @@ def nexus_datasets_provider(train_val_test_num_samples, vp_stage=None):
     if iteration:
         opt = settings.state.get("optimizer")     # built before the data (setup_model_and_optimizer)
         skip_resumed_iterations(it, iteration, getattr(opt, "micro_steps", None) or settings.micro_steps)
-    return it, None, None
+    valid = None
+    if (getattr(args, "eval_iters", 0) or 0) > 0:
+        layout = _groups(settings).layout
+        valid = build_validation_iterator(parse_data_path(args.data_path), args.seq_length, args.micro_batch_size,
+                                          layout.dp_rank, layout.dp_size,
+                                          start_sample=int(getattr(args, "consumed_valid_samples", 0) or 0),
+                                          seed=args.seed, split=args.split)
+    return it, valid, None
 
 
 def skip_resumed_iterations(it, iterations: int, micro_steps=None) -> None:

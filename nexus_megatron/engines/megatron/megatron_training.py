@@ -61,6 +61,11 @@ REFUSED = [
     ("--context-parallel-size", "context_parallel_size", lambda v: (v or 1) > 1,
      "context parallelism with Nexus is not tested yet"),
     ("--optimizer-cuda-graph", "optimizer_cuda_graph", bool, "Nexus's optimizer step cannot be graph-captured"),
+    ("--full-validation", "full_validation", bool,
+     "the validation data is one blended stream of every source's validation windows, read --eval-iters batches "
+     "at a time; drop the flag"),
+    ("--multiple-validation-sets", "multiple_validation_sets", bool,
+     "the validation data is one blended stream of every source; drop the flag"),
     ("--cuda-graph-impl", "cuda_graph_impl", lambda v: v not in (None, "none"),
      "CUDA graphs capture a fixed schedule; Nexus runs K passes with an inner step after each"),
 ]
@@ -74,9 +79,6 @@ def check_nexus_args(args) -> None:
     if getattr(args, "dataloader_type", None) == "cyclic":      # Megatron's default is single
         raise NexusConfigError("--dataloader-type cyclic: --optimizer nexus reads one source per inner step from its "
                                "own per-source iterator (it runs as external); drop the flag")
-    if (getattr(args, "eval_iters", 0) or 0) > 0 and not getattr(args, "skip_train", False):
-        raise NexusConfigError(f"--eval-iters {args.eval_iters}: validation inside Megatron's loop is not wired for "
-                               "--optimizer nexus yet (its data provider has no validation split); give --eval-iters 0")
     if getattr(args, "nexus_layout", "sequential") == "source-parallel":
         raise NexusConfigError("--nexus-layout source-parallel: Megatron's own loop builds the model and its DDP "
                                "inside megatron.training with Megatron's data-parallel groups, which would sum the "
