@@ -146,6 +146,27 @@ def test_model_parallel_through_megatron_loop_equals_single_process(data, tmp_pa
         assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (two, one)
 
 
+def test_virtual_pipeline_through_megatron_loop_equals_single_process(data, tmp_path_factory):
+    """Interleaved (virtual) pipeline: 4 layers, PP=2 x 2 virtual stages per rank (one layer per model chunk, a
+    list of data iterators and model chunks in Megatron's interleaved schedule) on 2 ranks: the losses and G norms
+    of the 1-process run, both loaded with --load --finetune from one trained 4-layer checkpoint."""
+    four = lambda: _without(tiny_gpt(data), "--num-layers") + ["--num-layers", "4"]
+    ck = str(tmp_path_factory.mktemp("ck4") / "ck")
+    _run(_without(four(), "--train-iters", "--lr-warmup-iters") + [
+        "--train-iters", "1", "--lr-warmup-iters", "0", "--lr-decay-iters", "3", "--save", ck, "--save-interval", "1"],
+        1, 29653, tmp_path_factory.mktemp("ck4run"))
+    args = four() + ["--nexus-micro-steps", "2", "--load", ck, "--finetune", "--no-load-optim", "--no-load-rng"]
+    tmp = tmp_path_factory.mktemp("vpp")
+    one = _iterations(_run(args, 1, 29654, tmp).stdout)
+    r = _run(args + ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"], 2, 29655,
+             tmp)
+    assert re.search(r"virtual_pipeline_model_parallel_size \.+ 2\n", r.stdout), r.stdout[:3000]   # Megatron's dump
+    vpp = _iterations(r.stdout)
+    assert [i for i, _, _ in vpp] == [1, 2, 3] == [i for i, _, _ in one], (vpp, one)
+    for (_, l2, g2), (_, l1, g1) in zip(vpp, one):
+        assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (vpp, one)
+
+
 _CACHE: dict = {}
 
 
@@ -237,20 +258,34 @@ def tiny_mixtral(data, iters=2):
         "--nexus-micro-steps", "2"]
 
 
-def test_moe_ep2_through_megatron_loop_equals_single_process(data, tmp_path):
+MOE_SPLITS = {"ep2": (2, ["--expert-model-parallel-size", "2"]),
+              # expert tensor parallelism: each expert's weights cut over 2 ranks, the attention data-parallel.
+              # (MoE with TP > 1 needs --sequence-parallel, which needs Transformer Engine's LayerNorm: GPU only.)
+              "etp2": (2, ["--expert-tensor-parallel-size", "2"])}
+
+
+@pytest.mark.parametrize("split", list(MOE_SPLITS))
+def test_moe_ep2_through_megatron_loop_equals_single_process(data, tmp_path_factory, split):
     """Mixture of experts with expert parallelism 2 on 2 ranks (each rank holds 2 of the 4 experts, the dense
     parameters are data-parallel over both) trains exactly like 1 process holding every expert: same losses, G
     norms (every parameter counted once: Megatron's dense and expert optimizers reduce their norms over their own
     model-parallel groups) and so the same P and gamma. Both start from one dist_checkpointing checkpoint of a
     trained step (Megatron's --load --finetune; the expert weights are resharded from EP=1 to EP=2), which is
     also what makes the initial weights equal: Megatron draws expert weights per EP rank."""
-    ck = str(tmp_path / "ck")
-    first = _without(tiny_mixtral(data), "--train-iters", "--lr-warmup-iters") + [
-        "--train-iters", "1", "--lr-warmup-iters", "0", "--save", ck, "--save-interval", "1"]   # lr > 0 at step 1
-    a = _log(_run(first, 1, 29641, tmp_path).stdout)
-    resume = tiny_mixtral(data) + ["--load", ck, "--finetune", "--no-load-optim", "--no-load-rng"]
-    one = _log(_run(resume, 1, 29642, tmp_path).stdout)
-    two = _log(_run(resume + ["--expert-model-parallel-size", "2"], 2, 29643, tmp_path).stdout)
+    if "moe" not in _CACHE:
+        tmp = tmp_path_factory.mktemp("moe")
+        ck = str(tmp / "ck")
+        first = _without(tiny_mixtral(data), "--train-iters", "--lr-warmup-iters") + [
+            "--train-iters", "1", "--lr-warmup-iters", "0", "--save", ck, "--save-interval", "1"]   # lr > 0 at step 1
+        a = _log(_run(first, 1, 29641, tmp).stdout)
+        resume = tiny_mixtral(data) + ["--load", ck, "--finetune", "--no-load-optim", "--no-load-rng"]
+        _CACHE["moe"] = (a, resume, _log(_run(resume, 1, 29642, tmp).stdout))
+    a, resume, one = _CACHE["moe"]
+    nproc, flags = MOE_SPLITS[split]
+    r = _run(resume + flags, nproc, 29643, tmp_path_factory.mktemp(split))
+    for flag, value in zip(flags[::2], flags[1::2]):        # Megatron's argument dump: the split took effect
+        assert re.search(rf"{flag[2:].replace('-', '_')} \.+ {value}\n", r.stdout), flag
+    two = _log(r.stdout)
     assert [r[0] for r in one] == [1, 2] == [r[0] for r in two], (one, two)
     assert abs(one[0][5] - a[0][5]) > 1e-4          # the checkpoint's weights were loaded (same batches)
     for r1, r2 in zip(one, two):                    # the DP mean of the loss rounds in the 7th digit
