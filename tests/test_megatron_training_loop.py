@@ -103,6 +103,22 @@ def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path, one_pro
     assert k4[0][1] == one[0][1] and abs(k4[1][1] - one[1][1]) > 1e-4    # same start, K changes the trajectory
 
 
+def test_bf16_through_megatron_loop_equals_single_process(data, tmp_path, one_process):
+    """--bf16 (as every Megatron-LM example script trains): bf16 parameters and activations, Megatron's fp32 main
+    params, which Nexus's anchor and inner steps work on. 2 data-parallel ranks give the losses and G norms of 1
+    process; the run is a bf16 run (its first loss differs from the fp32 run's) and stays within bf16 rounding of
+    it."""
+    args = tiny_gpt(data) + ["--nexus-micro-steps", "2", "--bf16"]
+    one = _iterations(_run(args, 1, 29656, tmp_path).stdout)
+    two = _iterations(_run(args, 2, 29657, tmp_path).stdout)
+    assert [i for i, _, _ in two] == [1, 2, 3] == [i for i, _, _ in one], (two, one)
+    for (_, l2, g2), (_, l1, g1) in zip(two, one):
+        assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (two, one)
+    assert one[0][1] != one_process[0][1], (one, one_process)
+    for (_, lb, _), (_, lf, _) in zip(one, one_process):
+        assert abs(lb - lf) <= 1e-3 * abs(lf), (one, one_process)
+
+
 VALIDATION = re.compile(r"validation loss at (iteration \d+(?: on validation set)?) \| lm loss value: ([0-9.E+-]+)")
 
 
