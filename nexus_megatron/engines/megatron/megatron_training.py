@@ -57,9 +57,11 @@ REFUSED = [
      "Megatron-LM deprecates it for --step-batch-size-schedule (megatron-core 0.19's loop ignores it); give the "
      "ramp as --step-batch-size-schedule, which Nexus runs with K inner steps per iteration of N_t/K micro-batches"),
     ("--mtp-num-layers", "mtp_num_layers", lambda v: bool(v),
-     "multi-token prediction with Nexus is not tested yet"),
+     "multi-token prediction with Nexus is not verified yet (it trains, but the MTP parameters' share of the "
+     "per-source norms has no test against the reference); drop the flag"),
     ("--context-parallel-size", "context_parallel_size", lambda v: (v or 1) > 1,
-     "context parallelism with Nexus is not tested yet"),
+     "not supported with Nexus: its per-source data path does not cut sequences per context-parallel rank, and "
+     "Megatron runs context parallelism only with Transformer Engine's attention (GPU); leave it at 1"),
     ("--optimizer-cuda-graph", "optimizer_cuda_graph", bool, "Nexus's optimizer step cannot be graph-captured"),
     ("--full-validation", "full_validation", bool,
      "the validation data is one blended stream of every source's validation windows, read --eval-iters batches "
