@@ -4,7 +4,8 @@ import sys
 import time
 
 if __name__ == "__main__":
-    print(f"[NEXUS_FAULT_INJECT] worker rank {os.environ.get('RANK')} pid {os.getpid()} up", flush=True)
+    # one write, newline included, so two workers on one pipe do not run their lines together
+    sys.stdout.write(f"[NEXUS_FAULT_INJECT] worker rank {os.environ.get('RANK')} pid {os.getpid()} up\n")
     sys.stdout.flush()
     while True:
         time.sleep(3600)
