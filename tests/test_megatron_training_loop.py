@@ -83,22 +83,50 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(data, tmp_path_factory):
+def one_process_stdout(data, tmp_path_factory):
+    """The log of the 1-process run of tiny_gpt with K = 2."""
+    return _run(tiny_gpt(data) + ["--nexus-micro-steps", "2"], 1, 29632, tmp_path_factory.mktemp("one")).stdout
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_stdout):
     """The 1-process run of tiny_gpt with K = 2: the reference of the data-, tensor-parallel runs."""
-    return _iterations(_run(tiny_gpt(data) + ["--nexus-micro-steps", "2"], 1, 29632,
-                            tmp_path_factory.mktemp("one")).stdout)
+    return _iterations(one_process_stdout)
 
 
-def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path, one_process):
+NEXUS_LINE = re.compile(r"\[nexus\] iteration\s+(\d+) \| (.*)")
+
+
+def _nexus_stats(out: str) -> dict:
+    """{iteration: {metric: value}} from the ``[nexus]`` lines Nexus prints after Megatron's own."""
+    stats = {}
+    for it, rest in NEXUS_LINE.findall(out):
+        stats[int(it)] = {k: float(v) for k, v in (kv.split(": ") for kv in rest.strip().split(" | "))}
+    return stats
+
+
+def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path, one_process, one_process_stdout):
     """--optimizer nexus, sequential layout, K=2: two data-parallel ranks (each 1 micro-batch per inner step)
     give the same losses and G norms as one process (2 micro-batches per inner step) on the same samples; a
     different K gives a different run (the --nexus-* flags reach the optimizer)."""
     args = tiny_gpt(data) + ["--nexus-micro-steps", "2"]
-    two = _iterations(_run(args, 2, 29631, tmp_path).stdout)
+    out2 = _run(args, 2, 29631, tmp_path).stdout
+    two = _iterations(out2)
     one = one_process
     assert [i for i, _, _ in two] == [1, 2, 3] == [i for i, _, _ in one], (two, one)
     for (_, l2, g2), (_, l1, g1) in zip(two, one):      # printed with 7 significant digits; the DP mean of the
         assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (two, one)     # loss rounds in the last one
+    # Nexus's own statistics after Megatron's log line (and to its TensorBoard / W&B writers): every source's
+    # mean inner gradient norm, gamma_t, the skip counters; the same on 2 ranks as in 1 process
+    s1, s2 = _nexus_stats(one_process_stdout), _nexus_stats(out2)
+    assert sorted(s2) == [1, 2, 3] == sorted(s1), (s1, s2)
+    assert {k for i in s1 for k in s1[i] if k.startswith("nexus/gnorm/")} == {"nexus/gnorm/web", "nexus/gnorm/code"}
+    for i in s1:        # a step's norms: the sources its K = 2 inner steps drew (by weight)
+        assert set(s1[i]) >= {"nexus/gamma", "nexus/skipped_steps"} and set(s2[i]) == set(s1[i]), (i, s1, s2)
+        assert s1[i]["nexus/skipped_steps"] == 0, s1
+        assert (s1[i]["nexus/gamma"] == 0) == (i == 1), s1      # lr 0 at the first warmup iteration: gamma_t = 0
+        for k in (k for k in s1[i] if k.startswith("nexus/gnorm/")):
+            assert s1[i][k] > 0 and abs(s2[i][k] - s1[i][k]) <= 1e-5 * s1[i][k], (i, k, s1, s2)
     k4 = _iterations(_run(tiny_gpt(data) + ["--nexus-micro-steps", "4"], 1, 29633, tmp_path).stdout)
     assert k4[0][1] == one[0][1] and abs(k4[1][1] - one[1][1]) > 1e-4    # same start, K changes the trajectory
 

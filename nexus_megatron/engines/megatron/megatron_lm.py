@@ -112,6 +112,7 @@ def enable_nexus(settings: NexusSettings, training_module=None):
                                            micro_steps=k, config_overrides=config_overrides,
                                            exact_displacement=settings.exact_displacement, **kw)
         settings.state["optimizer"] = opt
+        opt.post_outer_step = report_step_stats
         if settings.sharpness.enabled:
             settings.state["sharpness"] = build_sharpness_hook_from_settings(settings, opt, model_chunks)
         return opt
@@ -230,6 +231,23 @@ def writer_sink(step: int, metrics: dict) -> None:
             tb.add_scalar(k, v, step)
     if wb is not None:
         wb.log(finite, step)
+
+
+def report_step_stats(opt, sink=writer_sink) -> None:
+    """After each outer step in Megatron-LM's loop: the Nexus statistics (``nexus/gnorm/<source>``, gamma, skipped
+    steps and sources) to Megatron's TensorBoard / W&B writers at every iteration, and one ``[nexus]`` line on the
+    last rank (where Megatron prints its own) every ``--log-interval`` iterations."""
+    stats = opt.step_stats()
+    sink(opt.iteration, stats)
+    try:
+        from megatron.training import get_args
+        from megatron.training.utils import print_rank_last
+        interval = max(1, int(getattr(get_args(), "log_interval", 1) or 1))
+    except (ImportError, AssertionError, AttributeError):     # not inside Megatron-LM's loop
+        return
+    if opt.iteration % interval == 0:
+        print_rank_last(f" [nexus] iteration {opt.iteration:8d} | " + " | ".join(
+            f"{k}: {v:.6E}" if isinstance(v, float) else f"{k}: {v}" for k, v in sorted(stats.items())))
 
 
 def build_sharpness_hook_from_settings(settings: NexusSettings, opt, model_chunks, sink=writer_sink):

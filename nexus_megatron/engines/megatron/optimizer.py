@@ -52,7 +52,8 @@ main params at theta_t (= the anchor), the clipped G in ``main.grad`` and the Ad
 when the callback is due (``fn.due(optimizer)``, if it has one) the model params are first set to theta_t
 on every rank (main -> model + param all-gather), so model and main params agree, as in the plain adapter.
 It must leave all of that as it found it. :func:`step_with_pre_update` gives a plain Megatron (AdamW)
-optimizer the same seam.
+optimizer the same seam. ``post_outer_step`` (``fn(optimizer)``) runs after every outer step, taken or
+skipped, before a run of skips aborts; Megatron-LM's loop uses it to log :meth:`step_stats`.
 
 Memory: the anchor and ``S`` (the sum of the normalized directions, the exact displacement of
 functional.py) are fp32 buffers shaped like this rank's main params: with the distributed optimizer two
@@ -291,6 +292,7 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
         self.iteration = 0
         self.last_norms: Optional[torch.Tensor] = None
         self.pre_outer_step = None
+        self.post_outer_step = None
         """``fn(self)`` right before the outer Adam update (see the module docstring), e.g. the
         critical-sharpness hook (:mod:`.sharpness`)."""
 
@@ -607,6 +609,8 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
     def _end_step(self, skipped: bool):
         self.book.end_outer(skipped)
         self.iteration += 1
+        if self.post_outer_step is not None:
+            self.post_outer_step(self)
         self.book.check_abort()
 
     def step_stats(self) -> dict:
