@@ -11,8 +11,11 @@ deepspeed`` (the deepspeed launcher) so that the command behaves like one progra
   only a worker can find, the NaN abort) writes its one-line message into ``NEXUS_ERROR_DIR`` and exits 2;
   the command prints the lowest rank's message once, ``nexus-megatron: error: ...``, and exits 2, and the
   launcher's own failure report (torchrun's ChildFailedError traceback) is left out.
-* **The master port**: ``MASTER_PORT`` if set (an error if it is in use), else 29531, or a free port when
-  29531 is taken.
+* **The master port**: ``MASTER_PORT`` if set (an error if it is in use). Unset, torchrun runs
+  ``--standalone``: its rendezvous store binds a port the OS picks, in one step, so jobs started at the same
+  moment on one machine never race for a port (a fixed default port, checked and then bound seconds later,
+  let two such jobs both take it and one die with EADDRINUSE). The deepspeed launcher has no such mode: it gets
+  a free port from the OS (:func:`master_port`).
 
 ``python -m nexus_megatron.launcher <torchrun arguments>`` is the torchrun agent used by the command: torchrun
 itself, with a parent-death signal (it goes down with the command even if the command is SIGKILLed) and
@@ -38,7 +41,6 @@ JOB_ENV = "NEXUS_JOB_ID"
 ERROR_DIR_ENV = "NEXUS_ERROR_DIR"
 PARENT_ENV = "NEXUS_LAUNCHER_PID"
 GRACE_ENV = "NEXUS_KILL_GRACE_S"
-DEFAULT_PORT = 29531
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -67,7 +69,14 @@ def free_port() -> int:
 
 
 def master_port(env=os.environ) -> int:
-    """The port for torchrun's rendezvous: MASTER_PORT if set and free, else 29531 or any free port."""
+    """The rendezvous port for a launcher that needs one: MASTER_PORT if set (an error if it is in use), else a
+    free port the OS picks (not a fixed one: two jobs started together would both find it free)."""
+    port = given_master_port(env)
+    return free_port() if port is None else port
+
+
+def given_master_port(env=os.environ) -> Optional[int]:
+    """MASTER_PORT if set (checked: a port number, not in use), else None."""
     given = env.get("MASTER_PORT")
     if given:
         try:
@@ -81,7 +90,7 @@ def master_port(env=os.environ) -> int:
                 f"MASTER_PORT={port} is in use on this machine (another job, or one still shutting down): set "
                 "MASTER_PORT to a free port, or unset it to let nexus-megatron pick one")
         return port
-    return DEFAULT_PORT if not port_in_use(DEFAULT_PORT) else free_port()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,8 +239,10 @@ def run_job(cmd: list, env: Optional[dict] = None, grace_s: Optional[float] = No
 def launch_torchrun(nproc: int, argv: list, env_extra: Optional[dict] = None) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine, as one job: signals to
     this process reach every process of it, a worker's input error is printed once (nexus_megatron/launcher.py)."""
-    cmd = [sys.executable, "-m", "nexus_megatron.launcher", "--nproc_per_node", str(nproc),
-           "--master_port", str(master_port()), "-m", "nexus_megatron.cli", *argv]
+    port = given_master_port()
+    rendezvous = ["--standalone"] if port is None else ["--master_port", str(port)]
+    cmd = [sys.executable, "-m", "nexus_megatron.launcher", "--nproc_per_node", str(nproc), *rendezvous,
+           "-m", "nexus_megatron.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(env_extra or {})

@@ -278,6 +278,26 @@ def test_error_on_every_rank_is_printed_once(data, tmp_path):
     assert not stray_workers(config)
 
 
+def test_two_jobs_started_together_both_run(data, tmp_path):
+    """Two `train --nproc 2` commands started at the same moment on one machine, MASTER_PORT unset: both run.
+    Before, both found the fixed default port 29531 free, both handed it to torchrun, and one died with
+    EADDRINUSE and a traceback (rc 1): torchrun now runs --standalone, its rendezvous on a port the OS picks."""
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.fault_runs import cli_train
+    from tests.test_faults import write_config
+    configs = [write_config(tmp_path, data, tmp_path / f"run{i}", steps=2, checkpoint_every=0) for i in range(2)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)
+    jobs = [subprocess.Popen(cli_train(c), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for c in configs]
+    outs = [j.communicate(timeout=600) for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], [err[-3000:] for _, err in outs]
+    for i in range(2):
+        assert (tmp_path / f"run{i}" / "metrics.jsonl").exists()
+
+
 # -- class: files this package wrote, read back ------------------------------------------------------
 
 @pytest.mark.parametrize("content,msg", [
