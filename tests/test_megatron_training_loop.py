@@ -45,6 +45,10 @@ CPU_FLAGS = ["--distributed-backend", "gloo", "--transformer-impl", "local", "--
 
 
 def _run(argv, nproc, port, tmp_path, expect_ok=True):
+    """torchrun the launcher on ``nproc`` ranks. ``port`` only names the call: the rendezvous takes a free port (a
+    fixed one collides when two suites run at once on one machine)."""
+    from tests.distributed import free_port
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")    # as Megatron-LM's example scripts
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
