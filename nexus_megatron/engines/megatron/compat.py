@@ -112,8 +112,8 @@ def grad_norm_group_of(param):
     ``None`` (the main group; always on 0.16)."""
     if not separate_grad_norm_groups():
         return None
-    from megatron.core.optimizer.optimizer import GRAD_NORM_GROUP_ATTR
-    g = getattr(param, GRAD_NORM_GROUP_ATTR, None)
+    from megatron.core.optimizer import optimizer as mopt
+    g = getattr(param, getattr(mopt, "GRAD_NORM_GROUP_ATTR", "grad_norm_group"), None)
     return g if g in separate_grad_norm_groups() else None
 
 
