@@ -40,7 +40,7 @@ MCORE312   ?= megatron-core[mlm]==0.19.2
 CONSTRAINTS312 ?= constraints-py312.txt
 PIP_C312   := $(if $(CONSTRAINTS312),-c $(CONSTRAINTS312),)
 MEGATRON_TESTS := tests/test_megatron.py tests/test_megatron_launch.py tests/test_megatron_overlap.py \
-	tests/test_megatron_training_loop.py
+	tests/test_megatron_mtp.py tests/test_megatron_training_loop.py
 .PHONY: test-megatron-312
 $(VENV312)/.installed: pyproject.toml $(CONSTRAINTS312)
 	$(PY312) -m venv $(VENV312)

@@ -218,6 +218,48 @@ def test_virtual_pipeline_through_megatron_loop_equals_single_process(data, tmp_
 _CACHE: dict = {}
 
 
+PARAMS = re.compile(r"number of parameters on \(tensor, [a-z_, ]*\) model parallel rank \([0, ]*\): (\d+)")
+
+
+def test_mtp_through_megatron_loop_equals_single_process(data, tmp_path):
+    """Multi-token prediction (--mtp-num-layers 1; Megatron-LM wants RoPE) with --clip-grad 0.05 below every G norm,
+    so the outer step clips: two data-parallel ranks give the losses, G norms and Nexus's per-source norms of one
+    process on the same samples. Megatron-LM's loop leaves the MTP parameters in the main grad-norm group (it has
+    no --mtp-detach-heads); their share of n_i and the separate group's clipping are checked against a hand
+    computation and Megatron's own Adam in test_megatron_mtp.py. The MTP layer takes part: without it the run
+    differs."""
+    clip = 0.05
+    args = _without(tiny_gpt(data), "--clip-grad") + ["--clip-grad", str(clip), "--nexus-micro-steps", "2",
+                                                      "--position-embedding-type", "rope"]
+    mtp = args + ["--mtp-num-layers", "1"]
+    out1 = _run(mtp, 1, 29661, tmp_path).stdout
+    out2 = _run(mtp, 2, 29662, tmp_path).stdout
+    assert re.search(r"mtp_num_layers \.+ 1\n", out1), "the MTP flag did not reach Megatron's arguments"
+    assert "mtp_1 loss" in out1 and "mtp_1 loss" in out2, "Megatron reports no MTP loss"
+    one, two = _iterations(out1), _iterations(out2)
+    assert [i for i, _, _ in two] == [1, 2, 3] == [i for i, _, _ in one], (two, one)
+    for (_, l2, g2), (_, l1, g1) in zip(two, one):      # printed with 7 significant digits
+        assert abs(l2 - l1) <= 2e-6 * abs(l1) and g2 == g1, (two, one)
+        assert g1 > clip, (clip, one)                   # the clipping acts on G
+    s1, s2 = _nexus_stats(out1), _nexus_stats(out2)
+    assert sorted(s2) == [1, 2, 3] == sorted(s1), (s1, s2)
+    for i in s1:
+        assert set(s2[i]) == set(s1[i]) and s1[i]["nexus/skipped_steps"] == 0, (i, s1, s2)
+        gn = [k for k in s1[i] if k.startswith("nexus/gnorm/")]
+        assert gn, s1
+        for k in gn:
+            assert s1[i][k] > 0 and abs(s2[i][k] - s1[i][k]) <= 1e-5 * s1[i][k], (i, k, s1, s2)
+    plain_out = _run(args, 1, 29663, tmp_path).stdout                # the same run without MTP
+    plain = _iterations(plain_out)
+    n_mtp, n_plain = (int(PARAMS.search(o).group(1)) for o in (out1, plain_out))
+    # the MTP block exists: one more transformer layer, the eh projection and its norms (GPTModel builds it only
+    # from an MTP block spec; without one the model would split the decoder output instead)
+    assert n_mtp > n_plain + 4 * 32 * 32, (n_mtp, n_plain)
+    assert plain[0][1] == one[0][1], (plain, one)      # the same lm loss at the start (MTP's loss is extra) ...
+    assert abs(plain[1][1] - one[1][1]) > 1e-5 * abs(one[1][1]), (plain, one)   # ... then MTP changed the training
+    assert plain[0][2] != one[0][2], (plain, one)      # and the G norm (its parameters' gradients count in G)
+
+
 def _trained_checkpoint(data, tmp_path_factory):
     if "ck" not in _CACHE:
         ck = str(tmp_path_factory.mktemp("ck") / "ck")
@@ -342,7 +384,6 @@ def test_moe_ep2_through_megatron_loop_equals_single_process(data, tmp_path_fact
 
 REFUSED = [
     (["--rampup-batch-size", "4", "4", "16"], "--rampup-batch-size"),
-    (["--mtp-num-layers", "1", "--position-embedding-type", "rope"], "--mtp-num-layers"),
     (["--fp16"], "--fp16"),
     (["--full-validation"], "--full-validation"),
     (["--step-batch-size-schedule", "0:4 256:6"], "--step-batch-size-schedule"),   # 3 micro-batches, K = 2
@@ -378,6 +419,20 @@ def test_unsupported_flags_refused_naming_the_flag(extra, flag):
         check_nexus_args(args)
     check_nexus_args(_parsed(base + ["--step-batch-size-schedule", "0:4 256:8"] if "--step-batch-size-schedule"
                              in extra else tiny_gpt("/nonexistent")))   # the same list without the flag passes
+
+
+def test_mtp_with_pipeline_parallelism_refused():
+    """--mtp-num-layers is accepted (Megatron's parse + validate, then check_nexus_args), but not with pipeline
+    parallelism (untested there). Megatron's validation of PP 2 needs 2 ranks: the parsed arguments of the 1-rank
+    list get the pipeline size set afterwards."""
+    from nexus_megatron.engines.megatron.megatron_training import check_nexus_args
+    from nexus_megatron.errors import NexusConfigError
+    args = _parsed(tiny_gpt("/nonexistent") + ["--mtp-num-layers", "1", "--position-embedding-type", "rope"])
+    assert args.mtp_num_layers == 1
+    check_nexus_args(args)
+    args.pipeline_model_parallel_size = 2
+    with pytest.raises(NexusConfigError, match="^" + re.escape("--mtp-num-layers with --pipeline-model-parallel-size")):
+        check_nexus_args(args)
 
 
 def test_refused_flag_stops_the_launcher_before_training(data, tmp_path):

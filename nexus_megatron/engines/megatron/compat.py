@@ -9,6 +9,8 @@ gradients for a norm                   ``get_main_grads_for_       ``get_grads_f
                                        grad_norm()`` (all params)  default group leaves out the parameters
                                                                    of a separate grad-norm group (MTP)
 separate grad-norm groups              none                        ``SEPARATE_GRAD_NORM_GROUPS`` (MTP)
+clipping in the optimizer step         every param by the norm     main params by the main norm, each
+                                       of all of them              group's params by its own norm
 TP-duplicate filter of a norm          one TP group                + the expert TP group for expert params
 staging before an explicit param sync  none                        ``prepare_model_params_for_param_sync()``
 ``ProcessGroupCollection`` data-       dp, dp_cp, intra_dp_cp,     + ``dp_cp_gtp_remat``,
@@ -56,28 +58,95 @@ def grads_for_full_norm(opt) -> List[torch.Tensor]:
     return list(opt.get_main_grads_for_grad_norm())
 
 
+def _chained(inner) -> list:
+    return list(getattr(inner, "chained_optimizers", [inner]))
+
+
+@torch.no_grad()
+def separate_group_norms(inner) -> dict:
+    """``{group: norm}`` of each separate grad-norm group some rank of ``inner`` (a Megatron optimizer, chained or
+    not) holds parameters of, computed as megatron-core 0.17+'s own step does (``ChainedOptimizer.
+    _get_grad_norm_for_group`` / ``MegatronOptimizer._compute_grad_norms_by_group``): one norm over every child's
+    gradients of the group when the children share their grad-stats group, else the children's norms in
+    quadrature. 0.16 (no groups): ``{}``. Collective over the grad-stats group(s) when a group exists."""
+    groups = separate_grad_norm_groups()
+    if not groups or not hasattr(inner, "has_grad_norm_group"):
+        return {}
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    children = _chained(inner)
+    ref = children[0].get_grad_stats_parallel_group()
+    shared = all(c.get_grad_stats_parallel_group() == ref for c in children)
+    out = {}
+    for g in groups:
+        if not inner.has_grad_norm_group(g):       # cached, globally consistent over the grad-stats group(s)
+            continue
+        if shared:
+            grads = [t for c in children for t in c.get_grads_for_grad_norm(g)]
+            out[g] = float(get_grad_norm_fp32(grads, grad_stats_parallel_group=children[0].get_grad_stats_parallel_group()))
+        else:
+            sq = 0.0
+            for c in children:
+                n = float(get_grad_norm_fp32(c.get_grads_for_grad_norm(g),
+                                             grad_stats_parallel_group=c.get_grad_stats_parallel_group()))
+                sq += n * n if n else 0.0
+            out[g] = math.sqrt(sq)
+    return out
+
+
 @torch.no_grad()
 def full_grad_norm(inner) -> float:
     """The L2 norm of the whole gradient of a Megatron optimizer (chained or not), reduced over its grad-stats
     group: what 0.16's ``get_grad_norm()`` returns. From 0.17 ``get_grad_norm()`` leaves out the separate
-    grad-norm groups (MTP); Nexus's per-source norm n_i must count every parameter, so those groups' norms are
-    added in quadrature (one more scalar all-reduce per group, only when a rank holds such parameters)."""
-    groups = separate_grad_norm_groups()
+    grad-norm groups (MTP); Nexus's per-source norm n_i must count every parameter, so those groups' norms
+    (:func:`separate_group_norms`) are added in quadrature (one more scalar all-reduce per group, only when some
+    rank holds such parameters)."""
     main = float(inner.get_grad_norm())
-    if not groups:
+    extra = separate_group_norms(inner)
+    if not extra:
         return main
-    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
-    children = list(getattr(inner, "chained_optimizers", [inner]))
-    sq = main * main
-    for child in children:
-        if getattr(child, "is_stub_optimizer", False) or not hasattr(child, "has_grad_norm_group"):
+    return math.sqrt(main * main + sum(n * n for n in extra.values()))
+
+
+def grad_norm_group_of(param):
+    """The separate grad-norm group a parameter is tagged with (0.17+: ``'mtp'`` for the MTP parameters), or
+    ``None`` (the main group; always on 0.16)."""
+    if not separate_grad_norm_groups():
+        return None
+    from megatron.core.optimizer import optimizer as mopt
+    g = getattr(param, getattr(mopt, "GRAD_NORM_GROUP_ATTR", "grad_norm_group"), None)
+    return g if g in separate_grad_norm_groups() else None
+
+
+@torch.no_grad()
+def clip_grads_like_megatron(inner, grad_norm) -> None:
+    """Clip the gradients in ``main_param.grad`` of ``inner`` (chained or not) in place exactly as megatron-core's
+    own ``ChainedOptimizer.step`` does on this version, for each child with ``clip_grad > 0``: 0.16 clips every
+    parameter by ``grad_norm`` (the norm of all of them); 0.17+ clips the main group's parameters by
+    ``grad_norm`` (``get_grad_norm()``, which leaves the separate groups out) and each separate group's
+    parameters (MTP) by that group's own norm (:func:`separate_group_norms`)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    children = [c for c in _chained(inner) if not getattr(c, "is_stub_optimizer", False)]
+    should_clip = any(c.config.clip_grad > 0.0 for c in children)
+    group_norms = separate_group_norms(inner) if should_clip else {}
+    for c in children:
+        params = c.get_parameters()
+        if not params or c.config.clip_grad <= 0.0:
             continue
-        for g in groups:
-            if child.has_grad_norm_group(g):           # cached, globally consistent over the grad-stats group
-                n = float(get_grad_norm_fp32(child.get_grads_for_grad_norm(g),
-                                             grad_stats_parallel_group=child.get_grad_stats_parallel_group()))
-                sq += n * n
-    return math.sqrt(sq)
+        decoupled = c.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        main, by_group = [], {}
+        for p in params:
+            g = grad_norm_group_of(p)
+            if g is None:
+                main.append(p)
+            else:
+                by_group.setdefault(g, []).append(p)
+        if main:
+            clip_grad_by_total_norm_fp32(main, max_norm=c.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=decoupled)
+        for g, ps in by_group.items():
+            if g in group_norms:
+                clip_grad_by_total_norm_fp32(ps, max_norm=c.config.clip_grad, total_norm=group_norms[g],
+                                             use_decoupled_grad=decoupled)
 
 
 def is_tensor_parallel_duplicate(param, opt) -> bool:

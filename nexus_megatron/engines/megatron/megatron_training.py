@@ -56,9 +56,6 @@ REFUSED = [
     ("--rampup-batch-size", "rampup_batch_size", lambda v: v is not None,
      "Megatron-LM deprecates it for --step-batch-size-schedule (megatron-core 0.19's loop ignores it); give the "
      "ramp as --step-batch-size-schedule, which Nexus runs with K inner steps per iteration of N_t/K micro-batches"),
-    ("--mtp-num-layers", "mtp_num_layers", lambda v: bool(v),
-     "multi-token prediction with Nexus is not verified yet (it trains, but the MTP parameters' share of the "
-     "per-source norms has no test against the reference); drop the flag"),
     ("--context-parallel-size", "context_parallel_size", lambda v: (v or 1) > 1,
      "not supported with Nexus: its per-source data path does not cut sequences per context-parallel rank, and "
      "Megatron runs context parallelism only with Transformer Engine's attention (GPU); leave it at 1"),
@@ -78,6 +75,11 @@ def check_nexus_args(args) -> None:
     for flag, attr, refused, why in REFUSED:
         if refused(getattr(args, attr, None)):
             raise NexusConfigError(f"{flag}: {why} (--optimizer nexus)")
+    if getattr(args, "mtp_num_layers", None) and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
+        raise NexusConfigError("--mtp-num-layers with --pipeline-model-parallel-size > 1: multi-token prediction "
+                               "under Nexus is tested without pipeline parallelism only (with PP the MTP layer sits "
+                               "on the last stage and shares the embedding across stages; not verified); use one "
+                               "pipeline stage")
     if getattr(args, "dataloader_type", None) == "cyclic":      # Megatron's default is single
         raise NexusConfigError("--dataloader-type cyclic: --optimizer nexus reads one source per inner step from its "
                                "own per-source iterator (it runs as external); drop the flag")
@@ -129,14 +131,24 @@ def gpt_model_provider(pre_process=True, post_process=True, vp_stage=None, confi
     args = get_args()
     cfg = config if config is not None else core_transformer_config_from_args(args)
     spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    use_te = False
     if getattr(args, "transformer_impl", "local") == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
             spec = get_gpt_layer_with_transformer_engine_spec()
+            use_te = True
         except ImportError:
             pass
-    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
+    mtp_spec = None
+    if getattr(cfg, "mtp_num_layers", None):
+        # multi-token prediction: GPTModel builds the MTP block only from a spec (without one it would split the
+        # decoder's hidden states as if they held MTP outputs); the MTP layer is a decoder layer, as in
+        # Megatron-LM's own GPT builder (which 0.19's pretrain() uses when the config container has a model config,
+        # as the launcher's does: this provider is the fallback)
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+        mtp_spec = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=use_te, vp_stage=vp_stage)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, mtp_block_spec=mtp_spec, vocab_size=args.padded_vocab_size,
                     max_sequence_length=args.max_position_embeddings, pre_process=pre_process,
                     post_process=post_process, share_embeddings_and_output_weights=not
                     args.untie_embeddings_and_output_weights, position_embedding_type=args.position_embedding_type,

@@ -19,9 +19,10 @@ One micro-step (``inner_step``), after a forward/backward pass and Megatron's gr
 (``finalize_model_grads``; the layout's groups decide which ranks are reduced together)::
 
     inner.prepare_grads()                       # reduced gradient -> main_param.grad (fp32, shard)
-    n_i  = inner.get_grad_norm()                # Megatron's filters: TP duplicates and shared
+    n_i  = compat.full_grad_norm(inner)         # Megatron's filters: TP duplicates and shared
                                                 # embeddings counted once, reduced over the grad-stats
-                                                # group (= the ranks holding source i's gradient)
+                                                # group (= the ranks holding source i's gradient); every
+                                                # parameter, also 0.17+'s separate (MTP) grad-norm group
     coef = layout.exchange_norms(n_i^2, ...)    # w_i / n_i, weights renormalized, drop n_i < min
     d    = sum_i coef_i g_i                     # source-parallel: scaled shard all-reduced across blocks
     S    <- S + d                               # functional.accumulate_direction (exact displacement)
@@ -42,7 +43,8 @@ The outer step (``step``), after ``k`` micro-steps::
 
     main.grad <- G = S / k                              # the pseudo-gradient, exact for every gamma_t >= 0
     main      <- anchor ; S <- 0                        # restore theta_t
-    clip G (OptimizerConfig.clip_grad, Megatron's clip)
+    clip G (OptimizerConfig.clip_grad, Megatron's clip; compat.clip_grads_like_megatron: 0.17+
+            clips the MTP group by its own norm, like Megatron's ChainedOptimizer.step)
     pre_outer_step(self)                                # optional seam (critical sharpness), see below
     Adam step on G ; main -> model (+ all-gather)
     anchor    <- main
@@ -80,7 +82,7 @@ from ...errors import NexusConfigError
 from ...functional import accumulate_direction, moved_point, pseudo_gradient_from_sum, sum_sq
 from ...nexus import NexusConfig
 from ...outer import BookViews, OuterBook, RandomDirectionControl, check_resume
-from .compat import (full_grad_norm, is_tensor_parallel_duplicate,
+from .compat import (clip_grads_like_megatron, full_grad_norm, is_tensor_parallel_duplicate,
                      prepare_model_params_for_param_sync as compat_prepare_param_sync)
 from .groups import NexusGroups
 from .version import check_megatron_core_version
@@ -92,7 +94,6 @@ from megatron.core.optimizer.optimizer import (  # noqa: E402
     FP32Optimizer,
     MixedPrecisionOptimizer,
 )
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # noqa: E402
 from megatron.core.transformer.module import param_is_not_shared  # noqa: E402
 
 NEXUS_STATE_KEY = "nexus"
@@ -585,13 +586,8 @@ class NexusMegatronOptimizer(BookViews, MegatronOptimizer):
             self._end_step(skipped=True)
             return False, None, None
         grad_norm = self.inner.get_grad_norm()
-        for child in self.children:
-            if getattr(child, "is_stub_optimizer", False):
-                continue
-            params = child.get_parameters()
-            if params and child.config.clip_grad > 0.0:
-                clip_grad_by_total_norm_fp32(params, max_norm=child.config.clip_grad, total_norm=grad_norm,
-                                             use_decoupled_grad=child.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        # compat: Megatron's own clipping on this version (0.17+: the MTP group by its own norm)
+        clip_grads_like_megatron(self.inner, grad_norm)
         num_zeros = self.inner.count_zeros() if self.config.log_num_zeros_in_grad else None
         hook = self.pre_outer_step
         if hook is not None:
