@@ -22,15 +22,24 @@ BRIDGE_SITE = os.environ.get("NEXUS_BRIDGE_SITE", os.path.join(ROOT, ".bridge-si
 TE_USERS = {"megatron.bridge.peft.lora_layers", "megatron.bridge.models.gpt_full_te_layer_autocast_spec"}
 
 
-def add_bridge_site() -> bool:
-    """Put the Bridge install first on sys.path (its pinned transformers / tokenizers / huggingface-hub shadow
-    the venv's newer ones); True if ``megatron.bridge`` can then be found."""
-    if os.path.isdir(os.path.join(BRIDGE_SITE, "megatron", "bridge")) and BRIDGE_SITE not in sys.path:
-        sys.path.insert(0, BRIDGE_SITE)
+def bridge_available() -> bool:
+    """Bridge 0.6.2 (Python 3.12 only) is in ``BRIDGE_SITE`` or in the running environment. Changes nothing (the
+    pytest process keeps its sys.path; only the workers that import Bridge add the folder)."""
+    if sys.version_info[:2] != (3, 12):
+        return False
+    if os.path.isdir(os.path.join(BRIDGE_SITE, "megatron", "bridge")):
+        return True
     try:
         return importlib.util.find_spec("megatron.bridge") is not None
     except (ImportError, ValueError):
         return False
+
+
+def add_bridge_site() -> None:
+    """Put the Bridge install first on sys.path: its pinned transformers / tokenizers / huggingface-hub shadow
+    the venv's newer ones (so: worker processes only)."""
+    if os.path.isdir(os.path.join(BRIDGE_SITE, "megatron", "bridge")) and BRIDGE_SITE not in sys.path:
+        sys.path.insert(0, BRIDGE_SITE)
 
 
 class _Inert:

@@ -11,12 +11,12 @@ skips otherwise. Bridge is imported with the test-only Transformer Engine stand-
 import pytest
 
 from tests import mcore_helpers as H
-from tests.bridge_import import BRIDGE_SITE, add_bridge_site, import_bridge
+from tests.bridge_import import BRIDGE_SITE, bridge_available, import_bridge
 from tests.distributed import run_distributed
 
 pytest.importorskip("megatron.core")
-pytestmark = pytest.mark.skipif(not add_bridge_site(), reason=f"megatron.bridge is not installed (Python 3.12: "
-                                f"`make bridge-312` installs Megatron-Bridge 0.6.2 into {BRIDGE_SITE})")
+needs_bridge = pytest.mark.skipif(not bridge_available(), reason=f"megatron.bridge is not importable here: it needs "
+                                  f"Python 3.12 and `make bridge-312` (Megatron-Bridge 0.6.2 into {BRIDGE_SITE})")
 
 STEPS, K, TOL = 3, 2, 1e-5
 REF = dict(mode="sequential", num_sources=3, dp=2)
@@ -78,6 +78,7 @@ def reference():
     return run_distributed(_reference_worker, 1, timeout=600)[0]
 
 
+@needs_bridge
 @pytest.mark.parametrize("distopt,inner", [(False, "FP32Optimizer"), (True, "DistributedOptimizer")],
                          ids=["adam", "distributed-optimizer"])
 def test_bridge_seams_dp2_equal_single_process(reference, distopt, inner):
@@ -93,6 +94,7 @@ def test_bridge_seams_dp2_equal_single_process(reference, distopt, inner):
 
 
 def test_bridge_refuses_what_it_cannot_run():
+    """Needs megatron-core only (nexus_megatron.engines.megatron.bridge does not import Bridge)."""
     from nexus_megatron.engines.megatron.bridge import check_bridge_settings
     from nexus_megatron.engines.megatron.megatron_lm import NexusSettings
     from nexus_megatron.errors import NexusConfigError
