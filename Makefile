@@ -49,3 +49,30 @@ $(VENV312)/.installed: pyproject.toml $(CONSTRAINTS312)
 
 test-megatron-312: $(VENV312)/.installed
 	OMP_NUM_THREADS=1 $(VENV312)/bin/python -m pytest -q $(MEGATRON_TESTS)
+
+# NVIDIA Megatron-Bridge 0.6.2 (the training library under NeMo; Python 3.12) for tests/test_megatron_bridge.py,
+# in its own --target folder so that .venv312 stays as it is (PYTHONPATH / tests/bridge_import.py put it first on
+# sys.path). --no-deps: Bridge's declared dependencies pull Transformer Engine (CUDA build), flashinfer, mlflow,
+# comet-ml, ...; these are the packages its training modules import, with versions that work together here.
+# nvidia-resiliency-ext >= 0.6 (megatron-core 0.19's minimum) ships manylinux_2_39 wheels only; its Python
+# modules are what is imported. Transformer Engine is not installed (PyPI has its PyTorch extension as a CUDA
+# source build only): see tests/bridge_import.py. Measured: docs/megatron.md "NeMo / Megatron-Bridge".
+BRIDGE_SITE312 ?= .bridge-site312
+BRIDGE_PKGS := megatron-bridge==0.6.2 megatron-energon==7.4.1 transformers==5.12.1 tokenizers==0.22.2 \
+	huggingface-hub==1.33.0 nvidia-modelopt==0.47.0 datasets==5.2.0 multiprocess==0.70.19 dill==0.4.1 \
+	pandas==3.1.1 pyarrow==26.0.1 scipy==1.18.1 defusedxml==0.7.1 multi-storage-client==1.3.1 xattr==1.3.1 \
+	cffi==2.1.1 pycparser==3.12 lark==1.3.1 wcmatch==12.0.3 bracex==3.2.3 jsonschema==4.26.0 \
+	jsonschema-specifications==2025.9.1 attrs==26.1.0 referencing==0.37.0 rpds-py==2026.9.1 braceexpand==0.1.7 \
+	rapidyaml==0.15.2 deprecation==2.1.0 filetype==1.2.0 webdataset==1.0.2 pulp==4.2.0 orloge==1.0.0 \
+	cpsat-logutils==1.0.0 tensorboard==2.21.0 absl-py==2.5.1
+.PHONY: bridge-312 test-bridge-312
+$(BRIDGE_SITE312)/.installed: | $(VENV312)/.installed
+	$(VENV312)/bin/python -m pip install -q --no-deps --target $(BRIDGE_SITE312) $(BRIDGE_PKGS)
+	$(VENV312)/bin/python -m pip install -q --no-deps --target $(BRIDGE_SITE312) --only-binary :all: \
+		--platform manylinux_2_39_x86_64 --python-version 3.12 nvidia-resiliency-ext==0.7.0
+	touch $@
+bridge-312: $(BRIDGE_SITE312)/.installed
+
+test-bridge-312: bridge-312
+	OMP_NUM_THREADS=1 NEXUS_BRIDGE_SITE=$(abspath $(BRIDGE_SITE312)) $(VENV312)/bin/python -m pytest -q \
+		tests/test_megatron_bridge.py

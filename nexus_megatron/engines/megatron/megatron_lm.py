@@ -73,7 +73,8 @@ class NexusSettings:
         return nexus_config_from(self)
 
 
-def _groups(settings: NexusSettings):
+def nexus_groups(settings: NexusSettings):
+    """The layout's process groups (built on first use; collective the first time: every rank calls it)."""
     from .groups import build_nexus_groups
     if "groups" not in settings.state:
         settings.state["groups"] = build_nexus_groups(settings.layout_config())
@@ -84,8 +85,6 @@ def enable_nexus(settings: NexusSettings, training_module=None):
     """Patch ``megatron.training.training`` (or ``training_module``) to train with Nexus. Call before
     ``pretrain()``. Returns ``settings`` (``settings.state['optimizer']`` is the Nexus optimizer once built)."""
     from .groups import nexus_finalize_model_grads
-    from .optimizer import get_nexus_megatron_optimizer
-    from .schedule import nexus_forward_backward
     from .version import check_megatron_core_version
 
     check_megatron_core_version()
@@ -97,53 +96,17 @@ def enable_nexus(settings: NexusSettings, training_module=None):
 
     class NexusDDP(real_ddp):
         def __init__(self, *args, **kwargs):
-            kwargs["pg_collection"] = _groups(settings).pg_collection
+            kwargs["pg_collection"] = nexus_groups(settings).pg_collection
             super().__init__(*args, **kwargs)
 
     def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True, **kw):
-        k = settings.micro_steps
-        if k is None:
-            from megatron.core.num_microbatches_calculator import get_num_microbatches
-            k = get_num_microbatches()
-        kw.pop("pg_collection", None)
-        if _groups(settings).pg_collection is None:
-            kw["use_gloo_process_groups"] = use_gloo_process_groups
-        opt = get_nexus_megatron_optimizer(config, model_chunks, _groups(settings), settings.nexus_config(),
-                                           micro_steps=k, config_overrides=config_overrides,
-                                           exact_displacement=settings.exact_displacement, **kw)
-        settings.state["optimizer"] = opt
-        opt.post_outer_step = report_step_stats
-        if settings.sharpness.enabled:
-            settings.state["sharpness"] = build_sharpness_hook_from_settings(settings, opt, model_chunks)
-        return opt
+        return build_nexus_optimizer(settings, config, model_chunks, config_overrides, use_gloo_process_groups, **kw)
 
     def get_forward_backward_func(*args, **kwargs):
-        base = real_fb(*args, **kwargs)
-
-        def run(**kw):
-            opt = settings.state.get("optimizer")
-            if opt is None or kw.get("forward_only", False):
-                return base(**kw)
-            hook = settings.state.get("sharpness")
-            if hook is None:
-                return nexus_forward_backward(opt, base)(**kw)
-            from .sharpness import RecordingIterator
-            it = kw["data_iterator"]
-            if isinstance(it, (list, tuple)):
-                if settings.sharpness.split == "step":
-                    raise NexusConfigError("--sharpness-split step with virtual pipeline stages (one data iterator per "
-                                           "model chunk) is not supported: use --sharpness-split val")
-                out = nexus_forward_backward(opt, base)(**kw)
-                hook.begin_step(opt.iteration + 1)
-                return out
-            rec = RecordingIterator(it)
-            out = nexus_forward_backward(opt, base)(**dict(kw, data_iterator=rec))
-            hook.begin_step(opt.iteration + 1, rec.take())    # the iteration's own micro-batches
-            return out
-        return run
+        return nexus_schedule(settings, real_fb(*args, **kwargs))
 
     def finalize_model_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
-        return nexus_finalize_model_grads(_groups(settings))(model, num_tokens, pg_collection, force_all_reduce)
+        return nexus_finalize_model_grads(nexus_groups(settings))(model, num_tokens, pg_collection, force_all_reduce)
 
     T.DDP = NexusDDP
     T.get_megatron_optimizer = get_megatron_optimizer
@@ -151,6 +114,59 @@ def enable_nexus(settings: NexusSettings, training_module=None):
     T.finalize_model_grads = finalize_model_grads
     return settings
 
+
+
+def build_nexus_optimizer(settings: NexusSettings, config, model_chunks, config_overrides=None,
+                          use_gloo_process_groups=True, **kw):
+    """Megatron's (Adam) optimizer from ``config`` with the layout's groups, wrapped in Nexus (K =
+    ``settings.micro_steps``, default: ``get_num_microbatches()``); kept in ``settings.state['optimizer']``.
+    What the patched ``get_megatron_optimizer`` of :func:`enable_nexus` and Megatron-Bridge's
+    ``NexusOptimizerConfig.provide`` (:mod:`.bridge`) return."""
+    from .optimizer import get_nexus_megatron_optimizer
+    k = settings.micro_steps
+    if k is None:
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+        k = get_num_microbatches()
+    kw.pop("pg_collection", None)
+    if nexus_groups(settings).pg_collection is None:
+        kw["use_gloo_process_groups"] = use_gloo_process_groups
+    opt = get_nexus_megatron_optimizer(config, model_chunks, nexus_groups(settings), settings.nexus_config(),
+                                       micro_steps=k, config_overrides=config_overrides,
+                                       exact_displacement=settings.exact_displacement, **kw)
+    settings.state["optimizer"] = opt
+    opt.post_outer_step = report_step_stats
+    if settings.sharpness.enabled:
+        settings.state["sharpness"] = build_sharpness_hook_from_settings(settings, opt, model_chunks)
+    return opt
+
+
+def nexus_schedule(settings: NexusSettings, base):
+    """``base`` (a ``get_forward_backward_func()`` result) as K passes with an inner step after each
+    (:func:`~.schedule.nexus_forward_backward`) once ``settings.state['optimizer']`` exists; evaluation
+    (``forward_only``) passes through. With the sharpness hook it also hands the iteration's batches to it."""
+    from .schedule import nexus_forward_backward
+
+    def run(**kw):
+        opt = settings.state.get("optimizer")
+        if opt is None or kw.get("forward_only", False):
+            return base(**kw)
+        hook = settings.state.get("sharpness")
+        if hook is None:
+            return nexus_forward_backward(opt, base)(**kw)
+        from .sharpness import RecordingIterator
+        it = kw["data_iterator"]
+        if isinstance(it, (list, tuple)):
+            if settings.sharpness.split == "step":
+                raise NexusConfigError("--sharpness-split step with virtual pipeline stages (one data iterator per "
+                                       "model chunk) is not supported: use --sharpness-split val")
+            out = nexus_forward_backward(opt, base)(**kw)
+            hook.begin_step(opt.iteration + 1)
+            return out
+        rec = RecordingIterator(it)
+        out = nexus_forward_backward(opt, base)(**dict(kw, data_iterator=rec))
+        hook.begin_step(opt.iteration + 1, rec.take())    # the iteration's own micro-batches
+        return out
+    return run
 
 # ---------------------------------------------------------------------------------------------------
 # Megatron-LM argument plumbing
@@ -338,7 +354,7 @@ def nexus_datasets_provider(train_val_test_num_samples, vp_stage=None):
     settings = _SETTINGS.get("settings") or settings_from_args(args)
     n_mb = get_num_microbatches()
     per_pass = n_mb // (settings.micro_steps or n_mb)
-    it = build_source_iterator(_groups(settings).layout, parse_data_path(args.data_path), args.seq_length,
+    it = build_source_iterator(nexus_groups(settings).layout, parse_data_path(args.data_path), args.seq_length,
                                args.micro_batch_size, per_pass, seed=args.seed, split=args.split)
     iteration = int(getattr(args, "iteration", 0) or 0)
     if iteration:
@@ -346,7 +362,7 @@ def nexus_datasets_provider(train_val_test_num_samples, vp_stage=None):
         skip_resumed_iterations(it, iteration, getattr(opt, "micro_steps", None) or settings.micro_steps)
     valid = None
     if (getattr(args, "eval_iters", 0) or 0) > 0:
-        layout = _groups(settings).layout
+        layout = nexus_groups(settings).layout
         valid = build_validation_iterator(parse_data_path(args.data_path), args.seq_length, args.micro_batch_size,
                                           layout.dp_rank, layout.dp_size,
                                           start_sample=int(getattr(args, "consumed_valid_samples", 0) or 0),
