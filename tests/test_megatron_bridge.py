@@ -4,14 +4,24 @@ plug-in point) and the schedule from Bridge's ``megatron.bridge.training.train.g
 patched by :func:`enable_nexus_bridge`, driven the way Bridge's ``train_step`` drives them
 (``forward_backward_func(...)`` then ``optimizer.step()``, then the scheduler), on 2 data-parallel gloo ranks:
 the parameters after every outer step equal the single-process reference of ALGORITHMS.md §1.1
-(tests/mcore_helpers.py). Bridge's full ``pretrain()`` is NOT run here (see the docs).
+(tests/mcore_helpers.py).
+
+Bridge's own ``pretrain()`` (``megatron.bridge.training.pretrain``: its setup, model provider, optimizer seam, data
+setup with :class:`NexusDatasetProvider`, training loop and log) trains a tiny GPT on CPU with
+tests/bridge_pretrain.py under ``torch.distributed.run``: 2 data-parallel gloo ranks print the losses and grad norms
+of the 1-process run, every pass reads one source, and another K gives another run.
 
 Needs Python 3.12 + megatron-core 0.19 + Bridge installed with ``make bridge-312`` (or ``NEXUS_BRIDGE_SITE``);
 skips otherwise. Bridge is imported with the test-only Transformer Engine stand-in of tests/bridge_import.py."""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from tests import mcore_helpers as H
-from tests.bridge_import import BRIDGE_SITE, bridge_available, import_bridge
+from tests.bridge_import import BRIDGE_SITE, ROOT, bridge_available, import_bridge
 from tests.distributed import run_distributed
 
 pytest.importorskip("megatron.core")
@@ -104,3 +114,80 @@ def test_bridge_refuses_what_it_cannot_run():
         check_bridge_settings(NexusSettings(sources=["a", "b"]), "sgd")
     with pytest.raises(NexusConfigError, match="NexusSettings"):
         check_bridge_settings(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bridge's own pretrain() (tests/bridge_pretrain.py)
+# ---------------------------------------------------------------------------------------------------
+
+LOG = re.compile(r"iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) .*?learning rate: ([0-9.E+-]+) \| "
+                 r"global batch size:\s+(\d+) \| lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
+ITERS, MICRO_BATCHES = 3, 4          # bridge_pretrain.py: global batch 8, micro-batch 2
+
+
+def _bridge_pretrain(data, nproc, k, tmp_path, distopt=False):
+    """torchrun tests/bridge_pretrain.py: (Bridge's iteration log lines, [what each rank wrote])."""
+    import json
+    from tests.distributed import free_port
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NEXUS_BRIDGE_SITE=BRIDGE_SITE, TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), os.path.join(ROOT, "tests", "bridge_pretrain.py"), data, str(k), str(ITERS)]
+    r = subprocess.run(cmd + (["distopt"] if distopt else []), cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    ranks = []
+    for rank in range(nproc):
+        with open(os.path.join(str(tmp_path), f"bridge_nexus_rank{rank}.json")) as f:
+            ranks.append(json.load(f))
+    return LOG.findall(r.stdout + r.stderr), ranks
+
+
+@pytest.fixture(scope="module")
+def bridge_data(tmp_path_factory):
+    from tests.conftest import write_synthetic_data
+    return write_synthetic_data(str(tmp_path_factory.mktemp("bridge") / "d"))
+
+
+@pytest.fixture(scope="module")
+def bridge_one_process(bridge_data, tmp_path_factory):
+    return _bridge_pretrain(bridge_data, 1, K, tmp_path_factory.mktemp("one"))
+
+
+def _check_run(ranks, k, inner):
+    """Every rank ran Nexus with K = ``k`` for ITERS outer steps; K passes per iteration, each reading N/(K*dp)
+    micro-batches, all of its one assigned source, every rank the same source per pass. Returns the
+    (step, pass, source) sequence."""
+    per_pass = MICRO_BATCHES // (k * len(ranks))
+    orders = []
+    for rank, res in enumerate(ranks):
+        assert (res["optimizer"], res["K"], res["iterations"], res["inner"]) == \
+            ("NexusMegatronOptimizer", k, ITERS, [inner]), (rank, res)
+        rows = res["passes"]
+        assert [(s, m) for s, m, _, _ in rows] == [(s, m) for s in range(ITERS) for m in range(k)], rows
+        for step, micro, src, ids in rows:
+            assert ids == [src] * per_pass, (rank, step, micro, src, ids)
+        orders.append([(s, m, src) for s, m, src, _ in rows])
+    assert all(o == orders[0] for o in orders), orders
+    return orders[0]
+
+
+@needs_bridge
+@pytest.mark.parametrize("distopt,inner", [(False, "FP32Optimizer"), (True, "DistributedOptimizer")],
+                         ids=["adam", "distributed-optimizer"])
+def test_bridge_pretrain_dp2_equals_one_process(bridge_data, bridge_one_process, tmp_path, distopt, inner):
+    log1, ranks1 = bridge_one_process
+    log2, ranks2 = _bridge_pretrain(bridge_data, 2, K, tmp_path, distopt)
+    assert len(log1) == ITERS and [int(x[0]) for x in log1] == list(range(1, ITERS + 1)), log1
+    assert log2 == log1, (log1, log2)          # loss, grad norm, learning rate, consumed samples: to the digit
+    assert _check_run(ranks2, K, inner) == _check_run(ranks1, K, "FP32Optimizer")
+    assert float(log1[-1][5]) < float(log1[0][5])                        # it trains
+
+
+@needs_bridge
+def test_bridge_pretrain_other_k_is_another_run(bridge_data, bridge_one_process, tmp_path):
+    log1, _ = bridge_one_process
+    log_k1, ranks_k1 = _bridge_pretrain(bridge_data, 1, 1, tmp_path)
+    _check_run(ranks_k1, 1, "FP32Optimizer")
+    assert len(log_k1) == ITERS and log_k1 != log1
+    assert [x[6] for x in log_k1] != [x[6] for x in log1]               # other grad norms
