@@ -116,6 +116,46 @@ def test_bridge_refuses_what_it_cannot_run():
         check_bridge_settings(None)
 
 
+def _provider_refusals_worker(rank, world, tmp):
+    import_bridge("megatron.bridge.data.base")
+    from nexus_megatron.engines.megatron.bridge import NexusDatasetProvider
+    from nexus_megatron.engines.megatron.megatron_lm import NexusSettings
+    from nexus_megatron.errors import NexusConfigError
+
+    class Loaded:
+        iteration = 3
+
+    def provider(settings, **kw):
+        return NexusDatasetProvider(nexus=settings, data_path=kw.pop("data_path", ["0.5", "d/web", "0.5", "d/code"]),
+                                    seq_length=32, micro_batch_size=2, **kw)
+
+    resumed = NexusSettings(sources=["web", "code"])
+    resumed.state["optimizer"] = Loaded()
+    cases = [provider(resumed), provider(NexusSettings(sources=["web", "code"]), dataloader_type="cyclic"),
+             provider(NexusSettings(sources=["web", "code"]),
+                      data_path=["0.5", os.path.join(tmp, "code"), "0.5", os.path.join(tmp, "web")])]
+    out = []
+    for p in cases:
+        try:
+            p.build_datasets(None)
+            out.append(None)
+        except NexusConfigError as e:
+            out.append(str(e))
+    return out
+
+
+@needs_bridge
+def test_bridge_data_provider_refuses_what_it_cannot_run(tmp_path):
+    """NexusDatasetProvider.build_datasets stops with one line, before reading any data: a resumed run (the Nexus
+    optimizer loaded at iteration > 0: Bridge's checkpoint has no per-source read positions), another
+    dataloader_type, data_path sources that are not NexusSettings.sources in order (in a worker: importing Bridge
+    puts its own transformers first on sys.path)."""
+    resumed, cyclic, order = run_distributed(_provider_refusals_worker, 1, str(tmp_path), timeout=600)[0]
+    assert resumed and re.match(r"checkpoint.load: resuming a Megatron-Bridge run .* iteration 3", resumed), resumed
+    assert cyclic and "dataloader_type='cyclic'" in cyclic, cyclic
+    assert order and "names the sources ['code', 'web']" in order, order
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bridge's own pretrain() (tests/bridge_pretrain.py)
 # ---------------------------------------------------------------------------------------------------

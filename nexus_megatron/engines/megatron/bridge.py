@@ -22,7 +22,8 @@ module does not).
 
 Status (docs/megatron.md, "NeMo / Megatron-Bridge"): tested through Bridge's own ``pretrain()`` on CPU
 (tests/test_megatron_bridge.py). Not supported: validation data (``build_datasets`` returns no validation set),
-resuming a Bridge checkpoint (the per-source read counters restart from zero), layouts other than sequential.
+resuming a Bridge checkpoint (refused: the per-source read positions are not in it), layouts other than
+sequential.
 """
 from __future__ import annotations
 
@@ -122,6 +123,13 @@ def _build_dataset_provider_class():
             from megatron.core.num_microbatches_calculator import get_num_microbatches
             from .data import build_source_iterator, parse_data_path
             settings = check_bridge_settings(self.nexus)
+            opt = settings.state.get("optimizer")          # built, and loaded from --load, before the data
+            if getattr(opt, "iteration", 0):
+                raise NexusConfigError(
+                    f"checkpoint.load: resuming a Megatron-Bridge run with Nexus (at iteration {opt.iteration}) is "
+                    "not supported: the per-source read positions are not in Bridge's checkpoint, so the run would "
+                    "read its sources again from the start; start a new run (or use Megatron-LM's loop, "
+                    "launch/pretrain_gpt_nexus.py, which resumes exactly)")
             if self.dataloader_type != "external":
                 raise NexusConfigError(f"NexusDatasetProvider.dataloader_type={self.dataloader_type!r}: the "
                                        "per-source iterator is passed through as it is: use 'external'")
