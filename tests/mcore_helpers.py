@@ -202,12 +202,15 @@ def build_nexus(model, cfg, *, mode, num_sources, weights=None, distopt=False, k
     return ddp, opt, scheduler(opt, LR), groups
 
 
-def run_steps(ddp, opt, sched, groups, steps, M=1, record=None):
-    """``steps`` outer steps of M micro-batches per pass through nexus_forward_backward."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from nexus_megatron.engines.megatron import nexus_forward_backward
-    fb = nexus_forward_backward(opt, get_forward_backward_func())
-    it = TestIterator(groups.layout)
+def run_steps(ddp, opt, sched, groups, steps, M=1, record=None, fb=None, data=None):
+    """``steps`` outer steps of M micro-batches per pass, driven as Megatron's ``train_step`` does: through
+    ``fb`` (default: nexus_forward_backward over megatron-core's schedule) on ``data`` (default: the test
+    iterator over ``groups.layout``)."""
+    if fb is None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from nexus_megatron.engines.megatron import nexus_forward_backward
+        fb = nexus_forward_backward(opt, get_forward_backward_func())
+    it = data if data is not None else TestIterator(groups.layout)
     history = []
     for _ in range(steps):
         ddp.zero_grad_buffer()

@@ -174,17 +174,8 @@ def _megatron_lm_style_run():
         def __next__(self):
             return next(self.iterable)
 
-    data = RerunLike(H.TestIterator(opt.layout))
-    hist = []
-    for _ in range(STEPS):
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        fb(forward_step_func=H.forward_step, data_iterator=data, model=[ddp], num_microbatches=K,
-           seq_length=H.SEQ, micro_batch_size=H.MBS, forward_only=False)
-        ok, _, _ = opt.step()
-        if ok:
-            sched.step(1)
-        hist.append(H.gather_full_params(model))
+    assert opt.micro_steps == K
+    hist = H.run_steps(ddp, opt, sched, None, STEPS, fb=fb, data=RerunLike(H.TestIterator(opt.layout)))
     return hist
 
 

@@ -67,17 +67,8 @@ def _bridge_worker(rank, world, distopt):
     cfg.finalize_model_grads_func = finalize_model_grads
     opt, sched = optim.setup_optimizer(ocfg, sched_cfg, [ddp], use_gloo_process_groups=True)
     fb = train.get_forward_backward_func(pp_size=1, vp_size=None)
-    data = H.TestIterator(opt.layout)
-    hist = []
-    for _ in range(STEPS):
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        fb(forward_step_func=H.forward_step, data_iterator=data, model=[ddp], num_microbatches=K,
-           seq_length=H.SEQ, micro_batch_size=H.MBS, forward_only=False)
-        ok, _, _ = opt.step()
-        if ok:
-            sched.step(increment=1)
-        hist.append(H.gather_full_params(model))
+    assert opt.micro_steps == K
+    hist = H.run_steps(ddp, opt, sched, None, STEPS, fb=fb, data=H.TestIterator(opt.layout))
     return {"hist": hist, "type": type(opt).__name__, "is_nexus": isinstance(opt, NexusMegatronOptimizer),
             "inner": [type(c).__name__ for c in opt.children], "same": settings.state.get("optimizer") is opt,
             "lr": opt.param_groups[0]["lr"]}
