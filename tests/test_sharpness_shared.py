@@ -105,6 +105,31 @@ def test_warm_started_quadratics_need_few_passes():
     print(counts)
 
 
+@pytest.mark.parametrize("cliff", [0.3, 1.0])
+def test_a_prediction_that_keeps_missing_is_bisected(cliff, monkeypatch):
+    """A loss that falls slowly, then jumps (a cliff at eta = cliff): the quadratic through L0 and the bracket
+    ends predicts the crossing just above lo every time, so a search that only followed its predictions would
+    gain one grid cell per probe (regula falsi's stall). After MISSES_BEFORE_BISECT such probes the bracket is
+    bisected: at most MISSES_BEFORE_BISECT + 1 probes per halving of a bracket of at most 4 m cells."""
+    import nexus_megatron.sharpness as sharpness
+
+    def search():
+        return shared_critical_steps(lambda eta, keys: {k: -1e-3 * eta if eta < cliff else 10.0 for k in keys},
+                                     {"cliff": 1e-3}, eps=eps)
+    eps = 2 ** -6
+    m = grid_steps(eps)
+    res, shared = search()
+    r = res["cliff"]
+    assert not r.cap_hit and r.eta_lo < cliff <= r.eta_hi and (r.eta_hi - r.eta_lo) / r.eta_lo <= eps
+    # L0 + exploring up from the start (steps of m/4 cells, doubling, at most 4 m: 7 probes to the cap) + halvings
+    bound = 1 + 7 + (sharpness.MISSES_BEFORE_BISECT + 1) * math.ceil(math.log2(4 * m))
+    assert shared.passes <= bound, (shared.passes, bound)
+    # the safeguard is what keeps it there: following the predictions alone stalls
+    monkeypatch.setattr(sharpness, "MISSES_BEFORE_BISECT", 10 ** 6)
+    _, stalled = search()
+    assert stalled.passes > bound, (stalled.passes, bound)
+
+
 def test_caps_bounds_and_non_finite_losses():
     # one loss falls forever (cap up: a lower bound on eta_c), one rises at every step (cap down: an upper
     # bound), one is NaN beyond eta = 3 and crosses at 2, one has a NaN L0
@@ -224,3 +249,21 @@ def test_study_sharpness_table_uses_medians_of_measured_values_and_cap_counts():
     assert row[3] == "1.50 [1.00, 2.00]; 2/4 capped"
     s = _sharpness_summary(data["adamw"][0])
     assert s["ood"] == {"median_log10": 1.0, "measured": 1, "capped": 1}
+
+
+def test_passes_script_reports_counts_above_the_lower_bound():
+    """launch/sharpness_passes.py (the docs' "What it costs" table) runs through the real trainer; every
+    measurement's passes are at least the lower bound of any bracketing search for its brackets."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.join(root, "launch", "sharpness_passes.py"), "--steps", "4",
+                          "--optim", "nexus"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["optim"] == "nexus" and rows[0]["measurements"] == 3
+    for passes, bound in zip(rows[0]["passes"], rows[0]["lower_bounds"]):
+        assert bound <= passes <= 30, rows[0]

@@ -1,0 +1,86 @@
+"""Forward passes per critical-sharpness measurement, through the real trainer (``nexus_megatron.train.train``).
+
+Runs ``--steps`` outer steps of a small model with ``sharpness.every=1`` for Nexus and for the AdamW baseline on
+synthetic data with 4 training sources + 1 OOD set (6 losses per measurement: the mixture, each source, the OOD
+set), reads ``sharpness/forward_passes`` and every loss's lambda_c from ``metrics.jsonl``, and prints, over the
+warm-started measurements (all but the first): the median (min-max) passes, how many took <= 12, and the lower
+bound of any bracketing search for the same brackets (1 + the distinct bracket ends + one probe per capped
+loss; a loss's bracket is the grid cell of relative width 2**(1/m) - 1 centred on its eta_c = 2 / lambda_c).
+The hook never changes the trajectory, so two versions of the search see the same losses::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python launch/sharpness_passes.py --steps 20
+    OMP_NUM_THREADS=1 PYTHONPATH=/path/to/other/checkout python launch/sharpness_passes.py --steps 20
+
+(``docs/sharpness.md``: "What it costs".)
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+
+from nexus_megatron.config import load_config
+from nexus_megatron.data.synthetic import write_synthetic_data
+from nexus_megatron.sharpness import grid_steps
+from nexus_megatron.train import train
+
+SOURCES, OOD = ["web", "code", "math", "prose"], ["poetry"]
+BASE = {
+    "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+    "data": {"sources": SOURCES, "ood": OOD, "seq_len": 16, "micro_batch_size": 2},
+    "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+    "train": {"micro_steps": 2, "progress": False, "eval_every": 0, "probe_every": 0},
+    "sharpness": {"enabled": True, "every": 1},
+}
+
+
+def lower_bound(rec: dict, m: int) -> int:
+    """1 (L0) + distinct bracket ends of the measured losses + 1 per capped loss."""
+    ends, capped = set(), 0
+    for key, value in rec.items():
+        if key == "sharpness/lambda_c" or key.startswith("sharpness/lambda_c/"):
+            lo = 2 * (2.0 / value) / (1 + 2.0 ** (1.0 / m))     # eta_c is the midpoint of [lo, lo 2**(1/m)]
+            j = round(math.log2(lo) * m, 3)
+            ends.update({j, round(j + 1, 3)})
+        elif key.startswith("sharpness/lambda_c_at_"):
+            capped += 1
+    return 1 + len(ends) + capped
+
+
+def run(optim: str, steps: int, data: str, out_dir: str) -> list:
+    cfg = load_config(None, [f"data.path={data}", f"optim.name={optim}", f"train.steps={steps}",
+                             f"train.run_dir={os.path.join(out_dir, optim)}"],
+                      base=json.loads(json.dumps(BASE)))
+    train(cfg)
+    with open(os.path.join(out_dir, optim, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [r for r in recs if "sharpness/forward_passes" in r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--optim", nargs="+", default=["nexus", "adamw"], choices=["nexus", "adamw"])
+    args = ap.parse_args()
+    m = grid_steps(BASE.get("sharpness", {}).get("eps", 2.0 ** -4))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_synthetic_data(os.path.join(tmp, "data"), sources=tuple(SOURCES), ood=tuple(OOD))
+        for optim in args.optim:
+            recs = run(optim, args.steps, data, tmp)[1:]
+            passes = [int(r["sharpness/forward_passes"]) for r in recs]
+            bounds = [lower_bound(r, m) for r in recs]
+            print(json.dumps({
+                "optim": optim, "measurements": len(passes),
+                "passes_median": statistics.median(passes), "passes_min": min(passes), "passes_max": max(passes),
+                "passes_mean": round(statistics.mean(passes), 2), "at_most_12": sum(p <= 12 for p in passes),
+                "lower_bound_median": statistics.median(bounds), "lower_bound_max": max(bounds),
+                "over_bound_median": statistics.median(p - b for p, b in zip(passes, bounds)),
+                "over_bound_min": min(p - b for p, b in zip(passes, bounds)),
+                "over_bound_max": max(p - b for p, b in zip(passes, bounds)),
+                "probe_tokens_median": statistics.median(int(r["sharpness/probe_tokens"]) for r in recs),
+                "passes": passes, "lower_bounds": bounds}))
+
+
+if __name__ == "__main__":
+    main()
