@@ -10,6 +10,7 @@ The hook never changes the trajectory, so two versions of the search see the sam
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python launch/sharpness_passes.py --steps 20
     OMP_NUM_THREADS=1 PYTHONPATH=/path/to/other/checkout python launch/sharpness_passes.py --steps 20
+    OMP_NUM_THREADS=1 PYTHONPATH=. python launch/sharpness_passes.py --steps 30 --hidden 32 --layers 2
 
 (``docs/sharpness.md``: "What it costs".)
 """
@@ -48,9 +49,10 @@ def lower_bound(rec: dict, m: int) -> int:
     return 1 + len(ends) + capped
 
 
-def run(optim: str, steps: int, data: str, out_dir: str) -> list:
+def run(optim: str, steps: int, data: str, out_dir: str, hidden: int = 16, layers: int = 1) -> list:
     cfg = load_config(None, [f"data.path={data}", f"optim.name={optim}", f"train.steps={steps}",
-                             f"train.run_dir={os.path.join(out_dir, optim)}"],
+                             f"train.run_dir={os.path.join(out_dir, optim)}", f"model.hidden_size={hidden}",
+                             f"model.num_layers={layers}"],
                       base=json.loads(json.dumps(BASE)))
     train(cfg)
     with open(os.path.join(out_dir, optim, "metrics.jsonl")) as f:
@@ -62,12 +64,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--optim", nargs="+", default=["nexus", "adamw"], choices=["nexus", "adamw"])
+    ap.add_argument("--hidden", type=int, default=16, help="model.hidden_size (default 16)")
+    ap.add_argument("--layers", type=int, default=1, help="model.num_layers (default 1)")
     args = ap.parse_args()
     m = grid_steps(BASE.get("sharpness", {}).get("eps", 2.0 ** -4))
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_data(os.path.join(tmp, "data"), sources=tuple(SOURCES), ood=tuple(OOD))
         for optim in args.optim:
-            recs = run(optim, args.steps, data, tmp)[1:]
+            recs = run(optim, args.steps, data, tmp, args.hidden, args.layers)[1:]
             passes = [int(r["sharpness/forward_passes"]) for r in recs]
             bounds = [lower_bound(r, m) for r in recs]
             print(json.dumps({

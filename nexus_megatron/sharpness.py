@@ -327,11 +327,59 @@ def _quadratic_root(x1: float, f1: float, x2: float, f2: float):
     return None, a
 
 
+def _one_point_root(x1: float, f1: float, slope: Optional[float]):
+    """The root -a/b of f(x) = a x + b x^2 through (x1, f1) with the slope a at 0 given (a prior: the slope
+    of this loss along the previous measurement's u), when a < 0 < b; else None."""
+    if slope is None or not (slope < 0 and x1 > 0 and math.isfinite(f1)):
+        return None
+    b = (f1 / x1 - slope) / x1
+    return -slope / b if b > 0 else None
+
+
+def _local_root(x0: float, f0: float, x1: float, f1: float, x2: float, f2: float):
+    """The root inside (x0, x1) of the parabola through three points (x0 < x1 the bracket ends, x2 the probe
+    nearest the bracket outside it, or the origin), or None when there is not exactly one there."""
+    if len({x0, x1, x2}) < 3 or not all(math.isfinite(v) for v in (f0, f1, f2)):
+        return None
+    d01 = (f1 - f0) / (x1 - x0)
+    c = ((f2 - f1) / (x2 - x1) - d01) / (x2 - x0)
+    bb = d01 - c * (x0 + x1)                      # f(x) = c x^2 + bb x + cc
+    cc = f0 - d01 * x0 + c * x0 * x1
+    if c == 0:
+        roots = [-cc / bb] if bb != 0 else []
+    else:
+        disc = bb * bb - 4 * c * cc
+        if disc < 0:
+            return None
+        sq = math.sqrt(disc)
+        roots = [(-bb - sq) / (2 * c), (-bb + sq) / (2 * c)]
+    inside = [r for r in roots if x0 < r < x1]
+    return inside[0] if len(inside) == 1 else None
+
+
+def fitted_slope(res: CriticalStep) -> Optional[float]:
+    """The slope at eta = 0 of the quadratic through L0 and the two probes that bracket a measured eta_c
+    (None for a capped or failed search, or when the quadratic does not descend then rise): the prior
+    :func:`shared_critical_steps` takes as ``slopes`` in the next measurement."""
+    if res.cap_hit or not math.isfinite(res.eta_c):
+        return None
+    seen = {eta: v - res.loss0 for eta, v in res.trace if eta > 0}
+    if res.eta_lo not in seen or res.eta_hi not in seen:
+        return None
+    root, slope = _quadratic_root(res.eta_lo, seen[res.eta_lo], res.eta_hi, seen[res.eta_hi])
+    return slope if root is not None else None
+
+
 class _LossSearch:
     """The bracket of one loss on the shared grid: probed indices -> L - L0 (NaN/Inf: a rise)."""
 
-    def __init__(self, key: str, start: int, loss0: float, m: int, max_doublings: int):
+    def __init__(self, key: str, start: int, loss0: float, m: int, max_doublings: int,
+                 slope: Optional[float] = None):
         self.key, self.start, self.loss0 = key, start, float(loss0)
+        self.slope = slope
+        """The prior slope at 0 (the previous measurement's, :func:`fitted_slope`): a crossing predicted from
+        one probe (the quadratic through L0 and that probe with this slope at 0)."""
+        self.used_prior_down = False
         self.f: Dict[int, float] = {}
         self.cap_up, self.cap_down = start + m * max_doublings, start - m * max_doublings
         self.m = m
@@ -373,6 +421,17 @@ class _LossSearch:
         unbracketed on the same side."""
         return max(1, self.m // 4) * 2 ** min(self.creep, 8)
 
+    def _nearest_outside(self, lo: int, hi: int) -> Optional[int]:
+        """The finite probe nearest the bracket [lo, hi] outside it (None: the origin, when no probe lies
+        below lo and none above hi is nearer)."""
+        above = [j for j, v in self.f.items() if j > hi and math.isfinite(v)]
+        below = [j for j, v in self.f.items() if j < lo and math.isfinite(v)]
+        up = min(above) if above else None
+        down = max(below) if below else None
+        if up is not None and (down is None or up - hi <= lo - down):
+            return up
+        return down
+
     def informed_by(self, j: int) -> bool:
         lo, hi = self.bracket()
         return (lo is None or j > lo) and (hi is None or j < hi)
@@ -395,18 +454,31 @@ class _LossSearch:
                 root, _ = _quadratic_root(eta_of(below[0][0]), below[0][1], eta_of(below[1][0]), below[1][1])
                 if root is not None:
                     c = math.ceil(index_of(root))
+            if c is None and below:                     # one probe (or no 2-probe fit): the prior slope
+                root = _one_point_root(eta_of(below[-1][0]), below[-1][1], self.slope)
+                if root is not None:
+                    c = math.ceil(index_of(root))
             if c is None:
                 c = self.start if self.start > lo else lo + self.explore_step()
             return int(min(max(c, lo + 2 ** max(0, min(self.creep - 1, 8))), lo + 4 * m, self.cap_up))
         if lo is None:                                  # rises at every probe: go down
             above = [(j, v) for j, v in pts if j >= hi][:2]
             c = None
+            prior = _one_point_root(eta_of(above[0][0]), above[0][1], self.slope) if above else None
             if len(above) == 2:
                 root, slope = _quadratic_root(eta_of(above[0][0]), above[0][1], eta_of(above[1][0]), above[1][1])
                 if root is not None:
                     c = math.floor(index_of(root))
-                elif slope is not None and slope >= 0:  # u ascends this loss at 0: check the cap at once
-                    c = self.cap_down if hi <= self.start else hi - m
+                elif slope is not None and slope >= 0:
+                    # the two probes say u ascends this loss at 0 (or the loss is steeper than a parabola beyond
+                    # the crossing): trust the prior slope once, then check the cap at once
+                    if prior is not None and not self.used_prior_down:
+                        c = math.floor(index_of(prior))
+                        self.used_prior_down = True
+                    else:
+                        c = self.cap_down if hi <= self.start else hi - m
+            elif prior is not None:
+                c = math.floor(index_of(prior))
             if c is None:
                 c = self.start if self.start < hi else hi - m
             elif c != self.cap_down:
@@ -418,8 +490,10 @@ class _LossSearch:
         f_lo, f_hi = self.f.get(lo, 0.0), self.f[hi]
         if not math.isfinite(f_hi):
             return (lo + hi) // 2
-        root = None
-        if lo in self.f:
+        near = self._nearest_outside(lo, hi)
+        x_near, f_near = (eta_of(near), self.f[near]) if near is not None else (0.0, 0.0)
+        root = _local_root(x_lo, f_lo, x_hi, f_hi, x_near, f_near)
+        if root is None and lo in self.f:
             root, _ = _quadratic_root(x_lo, f_lo, x_hi, f_hi)
         if root is None or not (x_lo < root < x_hi):
             root = x_lo + (x_hi - x_lo) * (-f_lo) / (f_hi - f_lo) if f_hi > f_lo else 0.5 * (x_lo + x_hi)
@@ -448,13 +522,15 @@ class SharedSearch:
 def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, float]],
                           starts: Dict[str, float], *, anchor: Optional[float] = None,
                           loss0: Optional[Dict[str, float]] = None, eps: float = 2.0 ** -4,
-                          max_doublings: int = 12):
+                          max_doublings: int = 12, slopes: Optional[Dict[str, float]] = None):
     """The line searches of several losses along one direction u, sharing every probe (ALGORITHMS.md §2.2).
 
     ``losses_at(eta, keys)`` returns ``{key: L_key(theta - eta u)}`` for the named losses from ONE
     forward pass (the caller concatenates their probe batches; every rank must get the same values).
     ``starts[key]`` is each loss's first guess of its eta_c (its previous eta_c: a warm start).
     ``loss0``: the losses at eta = 0 if already known, else they are evaluated first (one pass).
+    ``slopes[key]``: a prior for the slope of L_key(theta - eta u) at eta = 0 (:func:`fitted_slope` of the
+    previous measurement), which predicts a crossing from a single probe; it only chooses where to look.
 
     The probes lie on one geometric grid ``anchor * 2**(j/m)`` (``anchor``: default the first start;
     ``m = grid_steps(eps)``, cells of relative width <= eps), so a probe at eta informs every loss whose
@@ -463,8 +539,9 @@ def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, 
     any non-rising probe; NaN/Inf rise) and is done when it is one cell ((hi - lo)/lo <= eps, as
     :func:`critical_step`; eta_c the midpoint) or when it hits the cap of its exponential phase
     (no rise up to ``start * 2**max_doublings``: eta_c >= that; a rise at every probe down to
-    ``start / 2**max_doublings``: eta_c <= that). The next probe is the index wanted by the most open
-    losses (ties: the widest bracket, unbounded first), evaluated for every loss whose open bracket
+    ``start / 2**max_doublings``: eta_c <= that). The first probe after L0 is the median start (it informs
+    every loss); then the next probe is the index wanted by the most open losses (ties: the widest bracket,
+    unbounded first), evaluated for every loss whose open bracket
     contains it. Returns ({key: CriticalStep}, :class:`SharedSearch`); ``CriticalStep.forward_passes``
     counts the passes that evaluated that loss (its L0 included)."""
     if not (0 < eps < 1):
@@ -494,7 +571,9 @@ def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, 
         counted0 = True
     else:
         counted0 = False
-    searches = {k: _LossSearch(k, int(round(index_of(starts[k]))), loss0[k], m, max_doublings) for k in keys}
+    slopes = slopes or {}
+    searches = {k: _LossSearch(k, int(round(index_of(starts[k]))), loss0[k], m, max_doublings, slopes.get(k))
+                for k in keys}
     for k in keys:
         searches[k].trace.append((0.0, float(loss0[k])))
     for _ in range(100000):
@@ -502,9 +581,15 @@ def shared_critical_steps(losses_at: Callable[[float, Sequence[str]], Dict[str, 
         if not open_:
             break
         wants = {}
-        for s in open_:
-            s.wanted = s.want(eta_of, index_of)
-            wants.setdefault(s.wanted, []).append(s)
+        if not any(s.f for s in open_):    # the first probe informs every loss: the median warm start
+            first = sorted(s.start for s in open_)[(len(open_) - 1) // 2]
+            for s in open_:
+                s.wanted = first
+            wants[first] = list(open_)
+        else:
+            for s in open_:
+                s.wanted = s.want(eta_of, index_of)
+                wants.setdefault(s.wanted, []).append(s)
 
         def width(s):
             lo, hi = s.bracket()
@@ -735,6 +820,9 @@ class SharpnessMeter:
             loss_sums = lm_loss_sums
         self.loss_sum, self.loss_sums = loss_sum, loss_sums
         self.prev: Dict[str, float] = {}
+        """Each loss's last measured eta_c: its warm start."""
+        self.slopes: Dict[str, float] = {}
+        """Each loss's slope at 0 along the last u (:func:`fitted_slope`): the search's one-probe prior."""
         self.measurements = 0
         self.last_cost: Dict[str, float] = {}
         """Of the last measurement: ``passes`` (probe etas, L0 included), ``forward_calls`` (model
@@ -808,13 +896,18 @@ class SharpnessMeter:
             host.begin(u, master)
             try:
                 results, search = shared_critical_steps(losses_at, starts, anchor=start_mix, eps=self.eps,
-                                                        max_doublings=self.max_doublings)
+                                                        max_doublings=self.max_doublings, slopes=self.slopes)
             finally:
                 host.end()
         per = getattr(host, "gathers_per", None)
         self.last_cost = {"passes": search.passes, "forward_calls": self._calls, "probe_tokens": self._tokens,
                           "gathers": (moves[0] + 1 if per == "move" else self._calls if per == "forward" else 0)}
         for key, res in results.items():
+            slope = fitted_slope(res)
+            if slope is not None:
+                self.slopes[key] = slope
+            else:
+                self.slopes.pop(key, None)
             if not res.cap_hit and math.isfinite(res.eta_c):
                 self.prev[key] = res.eta_c
             else:                       # a capped search is a bound: do not warm-start from it
@@ -941,10 +1034,12 @@ class SharpnessHook:
 
     def state_dict(self) -> dict:
         """The warm starts (for exact resume: the next measurement starts where it would have)."""
-        return {"prev": dict(self.meter.prev), "measurements": self.meter.measurements}
+        return {"prev": dict(self.meter.prev), "slopes": dict(self.meter.slopes),
+                "measurements": self.meter.measurements}
 
     def load_state_dict(self, sd: dict) -> None:
         self.meter.prev = dict(sd.get("prev", {}))
+        self.meter.slopes = dict(sd.get("slopes", {}))
         self.meter.measurements = int(sd.get("measurements", 0))
 
 

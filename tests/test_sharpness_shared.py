@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from nexus_megatron.sharpness import (PlainHost, SharpnessMeter, critical_step, grid_steps, lm_loss_sum,
-                                      shared_critical_steps, sharpness_metrics)
+from nexus_megatron.sharpness import (PlainHost, SharpnessMeter, critical_step, fitted_slope, grid_steps,
+                                      lm_loss_sum, shared_critical_steps, sharpness_metrics)
 
 F64 = torch.float64
 
@@ -107,14 +107,16 @@ def test_warm_started_quadratics_need_few_passes():
 
 @pytest.mark.parametrize("cliff", [0.3, 1.0])
 def test_a_prediction_that_keeps_missing_is_bisected(cliff, monkeypatch):
-    """A loss that falls slowly, then jumps (a cliff at eta = cliff): the quadratic through L0 and the bracket
-    ends predicts the crossing just above lo every time, so a search that only followed its predictions would
-    gain one grid cell per probe (regula falsi's stall). After MISSES_BEFORE_BISECT such probes the bracket is
-    bisected: at most MISSES_BEFORE_BISECT + 1 probes per halving of a bracket of at most 4 m cells."""
+    """A loss that falls slowly, then jumps and keeps rising steeply (a cliff at eta = cliff): the parabola
+    through the bracket ends and the probe nearest them predicts the crossing just above lo every time, so a
+    search that only followed its predictions would gain one grid cell per probe (regula falsi's stall). After
+    MISSES_BEFORE_BISECT such probes the bracket is bisected: at most MISSES_BEFORE_BISECT + 1 probes per
+    halving of a bracket of at most 4 m cells."""
     import nexus_megatron.sharpness as sharpness
 
     def search():
-        return shared_critical_steps(lambda eta, keys: {k: -1e-3 * eta if eta < cliff else 10.0 for k in keys},
+        return shared_critical_steps(lambda eta, keys: {k: -1e-3 * eta if eta < cliff else 10.0 + 100 * (eta - cliff)
+                                                        for k in keys},
                                      {"cliff": 1e-3}, eps=eps)
     eps = 2 ** -6
     m = grid_steps(eps)
@@ -267,3 +269,57 @@ def test_passes_script_reports_counts_above_the_lower_bound():
     assert len(rows) == 1 and rows[0]["optim"] == "nexus" and rows[0]["measurements"] == 3
     for passes, bound in zip(rows[0]["passes"], rows[0]["lower_bounds"]):
         assert bound <= passes <= 30, rows[0]
+
+
+def _slope(theta, u, H, b):
+    """d/d eta of L(theta - eta u) at 0: -g^T u."""
+    return -float((H @ theta - b) @ u)
+
+
+def test_fitted_slope_is_the_slope_along_u():
+    """The prior the next measurement starts from: on a quadratic the parabola through L0 and the two bracket
+    ends is the loss itself, so its slope at 0 is -g^T u; none for a capped search."""
+    theta, u, losses = _problem(seed=3)
+    fns = {f"L{i}": _loss_fn(H, b) for i, (H, b) in enumerate(losses)}
+    res, _ = shared_critical_steps(_evaluator(theta, u, fns, []), {k: 1e-2 for k in fns}, max_doublings=30)
+    for (k, r), (H, b) in zip(res.items(), losses):
+        if _oracle(theta, u, H, b) is None:
+            assert r.cap_hit and fitted_slope(r) is None
+        else:
+            assert fitted_slope(r) == pytest.approx(_slope(theta, u, H, b), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("off", [1 / 6, 5.0])
+def test_a_slope_prior_predicts_the_crossing_from_one_probe(seed, off):
+    """With the previous slope along u as a prior, the crossing of a parabola is predicted from L0 and one probe:
+    one loss alone takes L0, its start and its two bracket ends (4 passes) from a start 2.6 doublings off, one
+    more without the prior; with six losses the prior never costs passes, and the brackets are the same cells."""
+    theta, u, losses = _problem(seed=seed)
+    fns = {f"L{i}": _loss_fn(H, b) for i, (H, b) in enumerate(losses)}
+    oracle = {k: _oracle(theta, u, H, b) for k, (H, b) in zip(fns, losses)}
+    keep = [k for k, v in oracle.items() if v is not None]
+    slopes = {k: _slope(theta, u, H, b) for k, (H, b) in zip(fns, losses) if k in keep}
+    k0 = keep[0]
+    one = {k0: fns[k0]}
+    with_prior, s1 = shared_critical_steps(_evaluator(theta, u, one, []), {k0: off * oracle[k0]}, slopes=slopes)
+    without, s0 = shared_critical_steps(_evaluator(theta, u, one, []), {k0: off * oracle[k0]})
+    assert s1.passes == 4 and s0.passes >= 5, (s1.passes, s0.passes)
+    assert (with_prior[k0].eta_lo, with_prior[k0].eta_hi) == (without[k0].eta_lo, without[k0].eta_hi)
+    starts = {k: off * oracle[k] for k in keep}
+    all_prior, a1 = shared_critical_steps(_evaluator(theta, u, fns, []), starts, slopes=slopes)
+    all_without, a0 = shared_critical_steps(_evaluator(theta, u, fns, []), starts)
+    assert a1.passes <= a0.passes, (a1.passes, a0.passes)
+    for k in keep:
+        assert (all_prior[k].eta_lo, all_prior[k].eta_hi) == (all_without[k].eta_lo, all_without[k].eta_hi)
+        assert all_prior[k].eta_lo <= oracle[k] <= all_prior[k].eta_hi
+
+
+def test_the_first_probe_is_the_median_warm_start():
+    """Every loss is unbracketed before the first probe, so it informs all of them: it goes to the (lower)
+    median of the warm starts, not to one extreme."""
+    calls = []
+    starts = {"a": 0.01, "b": 0.02, "c": 0.04, "d": 0.08, "e": 0.32}
+    shared_critical_steps(lambda eta, keys: (calls.append(eta), {k: (eta - 1.5 * starts[k]) * eta for k in keys})[1],
+                          starts, anchor=0.01)
+    assert calls[0] == 0.0 and calls[1] == pytest.approx(0.04)
