@@ -323,3 +323,28 @@ def test_the_first_probe_is_the_median_warm_start():
     shared_critical_steps(lambda eta, keys: (calls.append(eta), {k: (eta - 1.5 * starts[k]) * eta for k in keys})[1],
                           starts, anchor=0.01)
     assert calls[0] == 0.0 and calls[1] == pytest.approx(0.04)
+
+
+def test_a_far_loss_probes_its_warm_start_before_extrapolating(monkeypatch):
+    """Five losses cross near eta = 0.01 and one (like the step-batch mixture of configs/tiny.yaml) near 0.14,
+    every warm start within 5%: the first probes serve the cluster; the far loss then probes its own warm start
+    instead of extrapolating a crossing from probes 4 doublings away (which creeps up on a loss that is not a
+    parabola), and is done with its two bracket ends."""
+    import nexus_megatron.sharpness as sharpness
+    cluster = {"a": 0.010, "b": 0.0105, "c": 0.011, "d": 0.0115, "e": 0.012}
+    crossing = (math.sqrt(1 + 32 * 0.3) - 1) / 16           # of eta (eta - 0.3) + 8 eta^3
+
+    def losses_at(eta, keys):
+        return {k: 5.0 + (eta * (eta - 0.3) + 8 * eta ** 3 if k == "far" else eta * (eta - cluster[k]) * (1 + 50 * eta))
+                for k in keys}
+    starts = {**{k: 1.03 * v for k, v in cluster.items()}, "far": 1.05 * crossing}
+
+    def far_probes():
+        res, search = shared_critical_steps(losses_at, starts)
+        r = res["far"]
+        assert not r.cap_hit and r.eta_lo <= crossing <= r.eta_hi
+        return sum(eta > 0.05 for eta, _ in r.trace), search.passes
+    assert far_probes() == (2, 9)
+    monkeypatch.setattr(sharpness._LossSearch, "_near_start", lambda self: True)   # extrapolate at once
+    probes, passes = far_probes()
+    assert probes >= 4 and passes >= 11
