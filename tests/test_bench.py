@@ -88,6 +88,14 @@ def test_plain_bench_counts_equal_the_plan(tmp_path):
     for p in data["pairs"]:
         assert len(p["ratios"]) == len(p["adamw_times"]) == len(p["nexus_times"]) == 6
         assert p["median_lo"] <= p["median"] <= p["median_hi"] and p["geomean_lo"] <= p["geomean"] <= p["geomean_hi"]
+        # where the time goes: every phase of both optimizers timed, and together they are the step
+        for o in ("adamw", "nexus"):
+            ph = p["phases"][o]
+            assert set(ph) == {"forward + backward", "inner steps", "outer step"}
+            assert all(v["wall"] > 0 and v["cpu"] >= 0 for v in ph.values())
+            assert sum(v["wall"] for v in ph.values()) <= 1.5 * max(p[f"{o}_times"])
+            assert ph["forward + backward"]["wall"] > 0.2 * min(p[f"{o}_times"])
+    assert "where a step's time goes" in stdout
     assert len(data["loadavg"]) == 2
 
 

@@ -297,6 +297,32 @@ def _run_config(raw: dict, spec: Spec, args):
 # one run
 # ---------------------------------------------------------------------------------------------------
 
+PHASES = ("forward + backward", "inner steps", "outer step")
+"""Where a bench step's time goes. A collective lands in the phase that issues or waits for it: Nexus's reduction
+of every micro-step in "inner steps" (in "forward + backward" where it overlaps backward), AdamW's one
+reduction of the step in "outer step" (in the last backward under the overlap); so does the wait for the
+slowest rank at each collective."""
+
+
+class PhaseClock:
+    """Wall and CPU seconds per phase of one step: :meth:`lap` ends the current interval and books it to
+    ``name`` (None: not booked). On a GPU each lap synchronizes the device (the times are the device's work)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall = dict.fromkeys(PHASES, 0.0)
+        self.cpu = dict.fromkeys(PHASES, 0.0)
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: Optional[str]) -> None:
+        sync_device(self.device)
+        t, c = time.perf_counter(), time.process_time()
+        if name is not None:
+            self.wall[name] += t - self._t
+            self.cpu[name] += c - self._c
+        self._t, self._c = t, c
+
+
 class BenchRun:
     """One engine of the bench on its own model and data stream, stepped one outer step at a time (so that
     :func:`run_one` can time it alone and :func:`run_pairs` can interleave two of them)."""
@@ -324,6 +350,8 @@ class BenchRun:
         self.sources = sources
         self.consumed = [0] * len(names)
         self.figures = HookFigures()
+        self.phases = {name: ([], []) for name in PHASES}
+        """Per timed step, the wall and CPU seconds of each phase (:data:`PHASES`)."""
 
     def step(self, step: int, timed: bool) -> None:
         """One outer step (k micro-steps); its wall and CPU time are kept when ``timed``."""
@@ -340,15 +368,24 @@ class BenchRun:
                 self.consumed[s] += r * B
         sync_device(self.device)
         quiet_barrier()
+        clock = PhaseClock(self.device)
         self.figures.start(timed)
         for m, (src, batch) in enumerate(micro):
             if hook is not None and m == k - 1:   # before the last micro-step: DeepSpeed's hook runs inside it
                 hook.begin_step(step + 1, [b for _, b in micro])
+            clock.lap(None)
             loss = lm_loss(engine.module, batch)
             engine.backward(loss)
+            clock.lap(PHASES[0])
             engine.micro_step(src)
+            clock.lap(PHASES[1])
         engine.outer_step()
+        clock.lap(PHASES[2])
         self.figures.stop(timed, hook, self.device)
+        if timed:
+            for name, (wall, cpu) in self.phases.items():
+                wall.append(clock.wall[name])
+                cpu.append(clock.cpu[name])
 
     def close(self) -> None:
         buckets = getattr(getattr(self.engine, "opt", None), "buckets", None)
@@ -420,6 +457,9 @@ def run_pairs(raw: dict, layout: str, overlap: bool, args, sources: dict, rank: 
     COUNTER.take()   # (the pairs' collectives are not reported: the single runs count them)
     t = {o: max_over_ranks(r.figures.times, device) for o, r in runs.items()}
     c = {o: max_over_ranks(r.figures.cpu_times, device) for o, r in runs.items()}
+    phases = {o: {name: {"wall": statistics.median(max_over_ranks(w, device)),
+                         "cpu": statistics.median(max_over_ranks(cp, device))}
+                  for name, (w, cp) in r.phases.items()} for o, r in runs.items()}
     for r in runs.values():
         r.close()
     del runs
@@ -429,7 +469,7 @@ def run_pairs(raw: dict, layout: str, overlap: bool, args, sources: dict, rank: 
     return {"layout": layout, "overlap": overlap, "pairs": args.pairs, "adamw_times": t["adamw"],
             "nexus_times": t["nexus"], "ratios": ratios, **ratio_summary(ratios),
             "adamw_cpu_times": c["adamw"], "nexus_cpu_times": c["nexus"], "cpu_ratios": cpu_ratios,
-            "cpu": ratio_summary(cpu_ratios)}
+            "cpu": ratio_summary(cpu_ratios), "phases": phases}
 
 
 def ratio_summary(ratios: list, resamples: int = 2000, seed: int = 0) -> dict:
@@ -487,6 +527,18 @@ def pairs_table(pairs: list, k: int, load: tuple) -> list:
                      f"{bn['total'] - ba['total']:.0f} |")
     lines.append("(ratio: wall time of the slowest rank; CPU-time ratio: CPU time of the busiest rank, all threads, "
                  "less sensitive to other jobs on a shared CPU; bytes: micro-step passes + the outer step's / k)")
+    lines += ["", "where a step's time goes in those pairs: seconds per outer step, wall (CPU), median over the pairs' "
+                  "steps of the slowest rank in each phase (a collective, and the wait for the slowest rank at it, "
+                  "count in the phase that issues or waits for it):",
+              "| layout | overlap | optimizer | " + " | ".join(PHASES) + " | wall - CPU, all phases |",
+              "|---|---|---|" + "---|" * (len(PHASES) + 1)]
+    for p in pairs:
+        for o in ("adamw", "nexus"):
+            ph = p["phases"][o]
+            idle = sum(ph[n]["wall"] - ph[n]["cpu"] for n in PHASES)
+            lines.append(f"| {p['layout']} | {'on' if p['overlap'] else 'off'} | {o} | "
+                         + " | ".join(f"{ph[n]['wall']:.3f} ({ph[n]['cpu']:.3f})" for n in PHASES)
+                         + f" | {idle:.3f} |")
     return lines
 
 
