@@ -3,9 +3,11 @@
 Runs ``--steps`` outer steps of a small model with ``sharpness.every=1`` for Nexus and for the AdamW baseline on
 synthetic data with 4 training sources + 1 OOD set (6 losses per measurement: the mixture, each source, the OOD
 set), reads ``sharpness/forward_passes`` and every loss's lambda_c from ``metrics.jsonl``, and prints, over the
-warm-started measurements (all but the first): the median (min-max) passes, how many took <= 12, and the lower
+warm-started measurements (all but the first): the median (min-max) passes, how many took <= 12, the lower
 bound of any bracketing search for the same brackets (1 + the distinct bracket ends + one probe per capped
-loss; a loss's bracket is the grid cell of relative width 2**(1/m) - 1 centred on its eta_c = 2 / lambda_c).
+loss; a loss's bracket is the grid cell of relative width 2**(1/m) - 1 centred on its eta_c = 2 / lambda_c),
+and how far the warm starts were off (|log2(eta_c / previous eta_c)|, in doublings, over every loss measured
+in two consecutive measurements).
 The hook never changes the trajectory, so two versions of the search see the same losses::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python launch/sharpness_passes.py --steps 20
@@ -49,6 +51,17 @@ def lower_bound(rec: dict, m: int) -> int:
     return 1 + len(ends) + capped
 
 
+def start_errors(recs: list) -> list:
+    """|log2(eta_c / warm start)| in doublings for every loss measured in two consecutive measurements (its
+    warm start is the previous eta_c = 2 / lambda_c; a capped value is no warm start)."""
+    out = []
+    for prev, rec in zip(recs, recs[1:]):
+        for key, value in rec.items():
+            if (key == "sharpness/lambda_c" or key.startswith("sharpness/lambda_c/")) and key in prev:
+                out.append(abs(math.log2(prev[key] / value)))
+    return out
+
+
 def run(optim: str, steps: int, data: str, out_dir: str, hidden: int = 16, layers: int = 1) -> list:
     cfg = load_config(None, [f"data.path={data}", f"optim.name={optim}", f"train.steps={steps}",
                              f"train.run_dir={os.path.join(out_dir, optim)}", f"model.hidden_size={hidden}",
@@ -60,30 +73,48 @@ def run(optim: str, steps: int, data: str, out_dir: str, hidden: int = 16, layer
     return [r for r in recs if "sharpness/forward_passes" in r]
 
 
+def summary(name: str, every: list, m: int) -> dict:
+    """The figures of one run's measurements (``every``: the metrics records with a measurement, in order)."""
+    recs = every[1:]
+    err = sorted(start_errors(every))
+    passes = [int(r["sharpness/forward_passes"]) for r in recs]
+    bounds = [lower_bound(r, m) for r in recs]
+    return {
+        "optim": name, "measurements": len(passes),
+        "passes_median": statistics.median(passes), "passes_min": min(passes), "passes_max": max(passes),
+        "passes_mean": round(statistics.mean(passes), 2), "at_most_12": sum(p <= 12 for p in passes),
+        "lower_bound_median": statistics.median(bounds), "lower_bound_max": max(bounds),
+        "over_bound_median": statistics.median(p - b for p, b in zip(passes, bounds)),
+        "over_bound_min": min(p - b for p, b in zip(passes, bounds)),
+        "over_bound_max": max(p - b for p, b in zip(passes, bounds)),
+        "probe_tokens_median": statistics.median(int(r["sharpness/probe_tokens"]) for r in recs),
+        "start_error_doublings": {"median": round(statistics.median(err), 2),
+                                  "p90": round(err[int(0.9 * (len(err) - 1))], 2),
+                                  "share_over_1": round(sum(e > 1 for e in err) / len(err), 2)},
+        "passes": passes, "lower_bounds": bounds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--optim", nargs="+", default=["nexus", "adamw"], choices=["nexus", "adamw"])
     ap.add_argument("--hidden", type=int, default=16, help="model.hidden_size (default 16)")
     ap.add_argument("--layers", type=int, default=1, help="model.num_layers (default 1)")
+    ap.add_argument("--metrics", nargs="+", metavar="FILE",
+                    help="read these runs' metrics.jsonl (trained with sharpness.every=1 and the default "
+                         "sharpness.eps) instead of training the small model")
     args = ap.parse_args()
     m = grid_steps(BASE.get("sharpness", {}).get("eps", 2.0 ** -4))
+    if args.metrics:
+        for path in args.metrics:
+            with open(path) as f:
+                every = [r for r in map(json.loads, f) if "sharpness/forward_passes" in r]
+            print(json.dumps(summary(path, every, m)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_data(os.path.join(tmp, "data"), sources=tuple(SOURCES), ood=tuple(OOD))
         for optim in args.optim:
-            recs = run(optim, args.steps, data, tmp, args.hidden, args.layers)[1:]
-            passes = [int(r["sharpness/forward_passes"]) for r in recs]
-            bounds = [lower_bound(r, m) for r in recs]
-            print(json.dumps({
-                "optim": optim, "measurements": len(passes),
-                "passes_median": statistics.median(passes), "passes_min": min(passes), "passes_max": max(passes),
-                "passes_mean": round(statistics.mean(passes), 2), "at_most_12": sum(p <= 12 for p in passes),
-                "lower_bound_median": statistics.median(bounds), "lower_bound_max": max(bounds),
-                "over_bound_median": statistics.median(p - b for p, b in zip(passes, bounds)),
-                "over_bound_min": min(p - b for p, b in zip(passes, bounds)),
-                "over_bound_max": max(p - b for p, b in zip(passes, bounds)),
-                "probe_tokens_median": statistics.median(int(r["sharpness/probe_tokens"]) for r in recs),
-                "passes": passes, "lower_bounds": bounds}))
+            print(json.dumps(summary(optim, run(optim, args.steps, data, tmp, args.hidden, args.layers), m)))
 
 
 if __name__ == "__main__":

@@ -269,6 +269,35 @@ def test_passes_script_reports_counts_above_the_lower_bound():
     assert len(rows) == 1 and rows[0]["optim"] == "nexus" and rows[0]["measurements"] == 3
     for passes, bound in zip(rows[0]["passes"], rows[0]["lower_bounds"]):
         assert bound <= passes <= 30, rows[0]
+    assert rows[0]["start_error_doublings"]["median"] >= 0
+
+
+def test_passes_script_reads_a_runs_metrics(tmp_path):
+    """``--metrics``: the same figures from a run's metrics.jsonl (e.g. configs/tiny.yaml trained with
+    sharpness.every=1); how far each warm start was off is |log2| of consecutive eta_c = 2 / lambda_c."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recs = [{"step": 1, "sharpness/forward_passes": 20, "sharpness/probe_tokens": 64,
+             "sharpness/lambda_c": 2.0, "sharpness/lambda_c/a": 1.0},
+            {"step": 2, "loss": 1.0},                                         # no measurement: skipped
+            {"step": 3, "sharpness/forward_passes": 9, "sharpness/probe_tokens": 64,
+             "sharpness/lambda_c": 1.0, "sharpness/lambda_c/a": 4.0},         # eta_c x2 and /4
+            {"step": 4, "sharpness/forward_passes": 7, "sharpness/probe_tokens": 64,
+             "sharpness/lambda_c": 1.0, "sharpness/lambda_c_at_most/a": 1e-3}]  # a capped: a bound, no error
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = subprocess.run([sys.executable, os.path.join(root, "launch", "sharpness_passes.py"), "--metrics", str(path)],
+                         cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["measurements"] == 2 and row["passes"] == [9, 7]             # the first (cold) one left out
+    # errors: mixture 1 (2 -> 1) and 0 (1 -> 1); a: 2 (1 -> 4)
+    assert row["start_error_doublings"] == {"median": 1.0, "p90": 1.0, "share_over_1": round(1 / 3, 2)}
+    # lower bounds: 1 + two bracket ends (+ 1 for the capped loss in the last)
+    assert row["lower_bounds"] == [1 + 4, 1 + 2 + 1]
 
 
 def _slope(theta, u, H, b):
