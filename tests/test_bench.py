@@ -218,3 +218,61 @@ def test_megatron_bench_counts_equal_the_plan(tmp_path):
             one_ar = 4 * buf                                             # fp32 all-reduce over 2 ranks, bus bytes
             assert one_ar <= r["comm"]["bus_per_micro"] <= one_ar + 4 * (k + 1)
     assert all(r["tokens_per_s"] > 0 and r["cpu_s"] > 0 for r in rows)
+
+
+def test_phase_clock_books_each_interval_to_its_phase(monkeypatch):
+    """The pairs' phase table: each lap books the time since the last one to its phase (None: to none). On a
+    GPU the wall times come from CUDA events read after the step (here a fake event; every clock is a fake
+    one that the test advances, so nothing depends on this machine's timing)."""
+    import types
+    import torch
+    from nexus_megatron.tools import bench
+
+    now = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now["wall"],
+                                                             process_time=lambda: now["cpu"]))
+
+    def advance(wall, cpu):
+        now["wall"] += wall
+        now["cpu"] += cpu
+
+    def run(device):
+        clock = bench.PhaseClock(device)
+        clock.lap(None)
+        advance(3.0, 2.5)
+        clock.lap("forward + backward")
+        advance(1.0, 1.0)
+        clock.lap(None)                  # not booked
+        advance(2.0, 0.5)
+        clock.lap("inner steps")
+        advance(0.25, 0.25)
+        clock.lap("outer step")
+        advance(0.5, 0.5)                # after the last lap: not booked
+        clock.finish()
+        return clock
+
+    def check(clock):
+        assert clock.wall == {"forward + backward": 3.0, "inner steps": 2.0, "outer step": 0.25}
+        assert clock.cpu == {"forward + backward": 2.5, "inner steps": 0.5, "outer step": 0.25}
+
+    check(run(torch.device("cpu")))
+
+    class FakeEvent:                      # the device's clock is the fake wall clock
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.t = now["wall"]
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3   # milliseconds, as CUDA events
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    clock = run(torch.device("cuda"))
+    assert not clock._events              # read by finish()
+    check(clock)
+    off = bench.PhaseClock(torch.device("cuda"), enabled=False)   # single runs: no events, nothing booked
+    advance(1.0, 1.0)
+    off.lap("inner steps")
+    off.finish()
+    assert off.wall["inner steps"] == 0.0 and off.cpu["inner steps"] == 0.0

@@ -306,21 +306,44 @@ slowest rank at each collective."""
 
 class PhaseClock:
     """Wall and CPU seconds per phase of one step: :meth:`lap` ends the current interval and books it to
-    ``name`` (None: not booked). On a GPU each lap synchronizes the device (the times are the device's work)."""
+    ``name`` (None: not booked). On a GPU the wall times are the device's, from CUDA events (no
+    synchronization inside the step; :meth:`finish` reads them after the step has synchronized)."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, enabled: bool = True):
+        self.device, self.enabled = device, enabled
+        self.cuda = device.type == "cuda"
         self.wall = dict.fromkeys(PHASES, 0.0)
         self.cpu = dict.fromkeys(PHASES, 0.0)
+        self._events = []
         self._t, self._c = time.perf_counter(), time.process_time()
+        if enabled and self.cuda:
+            self._last = self._record()
+
+    def _record(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
 
     def lap(self, name: Optional[str]) -> None:
-        sync_device(self.device)
+        if not self.enabled:
+            return
         t, c = time.perf_counter(), time.process_time()
         if name is not None:
-            self.wall[name] += t - self._t
             self.cpu[name] += c - self._c
+            if not self.cuda:
+                self.wall[name] += t - self._t
+        if self.cuda:
+            ev = self._record()
+            if name is not None:
+                self._events.append((name, self._last, ev))
+            self._last = ev
         self._t, self._c = t, c
+
+    def finish(self) -> None:
+        """After the step's device synchronization: the GPU phases' times from their events."""
+        for name, start, end in self._events:
+            self.wall[name] += start.elapsed_time(end) / 1e3
+        self._events = []
 
 
 class BenchRun:
@@ -353,8 +376,9 @@ class BenchRun:
         self.phases = {name: ([], []) for name in PHASES}
         """Per timed step, the wall and CPU seconds of each phase (:data:`PHASES`)."""
 
-    def step(self, step: int, timed: bool) -> None:
-        """One outer step (k micro-steps); its wall and CPU time are kept when ``timed``."""
+    def step(self, step: int, timed: bool, phases: bool = False) -> None:
+        """One outer step (k micro-steps); its wall and CPU time are kept when ``timed`` (and, with ``phases``,
+        the time of each phase: the interleaved pairs only, since on a GPU each phase boundary synchronizes)."""
         from ..models import lm_loss
 
         cfg, layout, engine, hook = self.cfg, self.layout, self.engine, self.hook
@@ -368,7 +392,7 @@ class BenchRun:
                 self.consumed[s] += r * B
         sync_device(self.device)
         quiet_barrier()
-        clock = PhaseClock(self.device)
+        clock = PhaseClock(self.device, enabled=timed and phases)
         self.figures.start(timed)
         for m, (src, batch) in enumerate(micro):
             if hook is not None and m == k - 1:   # before the last micro-step: DeepSpeed's hook runs inside it
@@ -382,7 +406,8 @@ class BenchRun:
         engine.outer_step()
         clock.lap(PHASES[2])
         self.figures.stop(timed, hook, self.device)
-        if timed:
+        clock.finish()
+        if timed and phases:
             for name, (wall, cpu) in self.phases.items():
                 wall.append(clock.wall[name])
                 cpu.append(clock.cpu[name])
@@ -453,7 +478,7 @@ def run_pairs(raw: dict, layout: str, overlap: bool, args, sources: dict, rank: 
     for i in range(args.pairs):
         order = ("adamw", "nexus") if i % 2 == 0 else ("nexus", "adamw")
         for o in order:
-            runs[o].step(warm + i, timed=True)
+            runs[o].step(warm + i, timed=True, phases=True)
     COUNTER.take()   # (the pairs' collectives are not reported: the single runs count them)
     t = {o: max_over_ranks(r.figures.times, device) for o, r in runs.items()}
     c = {o: max_over_ranks(r.figures.cpu_times, device) for o, r in runs.items()}
