@@ -378,7 +378,7 @@ class BenchRun:
 
     def step(self, step: int, timed: bool, phases: bool = False) -> None:
         """One outer step (k micro-steps); its wall and CPU time are kept when ``timed`` (and, with ``phases``,
-        the time of each phase: the interleaved pairs only, since on a GPU each phase boundary synchronizes)."""
+        the time of each phase: the interleaved pairs, whose table reports them)."""
         from ..models import lm_loss
 
         cfg, layout, engine, hook = self.cfg, self.layout, self.engine, self.hook
@@ -407,7 +407,7 @@ class BenchRun:
         clock.lap(PHASES[2])
         self.figures.stop(timed, hook, self.device)
         clock.finish()
-        if timed and phases:
+        if clock.enabled:
             for name, (wall, cpu) in self.phases.items():
                 wall.append(clock.wall[name])
                 cpu.append(clock.cpu[name])
