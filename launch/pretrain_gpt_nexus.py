@@ -560,10 +560,14 @@ def run(argv=None):
         argv.remove("--cpu-test-shim")
         from nexus_megatron.tools.mcore_cpu_shim import patch_megatron_training_for_cpu
         patch_megatron_training_for_cpu()
+    from nexus_megatron.launcher import close_process_groups
     if megatron_loop_available():
         from nexus_megatron.engines.megatron.megatron_training import main as megatron_main
-        return megatron_main(argv)
-    return main(argv)
+        out = megatron_main(argv)
+    else:
+        out = main(argv)
+    close_process_groups()   # before interpreter teardown (gloo's threads can abort it otherwise)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .errors import USER_ERRORS, NexusConfigError
-from .launcher import launch_torchrun, under_launcher
+from .launcher import close_process_groups, launch_torchrun, under_launcher
 
 
 def check_nproc(nproc: int) -> None:
@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        close_process_groups()
+        return rc
     except USER_ERRORS as e:
         msg = " ".join(str(e).split())   # one line
         if under_launcher():

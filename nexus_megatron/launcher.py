@@ -236,6 +236,17 @@ def run_job(cmd: list, env: Optional[dict] = None, grace_s: Optional[float] = No
             pass
 
 
+def close_process_groups() -> None:
+    """Destroy torch.distributed's process groups at the end of a worker's successful command (as PyTorch asks
+    of every program that creates them). A process that exits with gloo groups alive can abort in interpreter
+    teardown: gloo's worker threads still hold work objects whose tensors need the GIL ("terminate called
+    without an active exception", SIGABRT, exit -6 after the run was saved: seen once in CI, one rank of a
+    4-rank ZeRO-2 job). No-op where torch.distributed was never imported or initialised."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launch_torchrun(nproc: int, argv: list, env_extra: Optional[dict] = None) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine, as one job: signals to
     this process reach every process of it, a worker's input error is printed once (nexus_megatron/launcher.py)."""

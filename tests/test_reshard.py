@@ -6,7 +6,8 @@ data.micro_batch_size) and ends where an uninterrupted run ends, to 1e-5 relativ
 
 * the plain engine, DeepSpeed ZeRO-2 (the trainer's default ds_config) and ZeRO-3: 2 -> 1 and 1 -> 2 ranks
   (sequential layout), against one uninterrupted single process;
-* source-parallel with 2 sources: 4 ranks (2 per source) -> 2 ranks (1 per source), against an uninterrupted
+* source-parallel with 2 sources: 4 ranks (2 per source) -> 2 ranks (1 per source), plain and ZeRO-3 (ZeRO-2
+  writes and reads the same full state, checked by its sequential cases), against an uninterrupted
   2-rank run (one process cannot hold two source groups; tests/test_nexus_distributed.py and
   tests/test_deepspeed.py check that run against the single-process reference);
 * a resume that would change the global batch is refused: exit 2, one line naming world.size and the
@@ -125,8 +126,8 @@ def test_sequential_resume_on_another_number_of_ranks(data, reference, engine, b
     assert_close(final_params(tmp / name), reference["sequential"], name)
 
 
-@pytest.mark.parametrize("engine", ["plain", "zero2", "zero3"])
-def test_source_parallel_four_ranks_to_two(data, reference, engine):
+@pytest.mark.parametrize("engine", ["plain", "zero3"])   # ZeRO-2 reshards through the same full state (its 2 <-> 1
+def test_source_parallel_four_ranks_to_two(data, reference, engine):   # ranks above); left out for CI time (66 s)
     """4 ranks = 2 sources x 2 ranks (1 sequence each) -> 2 ranks = 2 sources x 1 rank (2 sequences)."""
     if engine != "plain":
         pytest.importorskip("deepspeed")

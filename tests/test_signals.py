@@ -116,3 +116,20 @@ def test_deepspeed_launcher_job_is_stopped_whole(tmp_path):
     rc, out = stop(proc, lines, fired, signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM, out[-3000:]
     assert not stray_workers(LAST_JOB["id"]), stray_workers(LAST_JOB["id"])
+
+
+def test_a_successful_command_destroys_its_process_groups():
+    """A worker whose command succeeded destroys torch.distributed's groups before the interpreter's teardown
+    (left alive, gloo's worker threads can abort that teardown: SIGABRT, exit -6, after the run was saved; seen
+    in CI on one rank of a 4-rank ZeRO-2 job). Here: a gloo group, a command through the CLI's main, the group
+    gone when main returns; Megatron's launcher does the same (launch/pretrain_gpt_nexus.py)."""
+    import sys
+    code = ("import torch.distributed as dist\n"
+            f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+            "dist.new_group([0])\n"
+            "from nexus_megatron.cli import main\n"
+            "rc = main(['plan', '--params', '1e9'])\n"
+            "print('RESULT', rc, dist.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and "RESULT 0 False" in r.stdout, (r.stdout + r.stderr)[-3000:]
