@@ -25,7 +25,7 @@ quickstart: install
 # `make test` also runs the Megatron tests on the other end of the supported range (Python 3.12 +
 # megatron-core 0.19, see below); `make test MEGATRON312=` leaves them out. The .venv312 install (mostly a
 # download) runs while the main suite does, its output in $(LOG312); the 3.12 tests run after the main suite
-# (run alongside it, both took as long as one after the other: measured in docs/megatron.md §7).
+# (run beside it they saved nothing: the suite keeps both cores busy; docs/megatron.md §7).
 MEGATRON312 ?= 1
 LOG312 ?= .venv312-install.log
 # (through SUBMAKE: a recipe line naming $(MAKE) itself runs even under `make -n`)

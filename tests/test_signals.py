@@ -7,6 +7,7 @@ point. Every process of the job carries NEXUS_TEST_JOB (tests/fault_runs.py) to 
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -123,7 +124,6 @@ def test_a_successful_command_destroys_its_process_groups():
     (left alive, gloo's worker threads can abort that teardown: SIGABRT, exit -6, after the run was saved; seen
     in CI on one rank of a 4-rank ZeRO-2 job). Here: a gloo group, a command through the CLI's main, the group
     gone when main returns; Megatron's launcher does the same (launch/pretrain_gpt_nexus.py)."""
-    import sys
     code = ("import torch.distributed as dist\n"
             f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
             "dist.new_group([0])\n"
