@@ -1,4 +1,14 @@
-"""Run a function on N real processes (gloo, CPU) and collect what each rank returns."""
+"""Run a function on N real processes (gloo, CPU) and collect what each rank returns.
+
+The ranks are forked from a multiprocessing forkserver that has imported the heavy libraries once
+(tests/worker_preload.py): spawned ranks re-imported them in every job, 3 s (torch) to 9 s (megatron-core) per
+rank on this CPU, most of a small job's time. ``preload`` says which server: "base" (torch, nexus_megatron,
+DeepSpeed) or "megatron" (the same and megatron-core, whose import changes torch's global state: it adds numpy
+types to ``torch.serialization``'s safe globals, so only Megatron workers get it); the server is restarted when
+the kind changes; ``preload=None`` spawns (nothing shared with any other job). Each rank is still a process of
+its own with its own gloo group, and it runs with the environment, working directory, stdout and stderr the
+test has at that moment (a forkserver child would otherwise keep the server's)."""
+import multiprocessing.forkserver
 import os
 import socket
 import traceback
@@ -28,7 +38,28 @@ def _detach(obj, to_numpy=True):
     return obj
 
 
-def _worker(rank, world, port, fn, args, queue):
+def _follow_output_of(pid):
+    """Write to the test process's stdout and stderr as they are now (pytest's capture of the running test), as
+    a spawned rank did; a forkserver child would otherwise write to the server's."""
+    for fd in (1, 2):
+        try:
+            new = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_APPEND)
+        except OSError:   # not Linux, or gone: keep the server's
+            continue
+        os.dup2(new, fd)
+        os.close(new)
+
+
+def _parent_state() -> dict:
+    return {"pid": os.getpid(), "cwd": os.getcwd(), "environ": dict(os.environ)}
+
+
+def _worker(rank, world, port, fn, args, queue, parent):
+    """One rank: first the test process's output, working directory and environment as they are now."""
+    _follow_output_of(parent["pid"])
+    os.chdir(parent["cwd"])
+    os.environ.clear()
+    os.environ.update(parent["environ"])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     try:
@@ -48,14 +79,14 @@ def _worker(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int, *args, timeout: float = 120.0):
+def run_distributed(fn, world: int, *args, timeout: float = 120.0, preload: str = "base"):
     """fn(rank, world, *args) on `world` processes; returns [result of rank 0, rank 1, ...].
-    fn must be importable (defined at module level). A failed rendezvous (a port taken between choosing it and
-    binding it by another job on this machine, or gloo's connect dropped under load) is retried on a new port, at
-    most twice: no rank has run fn then."""
+    fn must be importable (defined at module level). ``preload``: "base", "megatron" or None (see above).
+    A failed rendezvous (a port taken between choosing it and binding it by another job on this machine, or
+    gloo's connect dropped under load) is retried on a new port, at most twice: no rank has run fn then."""
     for attempt in range(3):
         try:
-            return _run_once(fn, world, args, timeout)
+            return _run_once(fn, world, args, timeout, preload)
         except _PortTaken:
             if attempt == 2:
                 raise
@@ -65,11 +96,39 @@ class _PortTaken(RuntimeError):
     pass
 
 
-def _run_once(fn, world, args, timeout):
-    ctx = mp.get_context("spawn")
+_SERVER = {}   # {"kind": the preload of the running forkserver}
+
+
+def _context(preload):
+    """The context whose processes start with ``preload``'s libraries imported."""
+    if preload is None:
+        return mp.get_context("spawn")
+    from tests.worker_preload import KIND_ENV, KINDS
+    if preload not in KINDS:
+        raise ValueError(f"preload={preload!r}: use one of {sorted(KINDS)} or None")
+    ctx = mp.get_context("forkserver")
+    if _SERVER.get("kind") != preload:
+        server = multiprocessing.forkserver._forkserver
+        if "kind" in _SERVER:
+            if not hasattr(server, "_stop"):   # no way to restart it on this Python: spawn instead
+                return mp.get_context("spawn")
+            server._stop()
+        ctx.set_forkserver_preload(["tests.worker_preload"])
+        os.environ[KIND_ENV] = preload   # read by tests/worker_preload.py in the server, which starts now
+        try:
+            server.ensure_running()
+        finally:
+            del os.environ[KIND_ENV]
+        _SERVER["kind"] = preload
+    return ctx
+
+
+def _run_once(fn, world, args, timeout, preload):
+    ctx = _context(preload)
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    parent = _parent_state()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, parent)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors, port_taken = {}, [], False

@@ -326,7 +326,7 @@ def _mcore_worker(rank, world, tmp):
 def test_megatron_load_refuses_payloads_and_old_format_then_converts(tmp_path):
     pytest.importorskip("megatron.core")
     from tests.distributed import run_distributed
-    res = run_distributed(_mcore_worker, 2, str(tmp_path), timeout=900)
+    res = run_distributed(_mcore_worker, 2, str(tmp_path), timeout=900, preload="megatron")
     hint = lambda name: (f"`nexus-megatron convert-checkpoint {tmp_path}/{name}/iter_0000002` "
                          "(docs/reliability.md, Security)")
     for r in res:

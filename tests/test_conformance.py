@@ -100,7 +100,7 @@ def test_deepspeed_conforms(references):
 def _check_against_gpt_reference(jobs, checks):
     """Run the single-process GPT references of ``jobs`` ({key: (key, spec, dp, lrs)}) in one process and check
     every ``(history, spec, key, label)`` of ``checks`` against its reference (all failures reported at once)."""
-    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200)[0]
+    refs = run_distributed(C.megatron_reference_worker, 1, list(jobs.values()), timeout=1200, preload="megatron")[0]
     failures = []
     for got, spec, ref_key, label in checks:
         try:
@@ -114,7 +114,7 @@ def test_megatron_conforms():
     """DDP and the distributed optimizer (DP=2), TP=2 and PP=2 (DP=1): every scenario they can run."""
     pytest.importorskip("megatron.core")
     variants = list(C.MEGATRON_VARIANTS)
-    res = run_distributed(C.megatron_worker, WORLD, variants, C.SCENARIOS, timeout=1200)
+    res = run_distributed(C.megatron_worker, WORLD, variants, C.SCENARIOS, timeout=1200, preload="megatron")
     jobs, checks = {}, []
     for v in variants:
         tp, pp, _ = C.MEGATRON_VARIANTS[v]
@@ -167,7 +167,7 @@ def test_megatron_model_parallel_source_parallel_conforms():
     pytest.importorskip("megatron.core")
     variants = ["tp2", "pp2"]
     specs = [s for s in C.SCENARIOS if s["mode"] == "source-parallel"]
-    res = run_distributed(C.megatron_worker, 4, variants, specs, timeout=1500)
+    res = run_distributed(C.megatron_worker, 4, variants, specs, timeout=1500, preload="megatron")
     jobs, checks = {}, []
     for key in C.MP_SOURCE_PARALLEL:
         v, name = key.split("/", 1)

@@ -249,17 +249,17 @@ def _dp4_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(_reference_worker, 1, list(REF_SPECS), timeout=600)[0]
+    return run_distributed(_reference_worker, 1, list(REF_SPECS), timeout=600, preload="megatron")[0]
 
 
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
-    return run_distributed(_dp2_worker, 2, str(tmp_path_factory.mktemp("mcore_ckpt")), timeout=600)
+    return run_distributed(_dp2_worker, 2, str(tmp_path_factory.mktemp("mcore_ckpt")), timeout=600, preload="megatron")
 
 
 @pytest.fixture(scope="module")
 def tp2():
-    return run_distributed(_tp2_worker, 2, timeout=600)
+    return run_distributed(_tp2_worker, 2, timeout=600, preload="megatron")
 
 
 def _assert_matches(hist, ref, label):
@@ -347,7 +347,7 @@ def test_tp_duplicated_params_count_once_in_source_norms(tp2, reference):
 
 
 def test_pp2_matches_pp1(reference):
-    res = run_distributed(_pp2_worker, 2, timeout=600)
+    res = run_distributed(_pp2_worker, 2, timeout=600, preload="megatron")
     hist = [{**a, **b} for a, b in zip(res[0]["hist"], res[1]["hist"])]   # stage 0 + stage 1 parameters
     assert not set(res[0]["hist"][0]) & set(res[1]["hist"][0])
     _assert_matches(hist, reference["pp_seq3_M2"]["hist"], "pp2")
@@ -356,7 +356,7 @@ def test_pp2_matches_pp1(reference):
 def test_source_blocks_of_two_ranks(reference):
     """DP=4, two sources: blocks {0,1} and {2,3} reduce-scatter inside the block, the scaled shards are
     all-reduced across blocks ({0,2}, {1,3})."""
-    res = run_distributed(_dp4_worker, 4, timeout=600)
+    res = run_distributed(_dp4_worker, 4, timeout=600, preload="megatron")
     assert [r["block"] for r in res] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["cross"] for r in res] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     for rank, r in enumerate(res):

@@ -76,14 +76,14 @@ def _bridge_worker(rank, world, distopt):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(_reference_worker, 1, timeout=600)[0]
+    return run_distributed(_reference_worker, 1, timeout=600, preload=None)[0]
 
 
 @needs_bridge
 @pytest.mark.parametrize("distopt,inner", [(False, "FP32Optimizer"), (True, "DistributedOptimizer")],
                          ids=["adam", "distributed-optimizer"])
 def test_bridge_seams_dp2_equal_single_process(reference, distopt, inner):
-    out = run_distributed(_bridge_worker, 2, distopt, timeout=900)
+    out = run_distributed(_bridge_worker, 2, distopt, timeout=900, preload=None)
     for rank, res in enumerate(out):
         assert res["is_nexus"] and res["same"] and res["inner"] == [inner], res
         assert res["lr"] == H.LR
@@ -141,7 +141,7 @@ def test_bridge_data_provider_refuses_what_it_cannot_run(tmp_path):
     optimizer loaded at iteration > 0: Bridge's checkpoint has no per-source read positions), another
     dataloader_type, data_path sources that are not NexusSettings.sources in order (in a worker: importing Bridge
     puts its own transformers first on sys.path)."""
-    resumed, cyclic, order = run_distributed(_provider_refusals_worker, 1, str(tmp_path), timeout=600)[0]
+    resumed, cyclic, order = run_distributed(_provider_refusals_worker, 1, str(tmp_path), timeout=600, preload=None)[0]
     assert resumed and re.match(r"checkpoint.load: resuming a Megatron-Bridge run .* iteration 3", resumed), resumed
     assert cyclic and "dataloader_type='cyclic'" in cyclic, cyclic
     assert order and "names the sources ['code', 'web']" in order, order

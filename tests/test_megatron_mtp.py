@@ -182,7 +182,7 @@ def _skip_without_groups(detach):
 @pytest.mark.parametrize("detach", DETACH)
 def test_mtp_source_norm_counts_every_parameter(detach):
     _skip_without_groups(detach)
-    out = run_distributed(_norm_worker, 1, detach, timeout=600)[0]
+    out = run_distributed(_norm_worker, 1, detach, timeout=600, preload="megatron")[0]
     assert out["mtp_params"], "the model has no MTP parameters; the test would be vacuous"
     # megatron-core tags the MTP parameters (their own grad-norm group) only with mtp_detach_heads (0.19)
     assert out["tagged"] == (sorted(out["mtp_params"]) if detach else [])
@@ -209,7 +209,7 @@ def test_mtp_source_norm_counts_every_parameter(detach):
 @pytest.mark.parametrize("distopt", [False, True], ids=["fp32", "distopt"])
 def test_mtp_outer_step_clips_like_megatron_adam(distopt, detach):
     _skip_without_groups(detach)
-    out = run_distributed(_clip_worker, 1, distopt, detach, timeout=600)[0]
+    out = run_distributed(_clip_worker, 1, distopt, detach, timeout=600, preload="megatron")[0]
     assert out["moved"] > 1e-3, "the parameters barely moved; the test would be vacuous"
     for n in out["norms"]:    # clipping acts on every group (G has norm 1 over all parameters)
         assert all(v > CLIP for v in n.values()), n

@@ -148,7 +148,7 @@ def _worker(rank, world, ckpt_root):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_distributed(_worker, 2, str(tmp_path_factory.mktemp("mcore_ov")), timeout=600)
+    return run_distributed(_worker, 2, str(tmp_path_factory.mktemp("mcore_ov")), timeout=600, preload="megatron")
 
 
 @pytest.mark.parametrize("mode", ["sequential", "source-parallel"])

@@ -324,7 +324,7 @@ def _worker(rank, world, data):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     data = write_synthetic_data(str(tmp_path_factory.mktemp("sharp_mcore") / "d"))
-    return run_distributed(_worker, 2, data, timeout=600)
+    return run_distributed(_worker, 2, data, timeout=600, preload="megatron")
 
 
 # ---------------------------------------------------------------------------------------------------
