@@ -10,7 +10,11 @@ its own with its own gloo group, and it runs with the environment, working direc
 test has at that moment (a forkserver child would otherwise keep the server's)."""
 import multiprocessing.forkserver
 import os
+import runpy
 import socket
+import subprocess
+import sys
+import time
 import traceback
 
 import torch.distributed as dist
@@ -154,3 +158,84 @@ def _run_once(fn, world, args, timeout, preload):
     if errors:
         raise RuntimeError("distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# a script on N ranks, as torchrun runs it
+
+def _torchrun_environ(rank: int, world: int, port: int) -> dict:
+    """What torchrun (torch.distributed.run, one node) puts in each worker's environment, less its agent store
+    (TORCHELASTIC_USE_AGENT_STORE: rank 0 hosts the rendezvous store, as in a plain env:// job) and its error file
+    (tests/test_distributed_harness.py compares the two)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _script_worker(rank, world, port, script, module, argv, out_path, err_path, parent):
+    """One rank of :func:`run_script`: the test's directory and environment, torchrun's variables, its output in
+    files, then the script as ``__main__`` (an exit status from SystemExit is the process's, as under torchrun)."""
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    os.chdir(parent["cwd"])
+    os.environ.clear()
+    os.environ.update(parent["environ"])
+    os.environ.update(_torchrun_environ(rank, world, port))
+    import torch
+    torch.set_num_threads(1)
+    sys.argv = [script] + list(argv)
+    if module:
+        runpy.run_module(script, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(script, run_name="__main__")
+
+
+def run_script(script: str, argv, world: int, *, module: bool = False, timeout: float = 900.0,
+               preload: str = "megatron-loop"):
+    """Run ``script argv`` (``module=True``: ``-m script argv``) on ``world`` ranks as ``torchrun --nproc_per_node
+    world script argv`` does (the same
+    environment variables; each rank a process of its own), but forked from the preloaded server of ``preload``
+    instead of started afresh: each rank skips the ~10 s import of megatron.training. Returns a
+    CompletedProcess whose stdout / stderr are the ranks' in rank order and whose returncode is that of the rank
+    that failed first (0 if all succeeded; ``.codes`` has each rank's). When a rank fails the others are stopped after 10 s, as torchrun stops a job."""
+    import tempfile
+    ctx = _context(preload)
+    port = free_port()
+    parent = _parent_state()
+    with tempfile.TemporaryDirectory(prefix="nexus-ranks-") as logs:
+        files = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world)]
+        procs = [ctx.Process(target=_script_worker, args=(r, world, port, script, module, list(argv), o, e, parent))
+                 for r, (o, e) in enumerate(files)]
+        for p in procs:
+            p.start()
+        deadline, failed_at, first_code = time.monotonic() + timeout, None, 0
+        try:
+            while any(p.is_alive() for p in procs):
+                now = time.monotonic()
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed_at is None and failed:
+                    failed_at, first_code = now, failed[0]
+                if now > deadline or (failed_at is not None and now - failed_at > 10):
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+        codes = [p.exitcode for p in procs]
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired([script] + list(argv), timeout)
+
+        def read(path):
+            with open(path, errors="replace") as f:
+                return f.read()
+        done = subprocess.CompletedProcess([script] + list(argv), first_code or next((c for c in codes if c), 0),
+                                           "".join(read(o) for o, _ in files), "".join(read(e) for _, e in files))
+        done.codes = codes   # each rank's exit status (None: stopped)
+        return done

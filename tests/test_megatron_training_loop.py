@@ -1,8 +1,11 @@
 """Nexus inside Megatron-LM's own training loop (``megatron.training``, shipped by megatron-core >= 0.17):
 ``pretrain()`` from the wheel, Megatron's own argument parsing and validation, ``--optimizer nexus``.
 
-Runs with torchrun on CPU (gloo, the test-only shim of tests/mcore_cpu_shim.py). megatron-core 0.16 does not
-ship ``megatron.training``; there the hook-in recipe of docs/megatron.md §2 applies (test_megatron.py)."""
+Runs on CPU (gloo, the test-only shim nexus_megatron/tools/mcore_cpu_shim.py). The launcher runs on ranks forked
+with torchrun's environment variables from a server that imported megatron.training once (tests/distributed.py
+run_script); two tests run it under torchrun itself, and the data-parallel one compares the two. megatron-core
+0.16 does not ship ``megatron.training``; there the hook-in recipe of docs/megatron.md §2 applies
+(test_megatron.py)."""
 import os
 import re
 import subprocess
@@ -44,16 +47,29 @@ CPU_FLAGS = ["--distributed-backend", "gloo", "--transformer-impl", "local", "--
              "--use-cpu-initialization", "--no-persist-layer-norm"]
 
 
-def _run(argv, nproc, port, tmp_path, expect_ok=True):
-    """torchrun the launcher on ``nproc`` ranks. ``port`` only names the call: the rendezvous takes a free port (a
-    fixed one collides when two suites run at once on one machine)."""
-    from tests.distributed import free_port
-    port = free_port()
+def _run(argv, nproc, port, tmp_path, expect_ok=True, torchrun=False):
+    """The launcher on ``nproc`` ranks, in ``tmp_path``. ``torchrun=True``: under torchrun itself, as a user runs
+    it; otherwise on ranks forked by tests/distributed.py's run_script with torchrun's environment variables (the
+    same launcher code, without importing megatron.training again in each rank: ~10 s a rank on this CPU).
+    ``port`` only names the call: the rendezvous takes a free port (a fixed one collides when two suites run at
+    once on one machine)."""
+    from tests.distributed import free_port, run_script
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")    # as Megatron-LM's example scripts
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           LAUNCHER, "--cpu-test-shim"] + argv
-    r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), LAUNCHER, "--cpu-test-shim"] + argv
+        r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    else:
+        saved, cwd = dict(os.environ), os.getcwd()
+        os.environ.update(env)
+        os.chdir(tmp_path)
+        try:
+            r = run_script(LAUNCHER, ["--cpu-test-shim"] + argv, nproc, timeout=900)
+        finally:
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(saved)
     if expect_ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
@@ -114,7 +130,7 @@ def test_dp2_through_megatron_loop_equals_single_process(data, tmp_path, one_pro
     give the same losses and G norms as one process (2 micro-batches per inner step) on the same samples; a
     different K gives a different run (the --nexus-* flags reach the optimizer)."""
     args = tiny_gpt(data) + ["--nexus-micro-steps", "2"]
-    out2 = _run(args, 2, 29631, tmp_path).stdout
+    out2 = _run(args, 2, 29631, tmp_path, torchrun=True).stdout   # torchrun itself: the forked ranks agree
     two = _iterations(out2)
     one = one_process
     assert [i for i, _, _ in two] == [1, 2, 3] == [i for i, _, _ in one], (two, one)
@@ -436,7 +452,8 @@ def test_mtp_with_pipeline_parallelism_refused():
 
 
 def test_refused_flag_stops_the_launcher_before_training(data, tmp_path):
-    r = _run(tiny_gpt(data) + ["--rampup-batch-size", "4", "4", "16"], 1, 29635, tmp_path, expect_ok=False)
+    r = _run(tiny_gpt(data) + ["--rampup-batch-size", "4", "4", "16"], 1, 29635, tmp_path, expect_ok=False,
+             torchrun=True)
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "NexusConfigError: --rampup-batch-size" in out, out[-3000:]

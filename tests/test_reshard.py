@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, write_synthetic_data
-from tests.distributed import free_port
+from tests.distributed import free_port, run_script
 
 CONFIG = {
     "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
@@ -48,15 +48,26 @@ def _write(tmp, name, data, *, B, layout="sequential", engine="plain", ds_config
 
 
 def train(config, nproc, steps, check=True):
-    cmd = [sys.executable, "-m", "nexus_megatron.cli", "train", "--config", config, "--set", f"train.steps={steps}"]
+    """``nexus-megatron train`` on ``nproc`` ranks. A run expected to succeed runs its ranks forked by
+    tests/distributed.py's run_script with torchrun's environment (each rank runs the command as a worker of
+    ``--nproc N`` does, without importing torch and DeepSpeed again: several seconds a job); one expected to fail
+    runs the whole command (``--nproc N`` under torchrun), whose single error line is checked."""
+    argv = ["train", "--config", config, "--set", f"train.steps={steps}"]
+    if check:
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            r = run_script("nexus_megatron.cli", argv, nproc, module=True, timeout=600, preload="base")
+        finally:
+            os.chdir(cwd)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        return r
+    cmd = [sys.executable, "-m", "nexus_megatron.cli"] + argv
     if nproc > 1:
         cmd[4:4] = ["--nproc", str(nproc)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                MASTER_PORT=str(free_port()))
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return r
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def final_params(run_dir) -> dict:
