@@ -195,10 +195,10 @@ def _script_worker(rank, world, port, script, module, argv, out_path, err_path, 
         runpy.run_path(script, run_name="__main__")
 
 
-def run_script(script: str, argv, world: int, *, module: bool = False, timeout: float = 900.0,
+def run_script(script: str, argv, world: int, *, module: bool = False, cwd=None, env=None, timeout: float = 900.0,
                preload: str = "megatron-loop"):
     """Run ``script argv`` (``module=True``: ``-m script argv``) on ``world`` ranks as ``torchrun --nproc_per_node
-    world script argv`` does (the same
+    world script argv`` does in ``cwd`` with ``env`` (default: the test's; the same
     environment variables; each rank a process of its own), but forked from the preloaded server of ``preload``
     instead of started afresh: each rank skips the ~10 s import of megatron.training. Returns a
     CompletedProcess whose stdout / stderr are the ranks' in rank order and whose returncode is that of the rank
@@ -207,6 +207,7 @@ def run_script(script: str, argv, world: int, *, module: bool = False, timeout: 
     ctx = _context(preload)
     port = free_port()
     parent = _parent_state()
+    parent.update(cwd=str(cwd or parent["cwd"]), environ=dict(env if env is not None else parent["environ"]))
     with tempfile.TemporaryDirectory(prefix="nexus-ranks-") as logs:
         files = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world)]
         procs = [ctx.Process(target=_script_worker, args=(r, world, port, script, module, list(argv), o, e, parent))

@@ -8,15 +8,13 @@ the parameters after every outer step equal the single-process reference of ALGO
 
 Bridge's own ``pretrain()`` (``megatron.bridge.training.pretrain``: its setup, model provider, optimizer seam, data
 setup with :class:`NexusDatasetProvider`, training loop and log) trains a tiny GPT on CPU with
-tests/bridge_pretrain.py under ``torch.distributed.run``: 2 data-parallel gloo ranks print the losses and grad norms
+tests/bridge_pretrain.py on ranks forked with torchrun's environment (tests/distributed.py run_script): 2 data-parallel gloo ranks print the losses and grad norms
 of the 1-process run, every pass reads one source, and another K gives another run.
 
 Needs Python 3.12 + megatron-core 0.19 + Bridge installed with ``make bridge-312`` (or ``NEXUS_BRIDGE_SITE``);
 skips otherwise. Bridge is imported with the test-only Transformer Engine stand-in of tests/bridge_import.py."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -76,14 +74,14 @@ def _bridge_worker(rank, world, distopt):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(_reference_worker, 1, timeout=600, preload=None)[0]
+    return run_distributed(_reference_worker, 1, timeout=600, preload="bridge")[0]
 
 
 @needs_bridge
 @pytest.mark.parametrize("distopt,inner", [(False, "FP32Optimizer"), (True, "DistributedOptimizer")],
                          ids=["adam", "distributed-optimizer"])
 def test_bridge_seams_dp2_equal_single_process(reference, distopt, inner):
-    out = run_distributed(_bridge_worker, 2, distopt, timeout=900, preload=None)
+    out = run_distributed(_bridge_worker, 2, distopt, timeout=900, preload="bridge")
     for rank, res in enumerate(out):
         assert res["is_nexus"] and res["same"] and res["inner"] == [inner], res
         assert res["lr"] == H.LR
@@ -141,7 +139,8 @@ def test_bridge_data_provider_refuses_what_it_cannot_run(tmp_path):
     optimizer loaded at iteration > 0: Bridge's checkpoint has no per-source read positions), another
     dataloader_type, data_path sources that are not NexusSettings.sources in order (in a worker: importing Bridge
     puts its own transformers first on sys.path)."""
-    resumed, cyclic, order = run_distributed(_provider_refusals_worker, 1, str(tmp_path), timeout=600, preload=None)[0]
+    resumed, cyclic, order = run_distributed(_provider_refusals_worker, 1, str(tmp_path), timeout=600,
+                                             preload="bridge")[0]
     assert resumed and re.match(r"checkpoint.load: resuming a Megatron-Bridge run .* iteration 3", resumed), resumed
     assert cyclic and "dataloader_type='cyclic'" in cyclic, cyclic
     assert order and "names the sources ['code', 'web']" in order, order
@@ -157,15 +156,16 @@ ITERS, MICRO_BATCHES = 3, 4          # bridge_pretrain.py: global batch 8, micro
 
 
 def _bridge_pretrain(data, nproc, k, tmp_path, distopt=False):
-    """torchrun tests/bridge_pretrain.py: (Bridge's iteration log lines, [what each rank wrote])."""
+    """tests/bridge_pretrain.py on ``nproc`` ranks, forked with torchrun's environment by tests/distributed.py's
+    run_script from a server that imported Bridge once (about 20 s a process otherwise): (Bridge's iteration log
+    lines, [what each rank wrote])."""
     import json
-    from tests.distributed import free_port
+    from tests.distributed import run_script
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                NEXUS_BRIDGE_SITE=BRIDGE_SITE, TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), os.path.join(ROOT, "tests", "bridge_pretrain.py"), data, str(k), str(ITERS)]
-    r = subprocess.run(cmd + (["distopt"] if distopt else []), cwd=str(tmp_path), env=env, capture_output=True,
-                       text=True, timeout=900)
+    r = run_script(os.path.join(ROOT, "tests", "bridge_pretrain.py"),
+                   [data, str(k), str(ITERS)] + (["distopt"] if distopt else []), nproc, cwd=tmp_path, env=env,
+                   timeout=900, preload="bridge")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     ranks = []
     for rank in range(nproc):

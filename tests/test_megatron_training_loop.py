@@ -61,15 +61,7 @@ def _run(argv, nproc, port, tmp_path, expect_ok=True, torchrun=False):
                str(free_port()), LAUNCHER, "--cpu-test-shim"] + argv
         r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     else:
-        saved, cwd = dict(os.environ), os.getcwd()
-        os.environ.update(env)
-        os.chdir(tmp_path)
-        try:
-            r = run_script(LAUNCHER, ["--cpu-test-shim"] + argv, nproc, timeout=900)
-        finally:
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(saved)
+        r = run_script(LAUNCHER, ["--cpu-test-shim"] + argv, nproc, cwd=tmp_path, env=env, timeout=900)
     if expect_ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r

@@ -54,12 +54,7 @@ def train(config, nproc, steps, check=True):
     runs the whole command (``--nproc N`` under torchrun), whose single error line is checked."""
     argv = ["train", "--config", config, "--set", f"train.steps={steps}"]
     if check:
-        cwd = os.getcwd()
-        os.chdir(ROOT)
-        try:
-            r = run_script("nexus_megatron.cli", argv, nproc, module=True, timeout=600, preload="base")
-        finally:
-            os.chdir(cwd)
+        r = run_script("nexus_megatron.cli", argv, nproc, module=True, cwd=ROOT, timeout=600, preload="base")
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         return r
     cmd = [sys.executable, "-m", "nexus_megatron.cli"] + argv
