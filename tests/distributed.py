@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -163,19 +164,20 @@ def _run_once(fn, world, args, timeout, preload):
 # ---------------------------------------------------------------------------------------------------
 # a script on N ranks, as torchrun runs it
 
-def _torchrun_environ(rank: int, world: int, port: int) -> dict:
-    """What torchrun (torch.distributed.run, one node) puts in each worker's environment, less its agent store
-    (TORCHELASTIC_USE_AGENT_STORE: rank 0 hosts the rendezvous store, as in a plain env:// job) and its error file
-    (tests/test_distributed_harness.py compares the two)."""
+def _torchrun_environ(rank: int, world: int, port: int, run_id: str) -> dict:
+    """What ``torchrun --standalone`` (one node, as ``nexus-megatron train --nproc`` runs it) puts in each worker's
+    environment, less its error file (tests/test_distributed_harness.py compares the two). As under torchrun, the
+    ranks join a rendezvous store that the launching process hosts (TORCHELASTIC_USE_AGENT_STORE), on a port the OS
+    picked when it bound it."""
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
             "ROLE_NAME": "default", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(world), "MASTER_ADDR": "localhost",
             "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
-            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "OMP_NUM_THREADS": "1"}
+            "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
 
 
-def _script_worker(rank, world, port, script, module, argv, out_path, err_path, parent):
+def _script_worker(rank, world, port, run_id, script, module, argv, out_path, err_path, parent):
     """One rank of :func:`run_script`: the test's directory and environment, torchrun's variables, its output in
     files, then the script as ``__main__`` (an exit status from SystemExit is the process's, as under torchrun)."""
     for fd, path in ((1, out_path), (2, err_path)):
@@ -185,7 +187,7 @@ def _script_worker(rank, world, port, script, module, argv, out_path, err_path, 
     os.chdir(parent["cwd"])
     os.environ.clear()
     os.environ.update(parent["environ"])
-    os.environ.update(_torchrun_environ(rank, world, port))
+    os.environ.update(_torchrun_environ(rank, world, port, run_id))
     import torch
     torch.set_num_threads(1)
     sys.argv = [script] + list(argv)
@@ -204,13 +206,16 @@ def run_script(script: str, argv, world: int, *, module: bool = False, cwd=None,
     CompletedProcess whose stdout / stderr are the ranks' in rank order and whose returncode is that of the rank
     that failed first (0 if all succeeded; ``.codes`` has each rank's). When a rank fails the others are stopped after 10 s, as torchrun stops a job."""
     import tempfile
+    from torch.distributed import TCPStore
     ctx = _context(preload)
-    port = free_port()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # torchrun's agent store: port 0, bound
+    port = store.port                                                          # here, so no other job can take it
+    run_id = str(uuid.uuid4())
     parent = _parent_state()
     parent.update(cwd=str(cwd or parent["cwd"]), environ=dict(env if env is not None else parent["environ"]))
     with tempfile.TemporaryDirectory(prefix="nexus-ranks-") as logs:
         files = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world)]
-        procs = [ctx.Process(target=_script_worker, args=(r, world, port, script, module, list(argv), o, e, parent))
+        procs = [ctx.Process(target=_script_worker, args=(r, world, port, run_id, script, module, list(argv), o, e, parent))
                  for r, (o, e) in enumerate(files)]
         for p in procs:
             p.start()
@@ -239,4 +244,5 @@ def run_script(script: str, argv, world: int, *, module: bool = False, cwd=None,
         done = subprocess.CompletedProcess([script] + list(argv), first_code or next((c for c in codes if c), 0),
                                            "".join(read(o) for o, _ in files), "".join(read(e) for _, e in files))
         done.codes = codes   # each rank's exit status (None: stopped)
+        del store
         return done

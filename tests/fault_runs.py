@@ -13,7 +13,6 @@ import uuid
 import torch
 
 from tests.conftest import ROOT
-from tests.distributed import free_port
 
 EXIT_BOUND_S = 60.0
 """Every process of a job must be gone this long after the fault (a "does not hang" bound, not a benchmark:
@@ -27,9 +26,10 @@ def cli_train(config, *sets):
 
 
 def torchrun(*target):
-    """`torchrun --nproc_per_node 2 --master_port <free> TARGET...` (TARGET: a script and its arguments, or -m ...)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            *target]
+    """`torchrun --standalone --nproc_per_node 2 TARGET...` (TARGET: a script and its arguments, or -m ...). Standalone:
+    the rendezvous store binds a port the OS picks, in one step (a port chosen here and bound seconds later can be
+    taken meanwhile by another job on the machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
 
 
 def recorded(log_dir, kind, target, *args):
@@ -45,7 +45,8 @@ def launch(cmd, fault=None, timeout=300):
     """Run ``cmd``; returns (rc, output, seconds from the injected fault to the exit of the command)."""
     LAST_JOB["id"] = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", NEXUS_TEST_JOB=LAST_JOB["id"])
+               OMP_NUM_THREADS="1", NEXUS_TEST_JOB=LAST_JOB["id"])
+    env.pop("MASTER_PORT", None)   # the command's torchrun runs --standalone (see torchrun above)
     env.pop("NEXUS_FAULT_INJECT", None)
     if fault:
         env["NEXUS_FAULT_INJECT"] = fault

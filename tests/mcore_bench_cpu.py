@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     check_bench_args(args)
     under = "LOCAL_RANK" in os.environ or "RANK" in os.environ
     if args.nproc > 1 and not under:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_port", os.environ.get("MASTER_PORT", "29531"), "-m", "tests.mcore_bench_cpu",
+        port = ["--master_port", os.environ["MASTER_PORT"]] if os.environ.get("MASTER_PORT") else ["--standalone"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), *port,
+               "-m", "tests.mcore_bench_cpu",
                *bench_argv(args)[1:]]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")

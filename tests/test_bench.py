@@ -19,10 +19,11 @@ COLUMNS = ["optimizer", "layout", "overlap", "step s", "(min-max)", "tokens/s", 
            "peak MB", "bus MB/step", "bus MB/micro-step", "x one grad all-reduce", "plan bus MB/step", "calls/step"]
 
 
-def _bench(tmp_path, *extra, port, entry=("nexus_megatron.cli", "bench")):
+def _bench(tmp_path, *extra, entry=("nexus_megatron.cli", "bench")):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MASTER_PORT=str(port),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    env.pop("MASTER_PORT", None)   # torchrun runs --standalone
     cmd = [sys.executable, "-m", *entry, "--nproc", "2", *TINY, "--out", str(out), *extra]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -47,8 +48,7 @@ def _by_op(ops):
 
 
 def test_plain_bench_counts_equal_the_plan(tmp_path):
-    from tests.distributed import free_port
-    stdout, data = _bench(tmp_path, "--bucket-size", "600", port=free_port())
+    stdout, data = _bench(tmp_path, "--bucket-size", "600")
     header = next(line for line in stdout.splitlines() if line.startswith("| optimizer | layout | overlap"))
     for col in COLUMNS:
         assert col in header
@@ -132,9 +132,8 @@ def test_ratio_summary_and_modelled_bytes():
 
 def test_deepspeed_bench_counts_match_the_plan(tmp_path):
     pytest.importorskip("deepspeed")
-    from tests.distributed import free_port
     stdout, data = _bench(tmp_path, "--engine", "deepspeed", "--zero", "2", "--overlap", "off,on",
-                          "--bucket-size", "5000", port=free_port())
+                          "--bucket-size", "5000")
     assert "DeepSpeed ZeRO-2" in stdout and "nexus.overlap_param_gather" in stdout
     # the critical-sharpness hook through DeepSpeed's seam (inside the last micro-step's step())
     assert "critical-sharpness hook" in stdout
@@ -178,8 +177,7 @@ def test_megatron_bench_counts_equal_the_plan(tmp_path):
     more than one rank (calls and payload) equals the plan model's, and the state is exactly Megatron's buffers,
     Adam's moments on the main shard and, for Nexus, the fp32 anchor and the fp32 exact displacement of that shard."""
     pytest.importorskip("megatron.core")
-    from tests.distributed import free_port
-    stdout, data = _bench(tmp_path, "--bucket-size", "600", port=free_port(), entry=("tests.mcore_bench_cpu",))
+    stdout, data = _bench(tmp_path, "--bucket-size", "600", entry=("tests.mcore_bench_cpu",))
     assert "megatron-core distributed optimizer" in stdout and "CPU SHIM" in stdout
     # the critical-sharpness hook: Nexus's pre_outer_step, Megatron's own optimizer through step_with_pre_update
     sh = [r for r in data["rows"] if r["sharpness"]]

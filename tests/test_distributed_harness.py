@@ -69,7 +69,8 @@ elif sys.argv[1] == "fail":
 def test_run_script_runs_a_script_as_torchrun_does(tmp_path, monkeypatch):
     """tests/distributed.py's run_script (the Megatron-LM loop tests' ranks): the script as __main__ with its
     arguments, in the test's directory, with the environment torchrun gives a worker (compared with torchrun's
-    own, less its agent store and error file), ranks that form a gloo group, output in rank order, exit 0."""
+    own, less its error file), ranks that form a gloo group through a store the test process hosts, output in rank
+    order, exit 0."""
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
     monkeypatch.setenv("BASE_ENV", json.dumps(sorted(os.environ) + ["BASE_ENV"]))
@@ -77,18 +78,18 @@ def test_run_script_runs_a_script_as_torchrun_does(tmp_path, monkeypatch):
     got = D.run_script(str(script), ["env", "forked"], 2, timeout=120, preload="base")
     assert got.returncode == 0 and got.codes == [0, 0], got.stderr
     assert got.stdout == "rank 0 sum 3.0\nrank 1 sum 3.0\n" and got.stderr == "rank 0 err\nrank 1 err\n", got
-    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(D.free_port()), str(script), "env", "torchrun"], capture_output=True, text=True,
+    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",   # as the CLI
+                           str(script), "env", "torchrun"], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert real.returncode == 0, real.stderr
     for rank in (0, 1):
         forked, ref = (json.loads((tmp_path / f"{how}-{rank}.json").read_text()) for how in ("forked", "torchrun"))
         assert forked["argv"] == ["env", "forked"] and forked["cwd"] == str(tmp_path), forked
         env, want = forked["env"], ref["env"]
-        for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "_", "PYTHONPATH"):   # the agent's own
+        for k in ("TORCHELASTIC_ERROR_FILE", "_", "PYTHONPATH"):   # torchrun's error file, the shell's, the test's
             want.pop(k, None)
             env.pop(k, None)
-        assert env == dict(want, MASTER_PORT=env["MASTER_PORT"]), (env, want)
+        assert env == dict(want, MASTER_PORT=env["MASTER_PORT"], TORCHELASTIC_RUN_ID=env["TORCHELASTIC_RUN_ID"])
         assert env["RANK"] == env["LOCAL_RANK"] == str(rank) and env["WORLD_SIZE"] == "2"
 
 

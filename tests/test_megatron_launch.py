@@ -107,16 +107,11 @@ def test_data_path_forms(tmp_path):
 
 def _launch(args, log, timeout=400):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "launch", "pretrain_gpt_nexus.py"), *args, "--nexus-log-file", log]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r
-
-
-def _free_port():
-    from tests.distributed import free_port
-    return free_port()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron.training") is not None,

@@ -53,12 +53,12 @@ def _run(argv, nproc, port, tmp_path, expect_ok=True, torchrun=False):
     same launcher code, without importing megatron.training again in each rank: ~10 s a rank on this CPU).
     ``port`` only names the call: the rendezvous takes a free port (a fixed one collides when two suites run at
     once on one machine)."""
-    from tests.distributed import free_port, run_script
+    from tests.distributed import run_script
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")    # as Megatron-LM's example scripts
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), LAUNCHER, "--cpu-test-shim"] + argv
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               LAUNCHER, "--cpu-test-shim"] + argv
         r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     else:
         r = run_script(LAUNCHER, ["--cpu-test-shim"] + argv, nproc, cwd=tmp_path, env=env, timeout=900)

@@ -11,7 +11,6 @@ import torch
 
 from nexus_megatron.checkpoint import latest_checkpoint, load_checkpoint
 from tests.conftest import ROOT, read_metrics, write_synthetic_data
-from tests.distributed import free_port
 
 SETTINGS = ["model.hidden_size=16", "model.num_layers=1", "model.num_heads=2", "data.sources=[web, code, math]",
             "data.ood=[poetry]", "data.seq_len=16", "data.micro_batch_size=2", "train.micro_steps=2",
@@ -23,9 +22,9 @@ def _train(data, run_dir):
     argv = [sys.executable, "-m", "nexus_megatron.cli", "train", "--nproc", "2"]
     for s in SETTINGS + [f"data.path={data}", f"train.run_dir={run_dir}"]:
         argv += ["--set", s]
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):   # unset: the command's torchrun runs --standalone
         env.pop(k, None)
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

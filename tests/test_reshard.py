@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, write_synthetic_data
-from tests.distributed import free_port, run_script
+from tests.distributed import run_script
 
 CONFIG = {
     "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
@@ -60,8 +60,8 @@ def train(config, nproc, steps, check=True):
     cmd = [sys.executable, "-m", "nexus_megatron.cli"] + argv
     if nproc > 1:
         cmd[4:4] = ["--nproc", str(nproc)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               MASTER_PORT=str(free_port()))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)   # the command's torchrun runs --standalone
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from tests import mcore_helpers as H
 from tests.conftest import ROOT, write_synthetic_data
-from tests.distributed import free_port, run_distributed
+from tests.distributed import run_distributed
 
 pytest.importorskip("megatron.core")
 
@@ -533,7 +533,7 @@ def test_launcher_logs_sharpness(tmp_path):
             "--sharpness-every", "1", "--sharpness-batches", "2", "--sharpness-ood-data-path",
             os.path.join(data, "poetry"), "--nexus-log-file", log]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "launch", "pretrain_gpt_nexus.py"), *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -25,7 +25,8 @@ def start(cmd, fault=None, **env_extra):
     """Start ``cmd`` like fault_runs.launch, but return at once: (process, output lines, fault-fired event)."""
     LAST_JOB["id"] = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", NEXUS_TEST_JOB=LAST_JOB["id"], **env_extra)
+               OMP_NUM_THREADS="1", NEXUS_TEST_JOB=LAST_JOB["id"], **env_extra)
+    env.pop("MASTER_PORT", None)   # the command's torchrun runs --standalone
     env.pop("NEXUS_FAULT_INJECT", None)
     if fault:
         env["NEXUS_FAULT_INJECT"] = fault
