@@ -55,6 +55,13 @@ def _follow_output_of(pid):
         os.close(new)
 
 
+def _enter(parent: dict) -> None:
+    """A rank's working directory and environment: the test's at the start of the job (not the server's)."""
+    os.chdir(parent["cwd"])
+    os.environ.clear()
+    os.environ.update(parent["environ"])
+
+
 def _parent_state() -> dict:
     return {"pid": os.getpid(), "cwd": os.getcwd(), "environ": dict(os.environ)}
 
@@ -62,9 +69,7 @@ def _parent_state() -> dict:
 def _worker(rank, world, port, fn, args, queue, parent):
     """One rank: first the test process's output, working directory and environment as they are now."""
     _follow_output_of(parent["pid"])
-    os.chdir(parent["cwd"])
-    os.environ.clear()
-    os.environ.update(parent["environ"])
+    _enter(parent)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     try:
@@ -184,9 +189,7 @@ def _script_worker(rank, world, port, run_id, script, module, argv, out_path, er
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
-    os.chdir(parent["cwd"])
-    os.environ.clear()
-    os.environ.update(parent["environ"])
+    _enter(parent)
     os.environ.update(_torchrun_environ(rank, world, port, run_id))
     import torch
     torch.set_num_threads(1)
